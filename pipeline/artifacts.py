@@ -1,0 +1,109 @@
+"""Writing stage outputs so that a failed or killed stage never leaves half of one behind.
+
+Files go to a temporary name in the same folder and are renamed into place (an atomic operation
+on POSIX); whole output folders are built under a temporary name and swapped in at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+@contextmanager
+def output_dir(path: str | Path) -> Iterator[Path]:
+    """Build a stage's output folder under a temporary name and swap it in when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield building
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(building, path)
+    finally:
+        if building.exists():
+            shutil.rmtree(building)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
+    with atomic_path(path) as temporary:
+        frame.to_csv(temporary, index=False)
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as temporary:
+        torch.save(obj, temporary)
+
+
+def load_torch(path: str | Path) -> Any:
+    """Load a checkpoint without unpickling arbitrary objects."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_image(path: str | Path, image: np.ndarray) -> None:
+    """Write an 8-bit (gray or RGB) or 16-bit gray PNG atomically."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    with atomic_path(path) as temporary:
+        if not cv2.imwrite(str(temporary), image):
+            raise OSError(f"could not write image {path}")
+
+
+def read_image(path: str | Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    image = cv2.imread(str(path), flags)
+    if image is None:
+        raise FileNotFoundError(f"cannot read image {path}: missing or corrupt; rerun the stage that writes it")
+    return image
+
+
+def write_map(path: str | Path, saliency: np.ndarray) -> None:
+    """Store a [0, 1] map losslessly enough (16-bit PNG: steps of 1/65535)."""
+    write_image(path, np.round(np.clip(saliency, 0.0, 1.0) * 65535.0).astype(np.uint16))
+
+
+def read_map(path: str | Path) -> np.ndarray:
+    return read_image(path).astype(np.float32) / 65535.0

@@ -1,0 +1,145 @@
+"""Typed, validated sections of ``params.yaml``.
+
+Each stage reads only the sections it declares in ``dvc.yaml``. Validation happens when the stage
+starts, so a misspelled key or an out-of-range value stops it before any work, with a message
+that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """params.yaml is unreadable, or a section has an unknown key or a bad value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticParams(Section):
+    items: int = Field(60, ge=2, description="physical items; all images of an item share a fold")
+    images_per_item: int = Field(8, ge=1)
+    defect_ratio: float = Field(0.25, gt=0, lt=1)
+    defect_contrast: float = Field(1.0, gt=0, description="defect contrast in units of the texture's noise")
+
+
+class PrepareParams(Section):
+    dataset: Literal["synthetic", "kolektorsdd", "kolektorsdd2", "manifest", "folder"] = "synthetic"
+    path: str | None = Field(None, description="data folder, zip file or manifest CSV (not for synthetic)")
+    width: int = Field(128, ge=16, le=4096)
+    height: int = Field(128, ge=16, le=4096)
+    split: Literal["cv", "holdout"] = "cv"
+    folds: int = Field(3, ge=2, le=20)
+    seed: int = Field(0, ge=0)
+    synthetic: SyntheticParams = SyntheticParams()
+
+    @model_validator(mode="after")
+    def _path_for_real_data(self) -> PrepareParams:
+        if self.dataset != "synthetic" and not self.path:
+            raise ValueError(f"prepare.path is required for dataset {self.dataset!r}")
+        return self
+
+
+class ModelParams(Section):
+    backbone: Literal["resnet18", "vgg16"] = "resnet18"
+    in_channels: Literal[1, 3] = 1
+    pretrained_weights: str | None = Field(None, description="local torchvision weights file; never downloaded")
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class TrainParams(Section):
+    epochs: int = Field(15, ge=1, le=10_000)
+    batch_size: int = Field(16, ge=1, le=1024)
+    lr: float = Field(0.01, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+
+
+class GuidedParams(TrainParams):
+    seg_weight: float = Field(1.0, ge=0, description="initial weight of the pseudo-mask BCE")
+    seg_weight_schedule: Literal["linear", "constant"] = "linear"
+
+
+class SaliencyParams(Section):
+    method: Literal["gradcam", "layercam", "fullgrad"] = "layercam"
+    layers: list[str] | None = Field(None, description="layer names; null = the backbone's defaults")
+    batch_size: int = Field(16, ge=1, le=1024)
+    overlays: int = Field(6, ge=0, le=100)
+
+
+class PseudoLabelParams(Section):
+    blur: int = Field(0, ge=0, le=51, description="odd Gaussian kernel applied before Otsu; 0 = none")
+
+
+class EvaluateParams(Section):
+    threshold: float = Field(0.5, gt=0, lt=1, description="decision threshold on the defect probability")
+    overlays: int = Field(4, ge=0, le=50, description="hardest images per class in the overlay grid")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "prepare": PrepareParams,
+    "model": ModelParams,
+    "train_baseline": TrainParams,
+    "train_guided": GuidedParams,
+    "saliency": SaliencyParams,
+    "pseudo_labels": PseudoLabelParams,
+    "evaluate": EvaluateParams,
+}
+
+S = TypeVar("S", bound=Section)
+
+
+def read_params(path: Path = PARAMS_FILE) -> dict:
+    try:
+        params = yaml.safe_load(path.read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"{path} not found: run the stage from the project root") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, found {type(params).__name__}")
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}"
+        )
+    return params
+
+
+def load_section(name: str, path: Path = PARAMS_FILE) -> Section:
+    """Validate and return one section of params.yaml (missing keys take their defaults)."""
+    return parse_section(name, read_params(path).get(name) or {}, source=str(path))
+
+
+def parse_section(name: str, values: dict, source: str = "params") -> Section:
+    model = SECTIONS[name]
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            key = ".".join([name, *map(str, item["loc"])])
+            if item["type"] == "extra_forbidden":
+                field_model = _nested_model(model, item["loc"][:-1])
+                allowed = ", ".join(field_model.model_fields)
+                problems.append(f"unknown key {key!r} (allowed here: {allowed})")
+            else:
+                problems.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def _nested_model(model: type[BaseModel], location: tuple) -> type[BaseModel]:
+    for part in location:
+        annotation = model.model_fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return model

@@ -1,0 +1,195 @@
+"""The prepared data set that every stage after ``prepare`` reads.
+
+``data/prepared`` holds ``images/<id>.png`` (8-bit gray, resized), ``masks/<id>.png`` (true masks
+where the data set has them, only for evaluation), ``index.csv`` and ``report.json``.
+``index.csv`` has one row per image: id, label (1 = defective), group (physical item), fold and
+has_mask. ``fold`` is the cross-validation fold in which the image is a test image; -1 marks an
+image that is only ever used for training (a fixed train/test split has test images in fold 0).
+A model "for fold k" is trained on every image whose fold is not k and tested on fold k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.artifacts import read_image, read_map, write_image
+
+INDEX_COLUMNS = ("id", "label", "group", "fold", "has_mask")
+
+
+@dataclass
+class PreparedData:
+    """All prepared images in memory: small enough for the sizes this pipeline trains at."""
+
+    root: Path
+    index: pd.DataFrame
+    images: torch.Tensor  # uint8 (N, H, W)
+
+    @classmethod
+    def load(cls, root: str | Path) -> PreparedData:
+        root = Path(root)
+        index_path = root / "index.csv"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path} not found: run the prepare stage first (dvc repro prepare)")
+        index = pd.read_csv(index_path, dtype={"id": str, "group": str})
+        missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+        if missing:
+            raise ValueError(f"{index_path} lacks columns {missing}; rerun the prepare stage")
+        images = np.stack([read_image(root / "images" / f"{i}.png") for i in index["id"]])
+        return cls(root, index, torch.from_numpy(images))
+
+    @property
+    def folds(self) -> list[int]:
+        """The folds that have test images: one model is trained per fold."""
+        return sorted(int(f) for f in self.index["fold"].unique() if f >= 0)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.as_tensor(self.index["label"].to_numpy(), dtype=torch.float32)
+
+    def split(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row positions of the training and test images for the model of ``fold``."""
+        is_test = self.index["fold"].to_numpy() == fold
+        return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+    def true_mask(self, position: int) -> np.ndarray | None:
+        row = self.index.iloc[position]
+        if not row["has_mask"]:
+            return None
+        return read_image(self.root / "masks" / f"{row['id']}.png") > 0
+
+    def load_maps(self, folder: str | Path, positions: Sequence[int]) -> torch.Tensor:
+        """Stack the 16-bit maps ``folder/<id>.png`` of the given rows as float (N, H, W)."""
+        folder = Path(folder)
+        ids = self.index["id"].to_numpy()[np.asarray(positions, dtype=int)]
+        return torch.from_numpy(np.stack([read_map(folder / f"{i}.png") for i in ids]))
+
+    def load_masks(self, folder: str | Path, positions: Sequence[int]) -> torch.Tensor:
+        """Stack the 8-bit masks ``folder/<id>.png`` of the given rows as float 0/1 (N, H, W)."""
+        folder = Path(folder)
+        ids = self.index["id"].to_numpy()[np.asarray(positions, dtype=int)]
+        return torch.from_numpy(np.stack([read_image(folder / f"{i}.png") > 0 for i in ids])).float()
+
+
+def to_input(images: torch.Tensor, in_channels: int, mean: float, std: float) -> torch.Tensor:
+    """uint8 (B, H, W) -> normalised float (B, C, H, W); gray is replicated for 3-channel models."""
+    x = (images.float() / 255.0 - mean) / std
+    return x.unsqueeze(1).expand(-1, in_channels, -1, -1).contiguous()
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of the training pixels, stored with each model."""
+    x = images.float() / 255.0
+    return float(x.mean()), float(x.std().clamp_min(1e-3))
+
+
+class BalancedEpochs:
+    """Epochs of all defective images plus as many defect-free ones, cycling through the latter.
+
+    Defects are rare, so a plain epoch would teach the model that everything is fine. Each epoch
+    shows every defective image once and a fresh slice of defect-free images, so all of them are
+    seen over the run. Deterministic for a seed; the state is the epoch number alone, which lets
+    an interrupted run resume with the same order.
+    """
+
+    def __init__(self, labels: np.ndarray, seed: int) -> None:
+        self.positives = np.flatnonzero(labels == 1)
+        self.negatives = np.flatnonzero(labels == 0)
+        if len(self.positives) == 0 or len(self.negatives) == 0:
+            raise ValueError(
+                f"training needs both classes; got {len(self.positives)} defective and "
+                f"{len(self.negatives)} defect-free images: check the data set and its folds"
+            )
+        self.seed = seed
+
+    def epoch(self, number: int) -> np.ndarray:
+        per_epoch = min(len(self.positives), len(self.negatives))
+        start = number * per_epoch
+        cycle, offset = divmod(start, len(self.negatives))
+        order = np.random.default_rng([self.seed, cycle]).permutation(self.negatives)
+        if offset + per_epoch > len(order):
+            following = np.random.default_rng([self.seed, cycle + 1]).permutation(self.negatives)
+            order = np.concatenate([order, following])
+        chosen = np.concatenate([self.positives, order[offset : offset + per_epoch]])
+        return np.random.default_rng([self.seed, number, 7]).permutation(chosen)
+
+
+def batches(positions: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(positions), batch_size):
+        yield positions[start : start + batch_size]
+
+
+def random_flips(generator: torch.Generator, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Flip each sample horizontally and vertically at random, identically in every tensor.
+
+    Tensors are (B, ..., H, W); image, prior and pseudo-mask of one sample flip together.
+    """
+    batch = tensors[0].shape[0]
+    flip_w = torch.rand(batch, generator=generator) < 0.5
+    flip_h = torch.rand(batch, generator=generator) < 0.5
+    flipped = []
+    for tensor in tensors:
+        tensor = torch.where(_expand(flip_w, tensor), tensor.flip(-1), tensor)
+        tensor = torch.where(_expand(flip_h, tensor), tensor.flip(-2), tensor)
+        flipped.append(tensor)
+    return flipped
+
+
+def _expand(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return flags.view(-1, *([1] * (like.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """One image as a source gives it, before resizing."""
+
+    id: str
+    label: int
+    group: str
+    fold: int
+    image: np.ndarray  # uint8 (H, W), any size
+    mask: np.ndarray | None  # bool (H, W) of the image's size, or None
+
+
+def write_prepared(out: Path, raw_images: Iterator[RawImage], width: int, height: int) -> tuple[pd.DataFrame, dict]:
+    """Resize and write every image (and true mask) under ``out``; return the index and size stats."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    rows, sizes = [], []
+    for raw in raw_images:
+        sizes.append(raw.image.shape)
+        image = cv2.resize(raw.image, (width, height), interpolation=cv2.INTER_AREA)
+        write_image(out / "images" / f"{raw.id}.png", image)
+        if raw.mask is not None:
+            # Area interpolation keeps a one-pixel scratch visible after shrinking; any coverage counts.
+            small = cv2.resize(raw.mask.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+            write_image(out / "masks" / f"{raw.id}.png", (small > 0).astype(np.uint8) * 255)
+        rows.append({"id": raw.id, "label": raw.label, "group": raw.group, "fold": raw.fold,
+                     "has_mask": raw.mask is not None})
+    index = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
+    heights, widths = np.array(sizes).T
+    stats = {
+        "source_height": {"min": int(heights.min()), "max": int(heights.max()), "mean": float(heights.mean())},
+        "source_width": {"min": int(widths.min()), "max": int(widths.max()), "mean": float(widths.mean())},
+        "prepared_size": {"width": width, "height": height},
+    }
+    return index, stats
+
+
+def count_table(index: pd.DataFrame) -> dict:
+    """Images and defective images per fold, as the data report shows them."""
+    per_fold = index.groupby("fold")["label"].agg(images="size", defective="sum")
+    return {
+        "images": len(index),
+        "defective": int(index["label"].sum()),
+        "defect_free": int((index["label"] == 0).sum()),
+        "groups": int(index["group"].nunique()),
+        "per_fold": {str(f): {k: int(v) for k, v in row.items()} for f, row in per_fold.iterrows()},
+    }

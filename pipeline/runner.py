@@ -1,0 +1,31 @@
+"""What every stage script shares: clean error reports for bad input, and CPU thread settings."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from pipeline.config import ConfigError
+
+# Errors whose message already tells the user what to do: print it without a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
+
+
+def run_stage(name: str, main: Callable[[], None]) -> None:
+    """Run a stage's main function; exit 1 with a one-line message on bad input."""
+    from pipeline.tracking import TrackingError
+    from pipeline.training import TrainingDiverged
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    started = time.perf_counter()
+    print(f"[{name}] started", flush=True)
+    try:
+        main()
+    except (*USER_ERRORS, TrackingError, TrainingDiverged) as error:
+        print(f"[{name}] error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(f"[{name}] done in {time.perf_counter() - started:.1f}s", flush=True)

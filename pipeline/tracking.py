@@ -1,0 +1,197 @@
+"""MLflow tracking for the stages: one run per stage execution, linked into a lineage.
+
+DVC may restore a stage's outputs from its run cache without running the script, so nothing is
+logged for it then. To keep MLflow coherent anyway, every stage writes ``run.json`` (its MLflow
+run id) into its own output folder. The file travels with the cached outputs, so a downstream
+stage always knows which MLflow run produced the exact artifacts it consumed, and tags its own run
+with ``upstream.<stage>`` = that run id. The evaluation run therefore links to the full chain of
+runs behind its numbers, whether those stages ran now or were restored.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps CI logs readable
+
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from pipeline.artifacts import read_json, write_json  # noqa: E402
+
+DEFAULT_EXPERIMENT = "knowledge-guided"
+LINEAGE_FILE = "run.json"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be reached or used."""
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def pipeline_run_id() -> str:
+    """An id shared by the stages of one ``dvc repro`` / ``dvc exp run`` invocation.
+
+    ``PIPELINE_RUN_ID`` wins when set. Otherwise the id is derived from the DVC process that runs
+    the stages (its pid and start time), found among this process's ancestors; a stage run by
+    hand gets a fresh id.
+    """
+    if os.environ.get("PIPELINE_RUN_ID"):
+        return os.environ["PIPELINE_RUN_ID"]
+    try:
+        import psutil
+
+        for ancestor in psutil.Process().parents():
+            command = " ".join(ancestor.cmdline())
+            if "dvc" in Path(command.split(" ")[0]).name or " -m dvc" in command or "/dvc " in command:
+                return uuid.uuid5(uuid.NAMESPACE_OID, f"{ancestor.pid}-{ancestor.create_time()}").hex[:12]
+    except Exception:  # noqa: BLE001 - any failure here only costs the grouping, never the stage
+        pass
+    return uuid.uuid4().hex[:12]
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def connect() -> MlflowClient:
+    """Point MLflow at the store and check it answers, before a stage does any work."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    try:
+        experiment = client.get_experiment_by_name(experiment_name())
+        if experiment is None:
+            location = None
+            if uri.startswith("sqlite:"):
+                # Keep artifacts beside the database, whatever the working directory is later.
+                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+            client.create_experiment(experiment_name(), artifact_location=location)
+    except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; all mean the same to a user
+        raise TrackingError(
+            f"MLflow tracking store {uri!r} is unreachable or misconfigured ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Fix MLFLOW_TRACKING_URI or unset it "
+            "to use sqlite:///mlflow.db in the project root."
+        ) from error
+    mlflow.set_experiment(experiment_name())
+    return client
+
+
+class StageRun:
+    """The active MLflow run of one stage, with the lineage it records."""
+
+    def __init__(self, stage: str, run: mlflow.ActiveRun, pipeline_id: str) -> None:
+        self.stage = stage
+        self.run_id = run.info.run_id
+        self.pipeline_id = pipeline_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, prefix: str = "") -> None:
+        finite = {f"{prefix}{k}": float(v) for k, v in flatten(metrics).items() if _is_number(v)}
+        mlflow.log_metrics(finite, step=step)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=folder)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def link_upstream(self, *output_dirs: str | Path) -> dict[str, str]:
+        """Tag this run with the MLflow runs that produced the given stage outputs."""
+        links = {}
+        for folder in output_dirs:
+            lineage = Path(folder) / LINEAGE_FILE
+            if lineage.is_file():
+                record = read_json(lineage)
+                links[f"upstream.{record['stage']}"] = record["mlflow_run_id"]
+                links[f"upstream.{record['stage']}.pipeline_run"] = record["pipeline_run_id"]
+        mlflow.set_tags(links)
+        return links
+
+    def write_lineage(self, output_dir: str | Path) -> None:
+        write_json(
+            Path(output_dir) / LINEAGE_FILE,
+            {"stage": self.stage, "mlflow_run_id": self.run_id, "pipeline_run_id": self.pipeline_id,
+             "tracking_uri": tracking_uri(), "experiment": experiment_name()},
+        )
+
+    def log_model(
+        self, model: Any, example: tuple, name: str, registered_name: str, tags: Mapping[str, str]
+    ) -> None:
+        """Log a PyTorch model and register it as a new version of ``registered_name``.
+
+        The model is stored as an exported graph (MLflow's "pt2" format), which loads without
+        unpickling code; ``example`` is one batch of inputs to trace it with.
+        """
+        import mlflow.pytorch
+
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            registered_model_name=registered_name,
+            serialization_format="pt2",
+            input_example=example,
+            # Explicit requirements: inferring them imports the model in a subprocess (slow).
+            pip_requirements=[f"torch=={_version('torch')}", f"torchvision=={_version('torchvision')}"],
+        )
+        if info.registered_model_version is not None:
+            client = MlflowClient(tracking_uri())
+            for key, value in tags.items():
+                client.set_model_version_tag(registered_name, str(info.registered_model_version), key, value)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package).split("+")[0]
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return number == number and abs(number) != float("inf")
+
+
+@contextmanager
+def stage_run(stage: str, params: Mapping[str, Any], dataset: str | None = None) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage: tags, flattened params, status FAILED on error."""
+    connect()
+    pipeline_id = pipeline_run_id()
+    tags = {"stage": stage, "git_commit": git_commit(), "pipeline_run": pipeline_id}
+    if dataset:
+        tags["dataset"] = dataset
+    with mlflow.start_run(run_name=f"{stage}-{pipeline_id}", tags=tags) as run:
+        mlflow.log_params(flatten(params))
+        yield StageRun(stage, run, pipeline_id)

@@ -1,0 +1,279 @@
+"""Training and inference for the baseline and the guided classifier.
+
+One loop serves both models; the guided model's step adds the pseudo-mask loss. Training is
+deterministic for a seed on the CPU: the batch order and the flips of epoch ``e`` depend only on
+(seed, e), so a run resumed from the checkpoint of epoch ``e`` continues exactly as an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import average_precision_score
+from torch import nn
+
+from pipeline.artifacts import load_torch, save_torch
+from pipeline.config import GuidedParams, ModelParams, TrainParams
+from pipeline.data import BalancedEpochs, PreparedData, batches, pixel_stats, random_flips, to_input
+from pipeline.models import Classifier, GuidedClassifier, load_pretrained_features
+from pipeline.tracking import StageRun
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Guidance:
+    """What the guided model learns from, for every row of the prepared index."""
+
+    priors: torch.Tensor  # float (N, H, W) in [0, 1]: the baseline's saliency maps
+    pseudo_masks: torch.Tensor  # float (N, H, W) 0/1: Otsu masks (empty for defect-free images)
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seg_weight(epoch: int, params: GuidedParams) -> float:
+    """λ(t): the pseudo-mask loss weight for epoch t (0-based) of T."""
+    if params.seg_weight_schedule == "constant":
+        return params.seg_weight
+    return params.seg_weight * (1.0 - epoch / params.epochs)
+
+
+def build_model(config: dict) -> nn.Module:
+    model_class = GuidedClassifier if config["kind"] == "guided" else Classifier
+    return model_class(config["backbone"], config["in_channels"])
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Load a saved model (weights and config only, no pickled code) in eval mode."""
+    checkpoint = load_torch(path)
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a model saved by this pipeline (expected keys config, state_dict)")
+    model = build_model(checkpoint["config"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.to(device).eval(), checkpoint["config"]
+
+
+def save_model(path: str | Path, model: nn.Module, config: dict) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_torch(path, {"config": config, "state_dict": state})
+
+
+def _forward(model: nn.Module, x: torch.Tensor, prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(model, GuidedClassifier):
+        return model(x, prior)
+    return model(x), None
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    config: dict,
+    images: torch.Tensor,
+    priors: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Defect probabilities for uint8 images (N, H, W); the guided model also needs priors."""
+    device = next(model.parameters()).device
+    model.eval()
+    scores = []
+    for batch in batches(np.arange(len(images)), batch_size):
+        x = to_input(images[batch], config["in_channels"], config["mean"], config["std"]).to(device)
+        prior = priors[batch].unsqueeze(1).to(device) if priors is not None else None
+        logits, _ = _forward(model, x, prior)
+        scores.append(torch.sigmoid(logits.float()).cpu())
+    return torch.cat(scores).numpy()
+
+
+def train(
+    data: PreparedData,
+    fold: int,
+    model_params: ModelParams,
+    params: TrainParams,
+    guidance: Guidance | None = None,
+    checkpoint: Path | None = None,
+    on_epoch: Callable[[dict], None] = lambda record: None,
+    fingerprint: str = "",
+) -> tuple[nn.Module, dict, list[dict]]:
+    """Train the model for ``fold`` (baseline, or guided when ``guidance`` is given).
+
+    Returns the model, its config (enough to rebuild it) and the per-epoch history. With a
+    ``checkpoint`` path, the state after each epoch is saved there and a run finding a checkpoint
+    with the same ``fingerprint`` (a digest of the params and inputs) resumes from it.
+    """
+    device = pick_device(model_params.device)
+    train_rows, test_rows = data.split(fold)
+    mean, std = pixel_stats(data.images[train_rows])
+    kind = "guided" if guidance is not None else "baseline"
+    config = {"kind": kind, "backbone": model_params.backbone, "in_channels": model_params.in_channels,
+              "mean": mean, "std": std, "height": int(data.images.shape[1]), "width": int(data.images.shape[2])}
+
+    torch.manual_seed(params.seed)
+    model = build_model(config)
+    if model_params.pretrained_weights:
+        load_pretrained_features(model, model_params.pretrained_weights)
+    model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum,
+                                weight_decay=params.weight_decay)
+    sampler = BalancedEpochs(data.index["label"].to_numpy()[train_rows], params.seed)
+    labels = data.labels
+    history: list[dict] = []
+    start_epoch = 0
+    state = load_torch(checkpoint) if checkpoint is not None and checkpoint.is_file() else None
+    if state is not None and state.get("fingerprint") == fingerprint:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        print(f"  resuming fold {fold} from its checkpoint after epoch {start_epoch}", flush=True)
+
+    for epoch in range(start_epoch, params.epochs):
+        started = time.perf_counter()
+        model.train()
+        generator = torch.Generator().manual_seed(params.seed * 100_003 + epoch)
+        weight = seg_weight(epoch, params) if guidance is not None else 0.0
+        totals = {"loss": 0.0, "cls_loss": 0.0, "seg_loss": 0.0}
+        order = train_rows[sampler.epoch(epoch)]
+        for batch_number, batch in enumerate(batches(order, params.batch_size)):
+            x = to_input(data.images[batch], config["in_channels"], mean, std)
+            y = labels[batch]
+            if guidance is None:
+                (x,) = random_flips(generator, x)
+                prior = target = None
+            else:
+                prior, target = guidance.priors[batch].unsqueeze(1), guidance.pseudo_masks[batch].unsqueeze(1)
+                x, prior, target = random_flips(generator, x, prior, target)
+                prior, target = prior.to(device), target.to(device)
+            logits, seg_logits = _forward(model, x.to(device), prior)
+            cls_loss = F.binary_cross_entropy_with_logits(logits, y.to(device))
+            seg_loss = torch.zeros((), device=device)
+            if seg_logits is not None:
+                # Pseudo-mask coverage of each segmentation cell: a soft target in [0, 1].
+                seg_target = F.adaptive_avg_pool2d(target, seg_logits.shape[-2:])
+                seg_loss = F.binary_cross_entropy_with_logits(seg_logits, seg_target)
+            loss = cls_loss + weight * seg_loss
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"fold {fold}: loss is {loss.item()} at epoch {epoch + 1}, batch {batch_number + 1}; "
+                    "lower the learning rate or check the input images. No model was written."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for name, value in (("loss", loss), ("cls_loss", cls_loss), ("seg_loss", seg_loss)):
+                totals[name] += value.item() * len(batch)
+
+        record = {"fold": fold, "epoch": epoch + 1, "seg_weight": weight,
+                  **{name: total / len(order) for name, total in totals.items()}}
+        # Monitoring only: the test fold never selects a model or stops training.
+        scores = predict(model, config, data.images[test_rows],
+                         guidance.priors[test_rows] if guidance is not None else None, params.batch_size * 2)
+        record["test_ap"] = _average_precision(labels[test_rows].numpy(), scores)
+        record["seconds"] = time.perf_counter() - started
+        history.append(record)
+        on_epoch(record)
+        if checkpoint is not None:
+            save_torch(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "history": history, "epoch": epoch, "fingerprint": fingerprint})
+    return model.eval(), config, history
+
+
+def _average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    if labels.sum() == 0:
+        return math.nan
+    return float(average_precision_score(labels, scores))
+
+
+def format_epoch(record: dict) -> str:
+    """One readable log line per epoch, for terminals and CI logs alike."""
+    parts = [f"fold {record['fold']}", f"epoch {record['epoch']:3d}", f"loss {record['loss']:.4f}"]
+    if record.get("seg_weight"):
+        parts.append(f"seg {record['seg_loss']:.4f} (λ={record['seg_weight']:.2f})")
+    parts += [f"test AP {record['test_ap']:.4f}", f"{record['seconds']:.1f}s"]
+    return "  " + " | ".join(parts)
+
+
+def train_folds(
+    stage: str,
+    data: PreparedData,
+    model_params: ModelParams,
+    params: TrainParams,
+    run: StageRun,
+    out: Path,
+    guidance_for: Callable[[int], Guidance] | None = None,
+    fingerprint: str = "",
+) -> list[dict]:
+    """Train one model per fold into ``out/fold<k>.pt``, logging every epoch; return the history.
+
+    Checkpoints live outside the stage's outputs (DVC deletes those before a stage runs), in
+    ``data/checkpoints/<stage>``, and are removed once the stage succeeds.
+    """
+    checkpoints = Path("data/checkpoints") / stage
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    for fold in data.folds:
+        def log(record: dict, fold: int = fold) -> None:
+            print(format_epoch(record), flush=True)
+            run.log_metrics({k: v for k, v in record.items() if k not in ("fold", "epoch")},
+                            step=record["epoch"], prefix=f"fold{fold}/")
+
+        guidance = guidance_for(fold) if guidance_for is not None else None
+        model, config, fold_history = train(data, fold, model_params, params, guidance,
+                                            checkpoints / f"fold{fold}.pt", log, fingerprint)
+        save_model(out / f"fold{fold}.pt", model, config)
+        history.extend(fold_history)
+    return history
+
+
+def remove_checkpoints(stage: str) -> None:
+    folder = Path("data/checkpoints") / stage
+    for path in folder.glob("*.pt"):
+        path.unlink()
+
+
+def summarize(history: list[dict]) -> dict:
+    """Last-epoch figures per fold and their mean, for the stage's metrics file."""
+    last = {}
+    for record in history:
+        last[record["fold"]] = record
+    per_fold = {f"fold{fold}": {"loss": r["loss"], "test_ap": r["test_ap"]} for fold, r in sorted(last.items())}
+    aps = [r["test_ap"] for r in last.values()]
+    return {"per_fold": per_fold, "test_ap_mean": float(np.nanmean(aps)),
+            "seconds": float(sum(r["seconds"] for r in history))}
+
+
+def register_models(run: StageRun, out: Path, dataset: str, kind: str) -> None:
+    """Log every fold's model to MLflow and register it as a version of ``<dataset>-<kind>``."""
+    for path in sorted(out.glob("fold*.pt")):
+        model, config = load_model(path)
+        images = np.zeros((2, config["in_channels"], config["height"], config["width"]), np.float32)
+        example = (images,) if kind == "baseline" else (images, np.zeros((2, 1, *images.shape[2:]), np.float32))
+        run.log_model(model, example, name=f"model_{path.stem}", registered_name=f"{dataset}-{kind}",
+                      tags={"fold": path.stem.removeprefix("fold"), "pipeline_run": run.pipeline_id})
+
+
+def fingerprint_of(sections: dict, *input_files: Path) -> str:
+    """A digest of a stage's params and inputs: a checkpoint resumes only under the same one."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps({k: v.model_dump() for k, v in sections.items()}, sort_keys=True).encode())
+    for path in input_files:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()

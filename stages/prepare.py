@@ -1,0 +1,87 @@
+"""Stage prepare: read (or generate) the data set, split it, resize it, write it with its report.
+
+Outputs: data/prepared/{images,masks}/<id>.png, index.csv, report.json, run.json;
+data/metrics/prepare.json (counts, for `dvc metrics show`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline import datasets, synthetic
+from pipeline.artifacts import output_dir, write_csv, write_json
+from pipeline.config import PrepareParams, load_section
+from pipeline.data import RawImage, count_table, write_prepared
+from pipeline.runner import run_stage
+from pipeline.tracking import stage_run
+
+OUT = Path("data/prepared")
+METRICS = Path("data/metrics/prepare.json")
+
+
+def synthetic_images(params: PrepareParams) -> tuple[Iterator[RawImage], dict]:
+    p = params.synthetic
+    generated = list(synthetic.generate(p.items, p.images_per_item, params.width, params.height,
+                                        p.defect_ratio, p.defect_contrast, params.seed))
+    folds = datasets.assign_group_folds([g.group for g in generated], [g.label for g in generated],
+                                        params.folds, params.seed)
+    kinds = {g.id: g.kind for g in generated}
+    images = (RawImage(g.id, g.label, g.group, _split(fold, params), g.image, g.mask)
+              for g, fold in zip(generated, folds))
+    return images, {"duplicates": [], "excluded": {}, "defect_kinds": _count(kinds.values())}
+
+
+def source_images(params: PrepareParams) -> tuple[Iterator[RawImage], dict]:
+    source = datasets.load_source(params.dataset, params.path, params.folds, params.seed)
+    datasets.validate(source)
+
+    def read() -> Iterator[RawImage]:
+        for item in source.images:
+            image = datasets.read_gray(item.image)
+            mask = datasets.read_mask(item.mask, image.shape) if item.mask else None
+            yield RawImage(item.id, item.label, item.group, _split(item.fold, params), image, mask)
+
+    return read(), {"duplicates": source.duplicates, "excluded": source.excluded}
+
+
+def _split(fold: int, params: PrepareParams) -> int:
+    """Hold-out keeps fold 0 as the test set and trains on the rest (one model instead of k)."""
+    return -1 if params.split == "holdout" and fold != 0 else fold
+
+
+def _count(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def main() -> None:
+    params: PrepareParams = load_section("prepare")
+    with stage_run("prepare", {"prepare": params}, dataset=params.dataset) as run:
+        images, extra = synthetic_images(params) if params.dataset == "synthetic" else source_images(params)
+        with output_dir(OUT) as out:
+            index, size_stats = write_prepared(out, images, params.width, params.height)
+            counts = count_table(index)
+            if not set(index["fold"]) - {-1}:
+                raise datasets.DataError("no test fold: every image is training-only; check the split")
+            for fold in sorted(set(index["fold"]) - {-1}):
+                if index.loc[index["fold"] == fold, "label"].sum() == 0:
+                    raise datasets.DataError(f"test fold {fold} has no defective image; use fewer folds")
+            report = {"dataset": params.dataset, "split": params.split, "counts": counts,
+                      "sizes": size_stats, **extra}
+            write_csv(out / "index.csv", index)
+            write_json(out / "report.json", report)
+            run.write_lineage(out)
+            run.log_artifact(out / "report.json")
+            run.log_artifact(out / "index.csv")
+        run.log_metrics({"images": counts["images"], "defective": counts["defective"],
+                         "groups": counts["groups"], "duplicate_sets": len(extra["duplicates"])})
+        write_json(METRICS, {"images": counts["images"], "defective": counts["defective"],
+                             "defect_free": counts["defect_free"], "test_folds": len(set(index["fold"]) - {-1})})
+        print(f"  {counts['images']} images, {counts['defective']} defective, per fold {counts['per_fold']}")
+
+
+if __name__ == "__main__":
+    run_stage("prepare", main)

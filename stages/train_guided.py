@@ -1,0 +1,62 @@
+"""Stage train_guided: the same backbone retrained with the baseline's knowledge.
+
+The baseline's saliency map of each image is its prior channel; the Otsu pseudo-masks supervise
+the segmentation head with a loss weight that decays over the epochs. One model per fold, each
+guided by the baseline of the same fold (never by a model that saw its test images).
+Outputs: data/guided/fold<k>.pt and run.json; data/metrics/train_guided.json;
+data/plots/train_guided.csv.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.artifacts import output_dir, read_json, write_csv, write_json
+from pipeline.config import GuidedParams, ModelParams, load_section
+from pipeline.data import PreparedData
+from pipeline.runner import run_stage
+from pipeline.tracking import stage_run
+from pipeline.training import (Guidance, fingerprint_of, register_models, remove_checkpoints, summarize,
+                               train_folds)
+
+PREPARED = Path("data/prepared")
+SALIENCY = Path("data/saliency")
+PSEUDO_MASKS = Path("data/pseudo_masks")
+OUT = Path("data/guided")
+METRICS = Path("data/metrics/train_guided.json")
+PLOT = Path("data/plots/train_guided.csv")
+
+
+def main() -> None:
+    model_params: ModelParams = load_section("model")
+    params: GuidedParams = load_section("train_guided")
+    data = PreparedData.load(PREPARED)
+    dataset = read_json(PREPARED / "report.json")["dataset"]
+    every_row = np.arange(len(data.index))
+
+    def guidance_for(fold: int) -> Guidance:
+        return Guidance(priors=data.load_maps(SALIENCY / f"fold{fold}", every_row),
+                        pseudo_masks=data.load_masks(PSEUDO_MASKS / f"fold{fold}", every_row))
+
+    sections = {"model": model_params, "train_guided": params}
+    with stage_run("train_guided", sections, dataset=dataset) as run:
+        run.link_upstream(PREPARED, SALIENCY, PSEUDO_MASKS)
+        fingerprint = fingerprint_of(sections, SALIENCY / "run.json", PSEUDO_MASKS / "run.json")
+        with output_dir(OUT) as out:
+            history = train_folds("train_guided", data, model_params, params, run, out, guidance_for, fingerprint)
+            run.write_lineage(out)
+        summary = summarize(history)
+        write_json(METRICS, summary)
+        write_csv(PLOT, pd.DataFrame(history))
+        run.log_metrics({"test_ap_mean": summary["test_ap_mean"], "train_seconds": summary["seconds"]})
+        run.log_artifact(PLOT)
+        register_models(run, OUT, dataset, "guided")
+        remove_checkpoints("train_guided")
+        print(f"  mean test AP over folds (last epoch): {summary['test_ap_mean']:.4f}")
+
+
+if __name__ == "__main__":
+    run_stage("train_guided", main)
