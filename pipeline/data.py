@@ -52,7 +52,7 @@ class PreparedData:
 
     @property
     def labels(self) -> torch.Tensor:
-        return torch.as_tensor(self.index["label"].to_numpy(), dtype=torch.float32)
+        return torch.tensor(self.index["label"].to_numpy(), dtype=torch.float32)
 
     def split(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
         """Row positions of the training and test images for the model of ``fold``."""

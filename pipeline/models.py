@@ -151,3 +151,19 @@ def load_pretrained_features(model: nn.Module, weights_path: str | Path) -> None
 
 def own_prefixes(state: dict[str, torch.Tensor]) -> set[str]:
     return {key.split(".")[0] for key in state}
+
+
+class PriorAsChannel(nn.Module):
+    """The guided model as a one-input network: the prior travels as the input's last channel.
+
+    Saliency methods explain a model of one input; this view lets them explain the guided model
+    with its prior fixed per image. Layer names gain the prefix ``guided.``.
+    """
+
+    def __init__(self, guided: GuidedClassifier) -> None:
+        super().__init__()
+        self.guided = guided
+        self.backbone_name = guided.backbone_name
+
+    def forward(self, images_and_prior: torch.Tensor) -> torch.Tensor:
+        return self.guided(images_and_prior[:, :-1], images_and_prior[:, -1:])[0]

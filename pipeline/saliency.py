@@ -1,49 +1,42 @@
 """Saliency maps for one-logit defect classifiers: Grad-CAM, LayerCAM and FullGrad.
 
-The layout follows pytorch-grad-cam (a small base class, one small class per method) but each
-batch costs one forward and one backward for all target layers together:
-
-* forward hooks capture what a method needs; the first CAM target's output is detached and made a
-  leaf, so autograd records nothing before it and the backward stops there;
-* one ``torch.autograd.grad`` call returns the gradients w.r.t. the captured outputs (no module
-  backward hooks, no parameter gradients: parameters are frozen for the call);
-* everything after is batched tensor arithmetic on the model's device.
-
-The model runs in eval mode during extraction (running BatchNorm statistics, no dropout, and the
-statistics are not updated); each module's ``training`` flag and each parameter's
-``requires_grad`` are restored afterwards and every hook is removed, even on error.
+Shaped like pytorch-grad-cam, but a batch costs one forward and one backward for all target layers
+together: forward hooks capture what a method needs, the first CAM target's output becomes a leaf so
+autograd records nothing before it (the backward stops there), and one ``torch.autograd.grad`` call
+returns every gradient. Parameters are frozen, so no weight gradients are computed. The model runs
+in eval mode (BatchNorm statistics used, not updated); each module's ``training`` flag and each
+parameter's ``requires_grad`` are restored and every hook is removed afterwards, even on error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-# FullGrad ignores layers: it uses every layer with a bias.
+from pipeline.data import batches, to_input
+
+# FullGrad needs no layers: it uses every layer with a bias. vgg16: conv3_3, conv4_3, conv5_3 activations.
 DEFAULT_LAYERS: dict[str, dict[str, list[str]]] = {
-    "resnet18": {
-        "gradcam": ["features.layer4"],
-        "layercam": ["features.layer2", "features.layer3", "features.layer4"],
-        "fullgrad": [],
-    },
-    "vgg16": {  # activations of conv3_3, conv4_3 and conv5_3 (strides 4, 8, 16)
-        "gradcam": ["features.29"],
-        "layercam": ["features.15", "features.22", "features.29"],
-        "fullgrad": [],
-    },
-}
+    "resnet18": {"gradcam": ["features.layer4"], "fullgrad": [],
+                 "layercam": ["features.layer2", "features.layer3", "features.layer4"]},
+    "vgg16": {"gradcam": ["features.29"], "fullgrad": [],
+              "layercam": ["features.15", "features.22", "features.29"]},
+}  # fmt: skip
 
 
 @dataclass
 class SaliencyResult:
     """``maps``: float32 (B, H, W) in [0, 1] at the input size. ``valid``: bool (B,), False where
-    the raw map was all zero or non-finite; such maps are returned as all zeros."""
+    the raw map was all zero or non-finite; such maps are all zeros."""
 
     maps: torch.Tensor
     valid: torch.Tensor
@@ -51,21 +44,15 @@ class SaliencyResult:
 
 @dataclass
 class FullGradTerms:
-    """FullGrad's raw, signed contributions (no abs, no normalisation).
-
-    ``input``: input-gradient x input, shaped like the input. ``biases``: (layer name,
-    bias-gradient x bias) for every call of every bias layer, shaped like that layer's output.
-    """
+    """FullGrad's raw signed terms: ``input`` = input-gradient x input (input's shape); ``biases``
+    = (layer name, bias-gradient x bias) per call of each bias layer (that layer's output shape)."""
 
     input: torch.Tensor
     biases: list[tuple[str, torch.Tensor]]
 
     def total(self) -> torch.Tensor:
         """Sum of all terms per image (B,): equals the score for a piecewise-linear network."""
-        total = self.input.flatten(1).sum(1)
-        for _, term in self.biases:
-            total = total + term.flatten(1).sum(1)
-        return total
+        return sum((t.flatten(1).sum(1) for _, t in self.biases), self.input.flatten(1).sum(1))
 
 
 def defect_score(output: torch.Tensor) -> torch.Tensor:
@@ -80,14 +67,12 @@ def defect_score(output: torch.Tensor) -> torch.Tensor:
 def normalise(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max normalise each map of a non-negative (B, H, W) batch; return (maps, valid)."""
     flat = raw.flatten(1)
-    finite = torch.isfinite(flat).all(dim=1)
-    flat = flat.masked_fill(~finite[:, None], 0.0)  # keeps NaN out of the min and max
     lo, hi = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
-    span = hi - lo
-    valid = finite & (hi[:, 0] > 0)
-    # A constant positive map is valid but locates nothing: it becomes all ones.
-    scaled = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), 1.0)
-    return (scaled * valid[:, None]).clamp_(0.0, 1.0).view_as(raw), valid
+    span, valid = hi - lo, torch.isfinite(flat).all(dim=1) & (hi[:, 0] > 0)
+    # In place after the first op: at full resolution every temporary costs memory.
+    maps = (flat - lo).div_(span.clamp_min(torch.finfo(flat.dtype).tiny))
+    maps.add_((span == 0).to(maps.dtype))  # a constant positive map locates nothing: all ones
+    return maps.masked_fill_(~valid[:, None], 0.0).clamp_(0.0, 1.0).view_as(raw), valid
 
 
 def _upsample(maps: torch.Tensor, size: torch.Size) -> torch.Tensor:
@@ -97,14 +82,13 @@ def _upsample(maps: torch.Tensor, size: torch.Size) -> torch.Tensor:
 
 
 def _layer_summary(model: nn.Module) -> str:
-    """Top-level modules with their children, compactly: 'features.{0..30}, fc'."""
+    """Top-level modules and their children, compactly: 'features.{0..30}, fc'."""
     parts = []
     for name, child in model.named_children():
         sub = [n for n, _ in child.named_children()]
-        if sub and all(n.isdigit() for n in sub) and [int(n) for n in sub] == list(range(len(sub))):
-            parts.append(f"{name}.{{0..{len(sub) - 1}}}")
-        else:
-            parts.append(f"{name}.{{{','.join(sub)}}}" if sub else name)
+        if sub and sub == [str(i) for i in range(len(sub))]:
+            sub = [f"0..{len(sub) - 1}"]
+        parts.append(f"{name}.{{{','.join(sub)}}}" if sub else name)
     return ", ".join(parts) or "(no submodules)"
 
 
@@ -127,90 +111,75 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
 class SaliencyMethod:
     """Owns the hooks, the one forward and backward per batch, upsampling and normalisation.
 
-    Subclasses say what a hook captures (``_capture``) and turn the captures and their gradients
-    into one raw non-negative map per image at the input size (``_combine``).
+    Subclasses say what a hook keeps (``_capture(name, module, output)`` -> value, gradient
+    target, replacement output; or None to skip) and turn values and gradients into a raw
+    non-negative map per image at the input size (``_combine(x, captured, grads, input_grad)``).
     """
 
     needs_input_grad = False
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None) -> None:
-        self.model = model
-        self.layers = list(layers or [])
+        self.model, self.layers = model, list(layers or [])
         modules = dict(model.named_modules())
         unknown = [name for name in self.layers if not name or name not in modules]
         if unknown:
-            raise ValueError(
-                f"unknown layer(s) {', '.join(map(repr, unknown))} in {type(model).__name__}; "
-                f"its layers are {_layer_summary(model)}"
-            )
+            raise ValueError(f"unknown layer(s) {', '.join(map(repr, unknown))} in {type(model).__name__}; "
+                             f"its layers are {_layer_summary(model)}")  # fmt: skip
         self._targets = [(name, modules[name]) for name in self.layers]
 
     def __call__(self, images: torch.Tensor) -> SaliencyResult:
-        """Saliency of the defect score for a batch (B, C, H, W)."""
+        """Saliency of the defect score for a batch (B, C, H, W), on the model's device."""
         maps, valid = normalise(self.raw_maps(images))
         return SaliencyResult(maps.float(), valid)
 
     def raw_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Un-normalised, non-negative (B, H, W) maps at the input size."""
-        return self._combine(*self._forward_backward(images))
-
-    def _capture(self, name: str, module: nn.Module, output: torch.Tensor):
-        """Return (value, gradient target, replacement output or None), or None to skip."""
-        raise NotImplementedError
-
-    def _combine(self, x: torch.Tensor, captured: list, grads: list, input_grad) -> torch.Tensor:
-        raise NotImplementedError
+        """Un-normalised (B, H, W) maps at the input size: non-negative, or non-finite where the
+        model's values were."""
+        captures = self._forward_backward(images)
+        with torch.no_grad():  # the activations still require grad; building a graph would waste memory
+            return self._combine(*captures)
 
     def _forward_backward(self, images: torch.Tensor) -> tuple:
         captured: list[tuple[str, torch.Tensor, torch.Tensor | GradientEdge]] = []
-
-        def hook_for(name: str):
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor):
-                got = self._capture(name, module, output)
-                if got is None:
-                    return None
-                captured.append((name, got[0], got[1]))
-                return got[2]
-
-            return hook
-
         param = next(self.model.parameters(), None)
-        device = images.device if param is None else param.device
         with contextlib.ExitStack() as stack:
             stack.enter_context(_frozen_eval(self.model))
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
             for name, module in self._targets:
-                stack.callback(module.register_forward_hook(hook_for(name)).remove)
-            x = images.to(device).detach()
+                stack.callback(module.register_forward_hook(partial(self._hook, captured, name)).remove)
+            x = images.detach().to(images.device if param is None else param.device)
             x = x.clone() if x.is_inference() else x
-            if self.needs_input_grad:
-                x.requires_grad_(True)
-            score = defect_score(self.model(x))
+            score = defect_score(self.model(x.requires_grad_(self.needs_input_grad)))
             wanted = [target for _, _, target in captured] + ([x] if self.needs_input_grad else [])
+            grads = [None] * len(wanted)  # stays so where no captured tensor influences the score
             if score.requires_grad and wanted:
                 grads = list(torch.autograd.grad(score.sum(), wanted, allow_unused=True))
-            else:  # no captured tensor influences the score
-                grads = [None] * len(wanted)
         input_grad = grads.pop() if self.needs_input_grad else None
         return x.detach(), captured, grads, input_grad
 
+    def _hook(self, captured: list, name: str, module: nn.Module, args: tuple, output: torch.Tensor):
+        got = self._capture(name, module, output)
+        if got is None:
+            return None
+        captured.append((name, got[0], got[1]))
+        return got[2]  # replaces the layer's output unless None
+
 
 class _CAM(SaliencyMethod):
-    """Shared capture for the CAM methods: the layer output and the gradient w.r.t. it."""
+    """Capture for the CAM methods: each target layer's output and the gradient w.r.t. it."""
 
-    def _capture(self, name: str, module: nn.Module, output: torch.Tensor):
+    def _capture(self, name: str, module: nn.Module, output: torch.Tensor) -> tuple:
         if not isinstance(output, torch.Tensor) or output.ndim != 4:
             raise ValueError(f"layer {name!r} must output a (B, C, h, w) tensor for {type(self).__name__}")
-        # Nothing before the first target needs a gradient: cutting the graph here stops the backward.
+        # Nothing before the first target needs a gradient: cutting the graph here ends the backward.
         act = output if output.requires_grad else output.detach().requires_grad_(True)
         # Later layers get a copy, so an in-place op (ReLU(inplace=True)) cannot change `act`.
         return act, act, act.clone()
 
     def _pairs(self, captured: list, grads: list) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         last = {name: (act, grad) for (name, act, _), grad in zip(captured, grads)}  # last call wins
-        missing = [name for name in self.layers if name not in last]
-        if missing:
+        if missing := [name for name in self.layers if name not in last]:
             raise ValueError(f"layer(s) {missing} did not run in the model's forward")
         return [last[name] for name in self.layers]
 
@@ -227,8 +196,8 @@ class GradCAM(_CAM):
         ((act, grad),) = self._pairs(captured, grads)
         if grad is None:
             return x.new_zeros(x.shape[0], *x.shape[-2:])
-        weights = grad.mean(dim=(2, 3))
-        return _upsample(torch.relu(torch.einsum("bc,bchw->bhw", weights, act)), x.shape[-2:])
+        cam = torch.relu(torch.einsum("bc,bchw->bhw", grad.mean(dim=(2, 3)), act))
+        return _upsample(cam, x.shape[-2:])
 
 
 class LayerCAM(_CAM):
@@ -238,13 +207,12 @@ class LayerCAM(_CAM):
         fused = x.new_zeros(x.shape[0], *x.shape[-2:])
         finite = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         for act, grad in self._pairs(captured, grads):
-            if grad is None:
-                continue
-            cam = torch.relu((torch.relu(grad) * act).sum(dim=1))
-            finite &= torch.isfinite(cam).flatten(1).all(dim=1)
-            # Each layer is scaled to [0, 1] first, so deep layers' larger values do not win.
-            fused = torch.maximum(fused, normalise(_upsample(cam, x.shape[-2:]))[0])
-        return fused.masked_fill(~finite[:, None, None], float("nan"))
+            if grad is not None:
+                cam = torch.relu((torch.relu(grad) * act).sum(dim=1))
+                finite &= torch.isfinite(cam).flatten(1).all(dim=1)
+                # Each layer is scaled to [0, 1] first, so deep layers' larger values do not win.
+                torch.maximum(fused, normalise(_upsample(cam, x.shape[-2:]))[0], out=fused)
+        return fused.masked_fill_(~finite[:, None, None], float("nan"))
 
 
 def _effective_bias(module: nn.Module) -> torch.Tensor | None:
@@ -253,8 +221,7 @@ def _effective_bias(module: nn.Module) -> torch.Tensor | None:
         if module.running_mean is None:  # batch statistics even in eval mode: no fixed bias
             return None
         scale = torch.rsqrt(module.running_var + module.eps)
-        if module.weight is not None:
-            scale = scale * module.weight
+        scale = scale if module.weight is None else scale * module.weight
         bias = -module.running_mean * scale
         return bias if module.bias is None else bias + module.bias
     if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and module.bias is not None:
@@ -263,12 +230,10 @@ def _effective_bias(module: nn.Module) -> torch.Tensor | None:
 
 
 def _abs_scaled_channel_sum(term: torch.Tensor) -> torch.Tensor:
-    """FullGrad paper's post-processing, abs then min-max over (C, h, w) per image, channel-summed.
-
-    The channel sum is taken here, before upsampling (linear, so the same as after but cheaper).
-    """
-    term = term.abs()
-    lo, hi = term.flatten(1).aminmax(dim=1)
+    """FullGrad's post-processing (abs, min-max over C, h, w per image), channel-summed here,
+    before upsampling: both are linear, and the sum is cheaper at low resolution."""
+    term = term.abs_()  # callers pass a fresh product
+    lo, hi = term.amin(dim=(1, 2, 3)), term.amax(dim=(1, 2, 3))  # far faster than aminmax on CPU
     summed = term.sum(dim=1) - term.shape[1] * lo[:, None, None]
     span = (hi - lo)[:, None, None]
     return torch.where(span > 0, summed / span.clamp_min(torch.finfo(term.dtype).tiny), 0.0)
@@ -277,10 +242,10 @@ def _abs_scaled_channel_sum(term: torch.Tensor) -> torch.Tensor:
 class FullGrad(SaliencyMethod):
     """FullGrad: |input-gradient x input| plus |bias-gradient x bias| of every layer with a bias.
 
-    Maps use the paper's post-processing for each term (abs, per-image min-max, channel sum,
-    upsampling, sum over terms). Biases of non-spatial layers (Linear) shift every pixel
-    equally and are left out of the maps. ``contributions`` gives the raw signed terms, whose sum
-    equals the score for piecewise-linear networks (completeness). ``layers`` is ignored.
+    Maps follow the FullGrad paper: each term abs'd and min-max scaled per image, channel-summed,
+    upsampled and added. Non-spatial biases (Linear) shift every pixel alike and are left out of
+    the maps. ``contributions`` gives the raw signed terms, which sum to the score for a
+    piecewise-linear network (completeness). ``layers`` is ignored.
     """
 
     needs_input_grad = True
@@ -289,30 +254,29 @@ class FullGrad(SaliencyMethod):
         super().__init__(model, None)
         self._targets = [(n, m) for n, m in model.named_modules() if _effective_bias(m) is not None]
 
-    def _capture(self, name: str, module: nn.Module, output: torch.Tensor):
+    def _capture(self, name: str, module: nn.Module, output: torch.Tensor) -> tuple | None:
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
-        bias = _effective_bias(module).detach()
-        # The gradient edge names the layer's own output even if a later op changes it in place,
-        # and does not keep the activation alive.
-        return bias.view(1, -1, *[1] * (output.ndim - 2)), get_gradient_edge(output), None
+        bias = _effective_bias(module).detach().view(1, -1, *[1] * (output.ndim - 2))
+        # The edge names this layer's own output even if a later op changes it in place, and does
+        # not keep the activation alive.
+        return bias, get_gradient_edge(output), None
 
     def contributions(self, images: torch.Tensor) -> FullGradTerms:
         """The raw, signed FullGrad terms (no abs, no normalisation) for a batch."""
         x, captured, grads, input_grad = self._forward_backward(images)
-        terms = [(name, grad * bias) for (name, bias, _), grad in zip(captured, grads) if grad is not None]
-        return FullGradTerms(input_grad * x, terms)
+        biases = [(name, grad * bias) for (name, bias, _), grad in zip(captured, grads) if grad is not None]
+        return FullGradTerms(x * (0.0 if input_grad is None else input_grad), biases)
 
     def _combine(self, x, captured, grads, input_grad) -> torch.Tensor:
-        total = _abs_scaled_channel_sum(input_grad * x)
+        total = _abs_scaled_channel_sum(x * (0.0 if input_grad is None else input_grad))
         by_size: dict[torch.Size, torch.Tensor] = {}
         for (_, bias, _), grad in zip(captured, grads):
             if grad is not None and grad.ndim == 4:
                 term = _abs_scaled_channel_sum(grad * bias)
-                size = term.shape[-2:]
-                by_size[size] = by_size[size] + term if size in by_size else term
+                by_size[term.shape[-2:]] = by_size.get(term.shape[-2:], 0.0) + term
         for term in by_size.values():  # one upsampling per resolution
-            total = total + _upsample(term, x.shape[-2:])
+            total.add_(_upsample(term, x.shape[-2:]))
         return total
 
 
@@ -327,5 +291,41 @@ def create_saliency(method: str, model: nn.Module, layers: Sequence[str] | None 
         backbone = getattr(model, "backbone_name", None)
         if backbone not in DEFAULT_LAYERS:
             raise ValueError(f"no default {method} layers for backbone {backbone!r}: pass layers")
-        layers = DEFAULT_LAYERS[backbone][method]
+        layers = _within(model, DEFAULT_LAYERS[backbone][method])
     return METHODS[method](model, layers)
+
+
+def _within(model: nn.Module, names: list[str]) -> list[str]:
+    """Default names are relative to the backbone model; a wrapper holding it as a submodule
+    (``PriorAsChannel``'s ``guided.``) gets the first prefix under which they all exist."""
+    modules = dict(model.named_modules())
+    for prefix in ["", *(f"{name}." for name in modules if name)]:
+        if all(prefix + name in modules for name in names):
+            return [prefix + name for name in names]
+    return names  # unknown: the method's constructor lists the model's layers
+
+
+def saliency_maps(
+    method: SaliencyMethod,
+    config: dict,
+    images: torch.Tensor,
+    batch_size: int = 32,
+    priors: torch.Tensor | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Maps (N, H, W) float32 in [0, 1], validity (N,) and seconds taken, for uint8 images (N, H, W).
+
+    Images are normalised as in training (``config``: in_channels, mean, std); ``priors``
+    (N, H, W), where given, join as the last input channel (``models.PriorAsChannel``).
+    """
+    maps, valid = [], []
+    started = time.perf_counter()
+    for batch in batches(np.arange(len(images)), batch_size):
+        x = to_input(images[batch], config["in_channels"], config["mean"], config["std"])
+        if priors is not None:
+            x = torch.cat([x, priors[batch].unsqueeze(1).to(x.dtype)], dim=1)
+        result = method(x)
+        maps.append(result.maps.cpu())  # .cpu() waits for the device, so the time is real
+        valid.append(result.valid.cpu())
+    if not maps:
+        return np.zeros((0, *images.shape[-2:]), np.float32), np.zeros(0, bool), 0.0
+    return torch.cat(maps).numpy(), torch.cat(valid).numpy(), time.perf_counter() - started

@@ -149,7 +149,7 @@ def _draw_defect(rng: np.random.Generator, image: np.ndarray, kind: str, contras
         radius = int(rng.integers(1, 3))
         centre = (int(rng.integers(8, width - 8)), int(rng.integers(8, height - 8)))
         cv2.circle(layer, centre, radius, 255, -1)
-        strength = rng.uniform(2.5, 4.0) * contrast
+        strength = rng.uniform(8.0, 14.0) * contrast
     else:
         length = rng.uniform(0.15, 0.35) * short_side
         start = np.array([rng.uniform(0.15, 0.85) * width, rng.uniform(0.15, 0.85) * height])
@@ -162,7 +162,7 @@ def _draw_defect(rng: np.random.Generator, image: np.ndarray, kind: str, contras
             step = length / segments * np.array([np.cos(direction), np.sin(direction)])
             points.append(np.clip(points[-1] + step, 2, [width - 3, height - 3]))
         cv2.polylines(layer, [np.round(points).astype(np.int32)], False, 255, 1, cv2.LINE_8)
-        strength = rng.uniform(2.0, 3.0) * contrast
+        strength = rng.uniform(7.0, 17.0) * contrast
     mask = layer > 0
     # Defects are mostly darker than the surface (shadowed grooves), sometimes brighter.
     sign = -1.0 if rng.random() < 0.75 else 1.0

@@ -154,13 +154,25 @@ class StageRun:
         unpickling code; ``example`` is one batch of inputs to trace it with.
         """
         import mlflow.pytorch
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
 
+        def spec(array: Any, name: str | None = None) -> TensorSpec:
+            return TensorSpec(np.dtype(np.float32), (-1, *array.shape[1:]), name=name)
+
+        names = ("images", "prior")
+        signature = ModelSignature(
+            inputs=Schema([spec(array, names[i]) for i, array in enumerate(example)]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]),
+        )
         info = mlflow.pytorch.log_model(
             model,
             name=name,
             registered_model_name=registered_name,
             serialization_format="pt2",
             input_example=example,
+            signature=signature,
             # Explicit requirements: inferring them imports the model in a subprocess (slow).
             pip_requirements=[f"torch=={_version('torch')}", f"torchvision=={_version('torchvision')}"],
         )

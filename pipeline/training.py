@@ -102,6 +102,23 @@ def predict(
     return torch.cat(scores).numpy()
 
 
+@torch.no_grad()
+def segment(
+    model: GuidedClassifier, config: dict, images: torch.Tensor, priors: torch.Tensor, batch_size: int = 32
+) -> np.ndarray:
+    """The guided model's segmentation output, as probabilities at the image size (N, H, W)."""
+    device = next(model.parameters()).device
+    model.eval()
+    outputs = []
+    for batch in batches(np.arange(len(images)), batch_size):
+        x = to_input(images[batch], config["in_channels"], config["mean"], config["std"]).to(device)
+        _, seg_logits = model(x, priors[batch].unsqueeze(1).to(device))
+        probabilities = F.interpolate(torch.sigmoid(seg_logits.float()), size=images.shape[-2:],
+                                      mode="bilinear", align_corners=False)
+        outputs.append(probabilities[:, 0].cpu())
+    return torch.cat(outputs).numpy()
+
+
 def train(
     data: PreparedData,
     fold: int,

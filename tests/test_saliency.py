@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import Classifier
+from pipeline.data import to_input
+from pipeline.models import Classifier, GuidedClassifier, PriorAsChannel
 from pipeline.saliency import (
     DEFAULT_LAYERS,
     FullGrad,
@@ -17,6 +18,7 @@ from pipeline.saliency import (
     SaliencyResult,
     create_saliency,
     normalise,
+    saliency_maps,
 )
 
 METHOD_NAMES = ("gradcam", "layercam", "fullgrad")
@@ -134,6 +136,21 @@ def test_layercam_fuses_layers_by_maximum_of_normalised_maps() -> None:
     torch.testing.assert_close(result.maps, expected.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_gradcam_on_a_layer_whose_output_is_later_changed_in_place() -> None:
+    torch.manual_seed(11)
+    model = PiecewiseLinearNet()
+    _randomise_bn(model.bn)
+    model.eval()
+    x = torch.randn(2, 2, 16, 12)
+    result = GradCAM(model, ["bn"])(x)  # followed by ReLU(inplace=True)
+    a = model.bn(model.conv1(x)).detach().requires_grad_()
+    score = model.head(model.act(model.conv2(model.pool(torch.relu(a)))).mean(dim=(2, 3))).sum()
+    (g,) = torch.autograd.grad(score, [a])
+    expected = _minmax(torch.relu(torch.einsum("bc,bchw->bhw", g.mean(dim=(2, 3)), a)))
+    assert (a < 0).any()  # the captured activation is the one before the in-place ReLU
+    torch.testing.assert_close(result.maps, expected.detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_fullgrad_raw_terms_are_complete_with_batchnorm_and_inplace_relu() -> None:
     torch.manual_seed(4)
     model = PiecewiseLinearNet().double()
@@ -185,7 +202,7 @@ def test_model_state_is_restored_and_hooks_removed(method: str) -> None:
     requires = [p.requires_grad for p in model.parameters()]
     bn_stats = model.features.bn1.running_mean.clone()
     saliency = create_saliency(method, model)
-    x = torch.randn(2, 1, 64, 32)
+    x = torch.randn(2, 1, 48, 32)
     for _ in range(3):
         result = saliency(x)
         assert _hook_count(model) == 0
@@ -193,29 +210,39 @@ def test_model_state_is_restored_and_hooks_removed(method: str) -> None:
     assert [p.requires_grad for p in model.parameters()] == requires
     assert all(p.grad is None for p in model.parameters())  # no weight gradients computed
     torch.testing.assert_close(model.features.bn1.running_mean, bn_stats)  # ran in eval mode
-    assert not x.requires_grad and result.maps.shape == (2, 64, 32)
+    assert not x.requires_grad and result.maps.shape == (2, 48, 32)
+
+
+def test_state_is_restored_when_the_forward_fails() -> None:
+    model = PiecewiseLinearNet().train()
+    saliency = create_saliency("layercam", model, ["conv1", "conv2"])
+    with pytest.raises(RuntimeError):
+        saliency(torch.randn(1, 3, 8, 8))  # the model takes two channels
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert _hook_count(model) == 0
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_batch_result_equals_per_image_results(method: str, resnet: Classifier) -> None:
     torch.manual_seed(7)
-    x = torch.randn(3, 1, 64, 48)
+    x = torch.randn(3, 1, 48, 40)
     saliency = create_saliency(method, resnet)
     batch = saliency(x)
     single = [saliency(x[i : i + 1]) for i in range(3)]
     torch.testing.assert_close(batch.maps, torch.cat([s.maps for s in single]), atol=1e-4, rtol=1e-4)
     assert batch.valid.tolist() == [bool(s.valid) for s in single]
     assert ((batch.maps >= 0) & (batch.maps <= 1)).all()
+    assert batch.maps.grad_fn is None and not batch.maps.requires_grad  # holds no autograd graph
 
 
 def test_works_under_no_grad_and_inference_mode(resnet: Classifier) -> None:
-    x = torch.randn(1, 1, 64, 32)
+    x = torch.randn(1, 1, 48, 32)
     reference = create_saliency("layercam", resnet)(x).maps
     with torch.no_grad():
         torch.testing.assert_close(create_saliency("layercam", resnet)(x).maps, reference)
     with torch.inference_mode():
-        frozen = torch.randn(1, 1, 64, 32)
-        assert create_saliency("fullgrad", resnet)(frozen).maps.shape == (1, 64, 32)
+        frozen = torch.randn(1, 1, 48, 32)
+        assert create_saliency("fullgrad", resnet)(frozen).maps.shape == (1, 48, 32)
 
 
 def test_default_layers_and_layer_name_errors(resnet: Classifier) -> None:
@@ -231,12 +258,15 @@ def test_default_layers_and_layer_name_errors(resnet: Classifier) -> None:
         create_saliency("gradcam", GapNet())
 
 
-def test_vgg16_default_layers_resolve() -> None:
-    vgg = Classifier("vgg16").eval()
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_vgg16_default_layers_run_on_the_model_device(method: str) -> None:
+    with torch.device("meta"):  # shapes only: building and running vgg16 for real takes seconds
+        vgg = Classifier("vgg16").eval()
     with pytest.raises(ValueError, match=r"features\.\{0\.\.30\}, fc"):
-        create_saliency("layercam", vgg, ["features.31"])
-    result = create_saliency("layercam", vgg)(torch.randn(1, 1, 32, 32))
-    assert result.maps.shape == (1, 32, 32)
+        create_saliency(method if method != "fullgrad" else "gradcam", vgg, ["features.31"])
+    result = create_saliency(method, vgg)(torch.randn(2, 1, 64, 32))  # CPU images follow the model
+    assert result.maps.shape == (2, 64, 32) and result.maps.device.type == "meta"
+    assert result.maps.dtype == torch.float32 and result.valid.shape == (2,)
 
 
 @pytest.mark.parametrize("method", ["gradcam", "layercam"])
@@ -270,6 +300,26 @@ def test_normalise_handles_constant_and_empty_maps() -> None:
     maps, valid = normalise(torch.stack([torch.zeros(2, 2), torch.full((2, 2), 3.0), torch.eye(2)]))
     assert valid.tolist() == [False, True, True]
     assert maps[0].eq(0).all() and maps[1].eq(1).all() and torch.equal(maps[2], torch.eye(2))
+
+
+def test_saliency_maps_batches_uint8_images_and_priors(resnet: Classifier) -> None:
+    generator = torch.Generator().manual_seed(12)
+    images = torch.randint(0, 256, (5, 48, 32), dtype=torch.uint8, generator=generator)
+    config = {"in_channels": 1, "mean": 0.5, "std": 0.25}
+    method = create_saliency("gradcam", resnet)
+    maps, valid, seconds = saliency_maps(method, config, images, batch_size=2)
+    assert maps.shape == (5, 48, 32) and maps.dtype == np.float32 and valid.dtype == bool and seconds > 0
+    expected = method(to_input(images, 1, 0.5, 0.25))
+    np.testing.assert_allclose(maps, expected.maps.numpy(), atol=1e-4)
+    assert valid.tolist() == expected.valid.tolist()
+    guided = PriorAsChannel(GuidedClassifier("resnet18").eval())
+    assert create_saliency("layercam", guided).layers == [f"guided.{n}" for n in DEFAULT_LAYERS["resnet18"]["layercam"]]
+    explainer = create_saliency("layercam", guided, ["guided.features.layer3", "guided.features.layer4"])
+    priors = torch.rand(5, 48, 32, generator=generator)
+    maps, valid, _ = saliency_maps(explainer, config, images, 4, priors)
+    assert maps.shape == (5, 48, 32) and np.isfinite(maps).all()
+    empty, _, _ = saliency_maps(method, config, images[:0])
+    assert empty.shape == (0, 48, 32)
 
 
 # --- a trained model looks at the defect ------------------------------------------------------
@@ -330,11 +380,14 @@ def test_trained_cnn_saliency_concentrates_on_the_defect() -> None:
     assert accuracy > 0.9, f"the CNN did not learn the task (accuracy {accuracy:.2f})"
     positives = torch.from_numpy(labels) == 1
     layers = {"gradcam": ["features.8"], "layercam": ["features.5", "features.8"], "fullgrad": None}
+    # Trained, the median ratios are about 30 (Grad-CAM), 55 (LayerCAM) and 20 (FullGrad); untrained
+    # about 1, 7 and 1 (LayerCAM's shallow layer already follows contrast), hence the thresholds.
+    least_ratio = {"gradcam": 5.0, "layercam": 15.0, "fullgrad": 5.0}
     for method, names in layers.items():
         result = create_saliency(method, model, names)(x[positives])
         inside = (result.maps * masks[positives]).flatten(1).sum(1) / masks[positives].flatten(1).sum(1)
         outside = (result.maps * ~masks[positives]).flatten(1).sum(1) / (~masks[positives]).flatten(1).sum(1)
         ratio = (inside / outside.clamp_min(1e-6)).median().item()
         assert result.valid.all(), method
-        assert ratio > 2.0, f"{method}: median inside/outside saliency per pixel {ratio:.2f}"
+        assert ratio > least_ratio[method], f"{method}: median inside/outside saliency per pixel {ratio:.2f}"
         assert (inside > outside).float().mean() > 0.9, method

@@ -1,0 +1,98 @@
+"""Stage saliency: extract the baseline's saliency map of every image, the network's "knowledge".
+
+For each fold, the baseline of that fold explains every image (its training images become the
+guided model's pseudo-masks; its test images get the prior channel the guided model reads at
+inference). Maps are 16-bit PNGs in [0, 1] at the prepared image size.
+Outputs: data/saliency/fold<k>/<id>.png, overlays.png, report.json, run.json;
+data/metrics/saliency.json (localization against true masks, where there are any).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.artifacts import output_dir, read_json, write_json, write_map
+from pipeline.config import ModelParams, SaliencyParams, load_section
+from pipeline.data import PreparedData
+from pipeline.metrics import localization_metrics
+from pipeline.runner import run_stage
+from pipeline.saliency import create_saliency, saliency_maps
+from pipeline.tracking import stage_run
+from pipeline.training import load_model, pick_device
+from pipeline.visualisation import heatmap_overlay, mask_outline, overlay_grid, save_png
+
+PREPARED = Path("data/prepared")
+BASELINE = Path("data/baseline")
+OUT = Path("data/saliency")
+METRICS = Path("data/metrics/saliency.json")
+
+
+def main() -> None:
+    model_params: ModelParams = load_section("model")
+    params: SaliencyParams = load_section("saliency")
+    device = pick_device(model_params.device)
+    data = PreparedData.load(PREPARED)
+    dataset = read_json(PREPARED / "report.json")["dataset"]
+    with stage_run("saliency", {"saliency": params, "model.device": model_params.device}, dataset) as run:
+        run.link_upstream(PREPARED, BASELINE)
+        report: dict = {"method": params.method, "invalid_maps": {}, "images_per_second": {}}
+        localization: dict[str, dict] = {}
+        overlay_rows = []
+        with output_dir(OUT) as out:
+            for fold in data.folds:
+                model, config = load_model(BASELINE / f"fold{fold}.pt", device)
+                method = create_saliency(params.method, model, params.layers)
+                maps, valid, seconds = saliency_maps(method, config, data.images, params.batch_size)
+                for image_id, saliency in zip(data.index["id"], maps):
+                    write_map(out / f"fold{fold}" / f"{image_id}.png", saliency)
+                invalid = data.index["id"][~valid].tolist()
+                report["invalid_maps"][f"fold{fold}"] = invalid
+                report["images_per_second"][f"fold{fold}"] = len(maps) / seconds
+                if invalid:
+                    print(f"  fold {fold}: {len(invalid)} all-zero maps (reported in report.json): {invalid[:5]}")
+                _, test_rows = data.split(fold)
+                localization[f"fold{fold}"] = _localization(data, maps, test_rows)
+                overlay_rows += _overlay_rows(data, maps, test_rows, params.overlays // len(data.folds) or 1)
+            if params.overlays and overlay_rows:
+                titles, rows = zip(*overlay_rows[: params.overlays])
+                save_png(out / "overlays.png", overlay_grid(rows, titles, ["image + true mask", params.method]))
+                run.log_artifact(out / "overlays.png")
+            write_json(out / "report.json", report)
+            run.write_lineage(out)
+        metrics = {"per_fold": localization, "images_per_second": float(np.mean(list(report["images_per_second"].values())))}
+        metrics.update(_mean(localization))
+        write_json(METRICS, metrics)
+        run.log_metrics({k: v for k, v in metrics.items() if k != "per_fold"})
+        print(f"  {metrics['images_per_second']:.1f} images/s; localization on test images: {_mean(localization)}")
+
+
+def _localization(data: PreparedData, maps: np.ndarray, rows: np.ndarray) -> dict:
+    """Saliency mass inside the true mask and pointing-game hits, over defective test images."""
+    pairs = [(maps[i], mask) for i in rows
+             if data.index["label"].iat[i] == 1 and (mask := data.true_mask(i)) is not None]
+    if not pairs:
+        return {}
+    return localization_metrics(*zip(*pairs))
+
+
+def _overlay_rows(data: PreparedData, maps: np.ndarray, rows: np.ndarray, count: int) -> list:
+    defective = [i for i in rows if data.index["label"].iat[i] == 1][:count]
+    picked = []
+    for i in defective:
+        image = data.images[i].numpy()
+        mask = data.true_mask(i)
+        shown = mask_outline(np.dstack([image] * 3), mask, color=(255, 255, 255)) if mask is not None else image
+        picked.append((str(data.index["id"].iat[i]), [shown, heatmap_overlay(image, maps[i])]))
+    return picked
+
+
+def _mean(per_fold: dict[str, dict]) -> dict[str, float]:
+    keys = ("mass_inside", "pointing_game")
+    return {k: float(np.mean([m[k] for m in per_fold.values() if k in m])) for k in keys
+            if any(k in m for m in per_fold.values())}
+
+
+if __name__ == "__main__":
+    run_stage("saliency", main)
