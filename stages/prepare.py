@@ -33,8 +33,7 @@ def synthetic_images(params: PrepareParams) -> tuple[Iterator[RawImage], dict]:
 
 
 def source_images(params: PrepareParams) -> tuple[Iterator[RawImage], dict]:
-    source = datasets.load_source(params.dataset, params.path, params.folds, params.seed)
-    datasets.validate(source)
+    source = datasets.load_source(params.dataset, params.path, params.folds, params.seed)  # validated
 
     def read() -> Iterator[RawImage]:
         for item in source.images:

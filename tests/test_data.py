@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import BalancedEpochs, random_flips, to_input
+
+
+def test_balanced_epoch_holds_every_defect_and_as_many_defect_free_images():
+    labels = np.array([1] * 5 + [0] * 23)
+    sampler = BalancedEpochs(labels, seed=3)
+    epoch = sampler.epoch(0)
+    assert sorted(epoch[labels[epoch] == 1]) == list(range(5))
+    assert (labels[epoch] == 0).sum() == 5
+    assert len(set(epoch)) == 10
+
+
+def test_balanced_epochs_cycle_through_all_defect_free_images_and_repeat_for_a_seed():
+    labels = np.array([1] * 4 + [0] * 12)
+    sampler = BalancedEpochs(labels, seed=0)
+    seen = np.concatenate([sampler.epoch(e) for e in range(3)])
+    assert set(seen[labels[seen] == 0]) == set(range(4, 16))
+    assert np.array_equal(sampler.epoch(5), BalancedEpochs(labels, seed=0).epoch(5))
+    assert not np.array_equal(sampler.epoch(5), BalancedEpochs(labels, seed=1).epoch(5))
+
+
+def test_training_without_one_class_is_refused():
+    with pytest.raises(ValueError, match="both classes"):
+        BalancedEpochs(np.zeros(10, dtype=int), seed=0)
+
+
+def test_flips_move_image_prior_and_mask_together():
+    image = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).view(2, 1, 4, 5)
+    flipped_image, flipped_copy = random_flips(torch.Generator().manual_seed(1), image, image.clone())
+    assert torch.equal(flipped_image, flipped_copy)
+    for sample in range(2):
+        candidates = [image[sample], image[sample].flip(-1), image[sample].flip(-2), image[sample].flip(-1, -2)]
+        assert any(torch.equal(flipped_image[sample], c) for c in candidates)
+
+
+def test_to_input_normalises_and_replicates_gray_for_three_channel_models():
+    images = torch.full((2, 3, 3), 255, dtype=torch.uint8)
+    x = to_input(images, in_channels=3, mean=0.5, std=0.25)
+    assert x.shape == (2, 3, 3, 3)
+    assert torch.allclose(x, torch.full_like(x, 2.0))
