@@ -32,11 +32,12 @@ from torch import nn
 
 from pipeline import datasets, training
 from pipeline.artifacts import atomic_path, load_torch, output_dir, read_json, save_torch
-from pipeline.config import ConfigError, ModelParams, TrainParams, load_section
+from pipeline.config import ConfigError, GuidedParams, ModelParams, TrainParams, load_section
 from pipeline.data import PreparedData
 from pipeline.datasets import DataError, read_gray
 from pipeline.tracking import FAST_CHECK, TrackingError, _environment_defaults, connect
-from pipeline.training import TrainingDiverged, _resumable_state, save_model, summarize, train, train_folds
+from pipeline.training import (Guidance, TrainingDiverged, _resumable_state, save_model, summarize, train,
+                               train_folds)
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 MODEL = ModelParams(device="cpu")
@@ -93,9 +94,16 @@ def test_same_seed_gives_identical_metrics_and_weights(data: PreparedData, refer
     assert without_timings(other_seed) != without_timings(history)
 
 
+@pytest.mark.parametrize("guided", [False, True], ids=["baseline", "guided"])
 def test_run_interrupted_mid_training_resumes_to_the_uninterrupted_result(
-    data: PreparedData, reference, tmp_path: Path, capsys: pytest.CaptureFixture
+    guided: bool, data: PreparedData, reference, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    params, guidance = PARAMS, None
+    if guided:
+        priors = torch.from_numpy(np.random.default_rng(1).random(data.images.shape, dtype=np.float32))
+        params, guidance = GuidedParams(**PARAMS.model_dump()), Guidance(priors, (priors > 0.8).float())
+        uninterrupted, _, uninterrupted_history = train(data, 0, MODEL, params, guidance)
+        reference = (uninterrupted, uninterrupted_history)
     checkpoint = tmp_path / "fold0.pt"
 
     def crash_in_epoch_2(record: dict) -> None:
@@ -103,11 +111,11 @@ def test_run_interrupted_mid_training_resumes_to_the_uninterrupted_result(
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(data, 0, MODEL, PARAMS, checkpoint=checkpoint, on_epoch=crash_in_epoch_2, fingerprint="f")
+        train(data, 0, MODEL, params, guidance, checkpoint, crash_in_epoch_2, fingerprint="f")
     assert load_torch(checkpoint)["epoch"] == 0
 
     logged: list[dict] = []
-    model, _, history = train(data, 0, MODEL, PARAMS, checkpoint=checkpoint, on_epoch=logged.append, fingerprint="f")
+    model, _, history = train(data, 0, MODEL, params, guidance, checkpoint, logged.append, fingerprint="f")
     assert "resuming fold 0 from its checkpoint after epoch 1" in capsys.readouterr().out
     assert without_timings(history) == without_timings(reference[1])
     assert same_weights(model.state_dict(), reference[0].state_dict())  # momentum and BatchNorm state restored
@@ -179,6 +187,7 @@ class NoTracking:
     ("weights", "call", "message"),
     [(False, 4, r"fold 0: loss is nan at epoch 2, batch 2; lower the learning rate"),
      (True, 2, r"fold 0: the weights are not finite after epoch 1; lower the learning rate")],
+    ids=["nan-loss", "nan-weights"],
 )
 def test_non_finite_loss_or_weights_stop_training_naming_where_and_write_no_model(
     weights: bool, call: int, message: str, data: PreparedData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
