@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,13 +22,42 @@ import pandas as pd
 import torch
 
 
+def _umask() -> int:
+    """The process's umask: reading it means setting it, so this runs once, at import."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# tempfile creates files 0600 and folders 0700; outputs get the modes that a plain write gives,
+# so that others on a shared machine can read them as before.
+_UMASK = _umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
+def _temporary_prefix(path: Path) -> str:
+    """The name prefix of ``path``'s temporary siblings (hidden, and recognisable as leftovers)."""
+    return f".{path.name}.tmp-"
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete temporary siblings of ``path`` that a killed run (kill -9, power loss) left behind."""
+    for leftover in path.parent.glob(f"{_temporary_prefix(path)}*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    # The suffix stays last: writers such as cv2.imwrite pick the format from it.
+    handle, temporary = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=path.suffix, dir=path.parent)
     os.close(handle)
+    os.chmod(temporary, FILE_MODE)
     try:
         yield Path(temporary)
         os.replace(temporary, path)
@@ -41,15 +71,18 @@ def output_dir(path: str | Path) -> Iterator[Path]:
     """Build a stage's output folder under a temporary name and swap it in when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _remove_leftovers(path)
+    building = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), dir=path.parent))
+    building.chmod(DIR_MODE)
     try:
         yield building
+        # Move the old folder aside in one rename rather than deleting it in place: a kill at any
+        # moment then leaves the complete old folder, the complete new one, or none.
         if path.exists():
-            shutil.rmtree(path)
+            os.replace(path, tempfile.mkdtemp(prefix=_temporary_prefix(path), dir=path.parent))
         os.replace(building, path)
     finally:
-        if building.exists():
-            shutil.rmtree(building)
+        _remove_leftovers(path)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -80,8 +113,14 @@ def save_torch(path: str | Path, obj: Any) -> None:
 
 
 def load_torch(path: str | Path) -> Any:
-    """Load a checkpoint without unpickling arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint without unpickling arbitrary objects (tensors and plain containers only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"refusing to load {path}: it holds objects other than tensors and plain containers, "
+            "which could run code when loaded; load only files written by this pipeline"
+        ) from error
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -20,8 +20,19 @@ class ConfigError(ValueError):
     """params.yaml is unreadable, or a section has an unknown key or a bad value."""
 
 
+SEED = Field(0, ge=0, le=2**32 - 1)  # the per-epoch generator seeds derived from it must fit in 64 bits
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+        # YAML reads yes/no/on/off as booleans, and pydantic would silently take them as 1 and 0.
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError("expected a number or text, not a boolean (YAML reads yes/no/on/off/true/false as one)")
+        return value
 
 
 class SyntheticParams(Section):
@@ -38,7 +49,8 @@ class PrepareParams(Section):
     height: int = Field(128, ge=16, le=4096)
     split: Literal["cv", "holdout"] = "cv"
     folds: int = Field(3, ge=2, le=20)
-    seed: int = Field(0, ge=0)
+    seed: int = SEED
+    max_image_pixels: int = Field(50_000_000, ge=1, description="larger source images are refused, not decoded")
     synthetic: SyntheticParams = SyntheticParams()
 
     @model_validator(mode="after")
@@ -61,7 +73,7 @@ class TrainParams(Section):
     lr: float = Field(0.01, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0, lt=1)
-    seed: int = Field(0, ge=0)
+    seed: int = SEED
 
 
 class GuidedParams(TrainParams):
@@ -116,8 +128,15 @@ def read_params(path: Path = PARAMS_FILE) -> dict:
 
 
 def load_section(name: str, path: Path = PARAMS_FILE) -> Section:
-    """Validate and return one section of params.yaml (missing keys take their defaults)."""
-    return parse_section(name, read_params(path).get(name) or {}, source=str(path))
+    """Validate and return one section of params.yaml (missing keys take their defaults).
+
+    Every section in the file is validated, not only this one: a typo in a later stage's section
+    then stops ``dvc repro`` at its first stage instead of after hours of training.
+    """
+    params = read_params(path)
+    for other, values in params.items():
+        parse_section(other, values or {}, source=str(path))
+    return parse_section(name, params.get(name) or {}, source=str(path))
 
 
 def parse_section(name: str, values: dict, source: str = "params") -> Section:
@@ -133,7 +152,7 @@ def parse_section(name: str, values: dict, source: str = "params") -> Section:
                 allowed = ", ".join(field_model.model_fields)
                 problems.append(f"unknown key {key!r} (allowed here: {allowed})")
             else:
-                problems.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+                problems.append(f"{key}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import re
 import zipfile
@@ -25,9 +26,11 @@ from pathlib import Path, PurePath
 
 import cv2
 import numpy as np
+from PIL import Image
 
 ZIP_SEPARATOR = "::"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MAX_IMAGE_PIXELS = 50_000_000  # default of prepare.max_image_pixels: about 50 MB decoded as gray
 
 class DataError(ValueError):
     """Bad input data; the message names the file and says what to do about it."""
@@ -111,12 +114,37 @@ def _truncation(data: bytes) -> str | None:
     return None
 
 
-def _decode_gray(data: bytes, ref: str) -> np.ndarray:
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the file's header alone, or None where Pillow cannot parse it."""
+    # Pillow's own decompression-bomb limit would interfere with ours (prepare.max_image_pixels).
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError):  # unknown or damaged header: OpenCV will judge it
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _check_size(width: int, height: int, ref: str, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise DataError(
+            f"{ref} is {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,}; "
+            "raise prepare.max_image_pixels in params.yaml if the machine has the memory, or downscale the image"
+        )
+
+
+def _decode_gray(data: bytes, ref: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     if not data:
         raise DataError(f"{ref} is empty (0 bytes); replace it with the original file")
     why = _truncation(data)
     if why:
         raise DataError(f"{ref} is truncated: {why}; replace it with a complete copy")
+    # The header tells the size before decoding: a small file can decode to gigabytes.
+    size = _header_size(data)
+    if size is not None:
+        _check_size(*size, ref, max_pixels)
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
     except cv2.error:
@@ -125,21 +153,28 @@ def _decode_gray(data: bytes, ref: str) -> np.ndarray:
         raise DataError(
             f"{ref} is not a readable image (OpenCV cannot decode it); replace it or remove it from the data set"
         )
+    # Formats Pillow cannot parse are checked after decoding (OpenCV refuses above 2^30 pixels).
+    _check_size(image.shape[1], image.shape[0], ref, max_pixels)
     return image
 
 
-def read_gray(ref: str) -> np.ndarray:
-    """Read an image as uint8 H x W gray; ``ref`` is a path or ``"<zip path>::<member>"``."""
+def read_gray(ref: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read an image as uint8 H x W gray; ``ref`` is a path or ``"<zip path>::<member>"``.
+
+    An image of more than ``max_pixels`` pixels is refused, from its header where possible.
+    """
     with _Reader() as reader:
-        return _decode_gray(reader.read(ref), ref)
+        return _decode_gray(reader.read(ref), ref, max_pixels)
 
 
-def read_mask(ref: str, shape: tuple[int, int], image: str | None = None) -> np.ndarray:
+def read_mask(
+    ref: str, shape: tuple[int, int], image: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Read a mask as bool H x W (non-zero = defect); it must have ``shape``, its image's size.
 
     ``image`` (the image's ref) is only used to name the image in the error message.
     """
-    mask = read_gray(ref)
+    mask = read_gray(ref, max_pixels)
     if mask.shape != tuple(shape):
         of = f"its image {image}" if image else "its image"
         raise DataError(

@@ -20,7 +20,7 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     from pipeline.tracking import TrackingError
     from pipeline.training import TrainingDiverged
 
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    torch.set_num_threads(_threads())
     started = time.perf_counter()
     print(f"[{name}] started", flush=True)
     try:
@@ -29,3 +29,11 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         print(f"[{name}] error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(f"[{name}] done in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+def _threads() -> int:
+    """OMP_NUM_THREADS where set (on a shared machine fewer threads can be much faster), else all CPUs."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return max(1, len(os.sched_getaffinity(0)))

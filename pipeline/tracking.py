@@ -84,25 +84,49 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# For the check at stage start only: MLflow's defaults (7 retries with exponential backoff, 120 s
+# timeout) keep a stage waiting about 4 minutes before it reports an unreachable server.
+FAST_CHECK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextmanager
+def _environment_defaults(defaults: Mapping[str, str]) -> Iterator[None]:
+    """Set the variables that the user has not set, for the duration of the block."""
+    added = {name: value for name, value in defaults.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def connect() -> MlflowClient:
     """Point MLflow at the store and check it answers, before a stage does any work."""
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    if uri.startswith("sqlite:///"):
+        # MLflow would create a missing folder, so a typo in the path would silently start a new store.
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise TrackingError(f"MLflow tracking store {uri!r}: folder {folder} does not exist; "
+                                "create it or fix MLFLOW_TRACKING_URI")
     try:
-        experiment = client.get_experiment_by_name(experiment_name())
-        if experiment is None:
-            location = None
-            if uri.startswith("sqlite:"):
-                # Keep artifacts beside the database, whatever the working directory is later.
-                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-            client.create_experiment(experiment_name(), artifact_location=location)
+        with _environment_defaults(FAST_CHECK):
+            client = MlflowClient(uri)
+            if client.get_experiment_by_name(experiment_name()) is None:
+                location = None
+                if uri.startswith("sqlite:"):
+                    # Keep artifacts beside the database, whatever the working directory is later.
+                    location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+                client.create_experiment(experiment_name(), artifact_location=location)
     except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; all mean the same to a user
         raise TrackingError(
             f"MLflow tracking store {uri!r} is unreachable or misconfigured ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). Fix MLFLOW_TRACKING_URI or unset it "
             "to use sqlite:///mlflow.db in the project root."
         ) from error
+    mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_name())
     return client
 

@@ -153,12 +153,14 @@ def train(
     labels = data.labels
     history: list[dict] = []
     start_epoch = 0
-    state = load_torch(checkpoint) if checkpoint is not None and checkpoint.is_file() else None
-    if state is not None and state.get("fingerprint") == fingerprint:
+    state = _resumable_state(checkpoint, fingerprint)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, start_epoch = state["history"], state["epoch"] + 1
         print(f"  resuming fold {fold} from its checkpoint after epoch {start_epoch}", flush=True)
+        for record in history:  # so that this run's log holds every epoch, not only the new ones
+            on_epoch(record)
 
     for epoch in range(start_epoch, params.epochs):
         started = time.perf_counter()
@@ -195,6 +197,10 @@ def train(
             optimizer.step()
             for name, value in (("loss", loss), ("cls_loss", cls_loss), ("seg_loss", seg_loss)):
                 totals[name] += value.item() * len(batch)
+        if not all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+            # A step can break the weights although the loss before it was finite.
+            raise TrainingDiverged(f"fold {fold}: the weights are not finite after epoch {epoch + 1}; "
+                                   "lower the learning rate. No model was written.")
 
         record = {"fold": fold, "epoch": epoch + 1, "seg_weight": weight,
                   **{name: total / len(order) for name, total in totals.items()}}
@@ -209,6 +215,19 @@ def train(
             save_torch(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "history": history, "epoch": epoch, "fingerprint": fingerprint})
     return model.eval(), config, history
+
+
+def _resumable_state(checkpoint: Path | None, fingerprint: str) -> dict | None:
+    """The checkpoint's state if it was written for this fingerprint and can be used, else None."""
+    if checkpoint is None or not checkpoint.is_file():
+        return None
+    try:
+        state = load_torch(checkpoint)
+    except (RuntimeError, ValueError, OSError, EOFError) as error:
+        # Only costs the epochs it held: the run starts over instead of failing.
+        print(f"  ignoring unreadable checkpoint {checkpoint} ({error}); starting over", flush=True)
+        return None
+    return state if isinstance(state, dict) and state.get("fingerprint") == fingerprint else None
 
 
 def _average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -271,8 +290,8 @@ def summarize(history: list[dict]) -> dict:
         last[record["fold"]] = record
     per_fold = {f"fold{fold}": {"loss": r["loss"], "test_ap": r["test_ap"]} for fold, r in sorted(last.items())}
     aps = [r["test_ap"] for r in last.values()]
-    return {"per_fold": per_fold, "test_ap_mean": float(np.nanmean(aps)),
-            "seconds": float(sum(r["seconds"] for r in history))}
+    # No timings: the file must be identical for identical runs (they go to MLflow instead).
+    return {"per_fold": per_fold, "test_ap_mean": float(np.nanmean(aps))}
 
 
 def register_models(run: StageRun, out: Path, dataset: str, kind: str) -> None:
@@ -286,11 +305,15 @@ def register_models(run: StageRun, out: Path, dataset: str, kind: str) -> None:
 
 
 def fingerprint_of(sections: dict, *input_files: Path) -> str:
-    """A digest of a stage's params and inputs: a checkpoint resumes only under the same one."""
+    """A digest of a stage's params, inputs and training code: a checkpoint resumes only under the same one."""
     import hashlib
+    import inspect
     import json
 
     digest = hashlib.sha256(json.dumps({k: v.model_dump() for k, v in sections.items()}, sort_keys=True).encode())
-    for path in input_files:
+    # The code that defines the computation counts too: resuming a checkpoint written by other code
+    # would mix two trainings (or fail on changed layers).
+    code = (__file__, inspect.getfile(Classifier), inspect.getfile(BalancedEpochs))
+    for path in (*input_files, *code):
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()

@@ -37,8 +37,10 @@ def source_images(params: PrepareParams) -> tuple[Iterator[RawImage], dict]:
 
     def read() -> Iterator[RawImage]:
         for item in source.images:
-            image = datasets.read_gray(item.image)
-            mask = datasets.read_mask(item.mask, image.shape) if item.mask else None
+            image = datasets.read_gray(item.image, params.max_image_pixels)
+            mask = None
+            if item.mask:
+                mask = datasets.read_mask(item.mask, image.shape, item.image, params.max_image_pixels)
             yield RawImage(item.id, item.label, item.group, _split(item.fold, params), image, mask)
 
     return read(), {"duplicates": source.duplicates, "excluded": source.excluded}

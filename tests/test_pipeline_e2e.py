@@ -3,67 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import dvc, make_shrunk_project, stages_run
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "train_baseline", "saliency", "pseudo_labels", "train_guided", "evaluate"]
-PROJECT_FILES = ["pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore"]
-
-SHRUNK = {
-    "prepare": {"width": 64, "height": 64, "synthetic": {"items": 12, "images_per_item": 4, "defect_ratio": 0.3}},
-    "train_baseline": {"epochs": 1, "batch_size": 8},
-    "train_guided": {"epochs": 2, "batch_size": 8},
-    "saliency": {"overlays": 2},
-    "evaluate": {"overlays": 1},
-}
-
-
-def merge(base: dict, update: dict) -> dict:
-    for key, value in update.items():
-        base[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return base
-
-
-def make_shrunk_project(target: Path, overrides: dict = SHRUNK) -> Path:
-    """Copy the project's code and config to ``target``, shrink params, commit it in a new git repo."""
-    for name in PROJECT_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
-    params = yaml.safe_load((target / "params.yaml").read_text())
-    (target / "params.yaml").write_text(yaml.safe_dump(merge(params, overrides)))
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "shrunk copy"]):
-        subprocess.run(command, cwd=target, check=True, env=git_env())
-    return target
-
-
-def git_env() -> dict[str, str]:
-    return {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
-
-
-def dvc(project: Path, *args: str) -> str:
-    env = {**git_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
 
 
 @pytest.fixture(scope="module")
