@@ -95,6 +95,10 @@ class PseudoLabelParams(Section):
 class EvaluateParams(Section):
     threshold: float = Field(0.5, gt=0, lt=1, description="decision threshold on the defect probability")
     overlays: int = Field(4, ge=0, le=50, description="hardest images per class in the overlay grid")
+    pointing_tolerance: float = Field(
+        0.0, ge=0, le=1000,
+        description="pixels (prepared size) a map's maximum may lie off the true mask and still hit; "
+        "0 = strict pointing game only, > 0 also reports the tolerant one")
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -96,6 +96,30 @@ def mask_outline(
     return rgb
 
 
+def mark_mask(
+    image_rgb: np.ndarray,
+    mask: np.ndarray,
+    color: tuple[int, int, int] = (255, 255, 255),
+    small: float = 0.1,
+) -> np.ndarray:
+    """``mask_outline``, plus a ring around a mask whose extent is below ``small`` of the
+    image's longer side: the outline of a 3-pixel pit is a dot that nobody finds at a glance.
+    """
+    rgb = mask_outline(image_rgb, mask, color)
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return rgb
+    longer = max(mask.shape)
+    extent = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+    if extent < small * longer:
+        centre = (int(round((cols.min() + cols.max()) / 2)), int(round((rows.min() + rows.max()) / 2)))
+        # Clear of the defect itself, so the ring never hides what it points at.
+        radius = int(round(extent / 2 + max(3, longer / 25)))
+        cv2.circle(rgb, centre, radius, tuple(int(c) for c in color), max(1, round(longer / 200)),
+                   cv2.LINE_AA)
+    return rgb
+
+
 def _fitted_text_scale(text: str, max_width: int, scale: float) -> float:
     """Largest font scale <= ``scale`` at which ``text`` fits in ``max_width`` pixels."""
     width = cv2.getTextSize(text, _FONT, scale, 1)[0][0]
@@ -111,6 +135,24 @@ def _put_text(canvas: np.ndarray, text: str, left: int, top: int, width: int, he
     cv2.putText(canvas, text, origin, _FONT, scale, _TEXT_COLOR, 1, cv2.LINE_AA)
 
 
+def _put_lines(canvas: np.ndarray, text: str, left: int, top: int, width: int, height: int,
+               scale: float) -> None:
+    """Draw the lines of ``text`` ("\\n"-separated) as a block centred in the box."""
+    lines = text.split("\n")
+    line_height = height // len(lines) if len(lines) == 1 else _line_height(scale)
+    block_top = top + (height - line_height * len(lines)) // 2
+    for number, line in enumerate(lines):
+        _put_text(canvas, line, left, block_top + number * line_height, width, line_height, scale)
+
+
+def _line_height(scale: float) -> int:
+    return cv2.getTextSize("Ag", _FONT, scale, 1)[0][1] * 2
+
+
+def _text_width(text: str, scale: float) -> int:
+    return max(cv2.getTextSize(line, _FONT, scale, 1)[0][0] for line in text.split("\n"))
+
+
 def _scaled_width(panel: np.ndarray, cell_height: int) -> int:
     return max(1, round(panel.shape[1] * cell_height / panel.shape[0]))
 
@@ -124,7 +166,8 @@ def overlay_grid(
     """Grid of panels (gray or RGB, any size) with column titles on top and row titles left.
 
     Each panel is scaled to ``cell_height`` keeping its aspect ratio and centred in a cell as
-    wide as the widest scaled panel; ``None`` leaves a cell blank. Returns RGB uint8.
+    wide as the widest scaled panel; ``None`` leaves a cell blank. Row titles may hold several
+    lines separated by "\\n". Returns RGB uint8.
     """
     if not rows or not column_titles:
         raise ValueError("overlay_grid needs at least one row and one column")
@@ -143,7 +186,7 @@ def overlay_grid(
     )
     font_scale = max(0.4, cell_height / 512)
     header = cv2.getTextSize("Ag", _FONT, font_scale, 1)[0][1] + 4 * _GRID_GAP
-    left = max(cv2.getTextSize(t, _FONT, font_scale, 1)[0][0] for t in row_titles) + 4 * _GRID_GAP
+    left = max(_text_width(t, font_scale) for t in row_titles) + 4 * _GRID_GAP
 
     canvas = np.full(
         (header + len(rows) * (cell_height + _GRID_GAP),
@@ -155,7 +198,7 @@ def overlay_grid(
                   font_scale)
     for r, (row, title) in enumerate(zip(panels, row_titles, strict=True)):
         top = header + r * (cell_height + _GRID_GAP)
-        _put_text(canvas, title, 0, top, left, cell_height, font_scale)
+        _put_lines(canvas, title, 0, top, left, cell_height, font_scale)
         for col, panel in enumerate(row):
             if panel is None:
                 continue

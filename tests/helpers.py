@@ -19,7 +19,7 @@ SHRUNK = {
     "train_baseline": {"epochs": 1, "batch_size": 8},
     "train_guided": {"epochs": 2, "batch_size": 8},
     "saliency": {"overlays": 2},
-    "evaluate": {"overlays": 1},
+    "evaluate": {"overlays": 1, "pointing_tolerance": 4},
 }
 
 

@@ -235,3 +235,21 @@ def test_localization_metrics_errors():
         localization_metrics([np.zeros((32, 32))], [np.zeros((32, 32), dtype=bool)])
     with pytest.raises(MetricsError, match="2 saliency maps but 1 masks"):
         localization_metrics([np.zeros((32, 32))] * 2, [mask])
+
+
+def test_pointing_game_tolerance_in_pixels():
+    mask = _square_mask()  # rows and columns 10-19
+    saliency = np.zeros((32, 32))
+    saliency[15, 22] = 1.0  # 3 pixels right of column 19
+    assert not pointing_game_hit(saliency, mask)  # strict
+    assert not pointing_game_hit(saliency, mask, tolerance=2.9)
+    assert pointing_game_hit(saliency, mask, tolerance=3)
+    diagonal = np.zeros((32, 32))
+    diagonal[22, 22] = 1.0  # 3 right and 3 below the corner (19, 19): sqrt(18) = 4.24 pixels
+    assert not pointing_game_hit(diagonal, mask, tolerance=4.2)
+    assert pointing_game_hit(diagonal, mask, tolerance=4.25)
+    # Tolerance never rescues a map that points nowhere, nor finds an empty mask.
+    assert not pointing_game_hit(np.full((32, 32), 0.3), mask, tolerance=100)
+    assert not pointing_game_hit(saliency, np.zeros_like(mask), tolerance=100)
+    with pytest.raises(MetricsError, match="tolerance"):
+        pointing_game_hit(saliency, mask, tolerance=-1)

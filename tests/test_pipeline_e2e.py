@@ -32,13 +32,32 @@ def test_every_output_exists_and_metrics_are_in_range(project: Path) -> None:
     metrics = json.loads((project / "data/metrics/evaluate.json").read_text())
     for model in ("baseline", "guided"):
         assert 0.0 < metrics[model]["ap"] <= 1.0
+        assert metrics[model]["ap"] == metrics[model]["fold0"]["ap"]  # one fold: its AP is the mean
+        assert metrics[model]["ap_std"] == 0.0
+        assert 0.0 < metrics[model]["ap_pooled"] <= 1.0
         assert 0.0 <= metrics[model]["auroc"] <= 1.0
         assert 0.0 <= metrics[model]["accuracy"] <= 1.0
+        assert 0.0 <= metrics[model]["f1_best"] <= 1.0
+        assert 0 <= metrics[model]["false_alarms_at_full_recall"] <= metrics["data"]["test_images"]
+        assert 0 <= metrics[model]["missed_at_zero_false_alarms"] <= metrics["data"]["test_defective"]
         assert metrics[model]["inference_ms_per_image"] > 0
-    assert 0.0 <= metrics["localization"]["pseudo_mask_iou"] <= 1.0
+    assert metrics["guided"]["teacher_prior_ms_per_image"] > 0
+    localization = metrics["localization"]
+    assert 0.0 <= localization["pseudo_mask_iou"] <= 1.0
+    assert localization["n_images"] == metrics["data"]["test_defective"] > 0  # every synthetic defect has a mask
+    for name in ("baseline_saliency", "guided_saliency", "guided_segmentation"):
+        assert 0.0 <= localization[name]["mass_inside"] <= 1.0
+        assert 0.0 <= localization[name]["pointing_game"] <= localization[name]["pointing_game_tolerant"] <= 1.0
+    assert 0.0 <= localization["guided_segmentation"]["iou"] <= 1.0
     for plot in ("pr_baseline.csv", "pr_guided.csv", "train_baseline.csv", "train_guided.csv"):
         assert (project / "data/plots" / plot).stat().st_size > 0
-    assert "| guided" in (project / "data/evaluation/results.md").read_text()
+    evaluation = project / "data/evaluation"
+    for picture in ("pr_curves.png", "overlays.png", "training_baseline.png", "training_guided.png"):
+        assert (evaluation / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
+    results = (evaluation / "results.md").read_text()
+    assert "| baseline | image-level | 0 |" in results and "| guided (layercam prior) | image-level | 0 |" in results
+    assert len((evaluation / "localization.csv").read_text().splitlines()) == 1 + localization["n_images"]
+    assert (evaluation / "per_fold.csv").read_text().count("\nguided,0,") == 1
 
 
 @pytest.mark.slow
@@ -68,6 +87,9 @@ def test_mlflow_holds_one_run_per_stage_and_both_registered_models(project: Path
     evaluation = by_stage["evaluate"][0]
     assert evaluation.data.tags["upstream.train_guided"] == by_stage["train_guided"][0].info.run_id
     assert "fold0/test_ap" in by_stage["train_baseline"][0].data.metrics
+    assert {"baseline.ap", "guided.ap", "localization.pseudo_mask_iou"} <= set(evaluation.data.metrics)
+    artifacts = {item.path for item in client.list_artifacts(evaluation.info.run_id)}
+    assert {"results.md", "pr_curves.png", "overlays.png", "training_baseline.png", "training_guided.png"} <= artifacts
     names = {model.name for model in client.search_registered_models()}
     assert {"synthetic-baseline", "synthetic-guided"} <= names
 

@@ -15,6 +15,7 @@ from pipeline.visualisation import (
     PR_FIGSIZE,
     TRAINING_PANEL_SIZE,
     heatmap_overlay,
+    mark_mask,
     mask_outline,
     overlay_grid,
     plot_metric_vs_count,
@@ -68,6 +69,29 @@ def test_mask_outline_draws_the_contour_only():
     assert tuple(out[5, 10]) == (0, 255, 0)
     assert tuple(out[10, 10]) == (0, 0, 0) and tuple(out[0, 0]) == (0, 0, 0)
     assert image.max() == 0  # input left alone
+
+
+def test_mark_mask_rings_only_small_masks():
+    image = np.zeros((100, 100), dtype=np.uint8)
+    pit = np.zeros((100, 100), dtype=bool)
+    pit[50:52, 50:52] = True
+    ringed = mark_mask(image, pit, color=(0, 255, 0))
+    # The ring passes clear of the pit: beside it on the row, nothing between.
+    row = ringed[51, 52:70, 1]
+    assert row.max() > 100 and row[:2].max() == 0  # anti-aliased ring
+    scratch = np.zeros((100, 100), dtype=bool)
+    scratch[50, 10:90] = True
+    np.testing.assert_array_equal(mark_mask(image, scratch), mask_outline(image, scratch, (255, 255, 255)))
+    assert mark_mask(image, np.zeros_like(pit)).max() == 0
+
+
+def test_overlay_grid_row_titles_with_several_lines():
+    panel = np.zeros((64, 64), dtype=np.uint8)
+    one = overlay_grid([[panel]], ["item007_part3"], ["image"], cell_height=64)
+    three = overlay_grid([[panel]], ["item007_part3\nDEFECT\nguided 0.12"], ["image"], cell_height=64)
+    # The title column is as wide as the longest line, not as the whole text.
+    assert one.shape == three.shape
+    assert (three[:, :20] < 128).sum() > (one[:, :20] < 128).sum()  # more ink: the extra lines
 
 
 def test_overlay_grid_size_and_aspect(tmp_path):
