@@ -100,3 +100,11 @@ def test_guided_param_change_reruns_only_guided_training_and_evaluation(project:
     params["train_guided"]["seg_weight"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert stages_run(dvc(project, "repro")) == ["train_guided", "evaluate"]
+
+
+@pytest.mark.slow
+def test_exp_run_with_a_saliency_param_reruns_saliency_onwards_never_baseline_training(project: Path) -> None:
+    output = dvc(project, "exp", "run", "-S", "saliency.method=gradcam")
+    assert stages_run(output) == ["saliency", "pseudo_labels", "train_guided", "evaluate"]
+    table = dvc(project, "exp", "show", "--csv")
+    assert "gradcam" in table and "guided.ap" in table
