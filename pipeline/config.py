@@ -77,8 +77,18 @@ class TrainParams(Section):
 
 
 class GuidedParams(TrainParams):
-    seg_weight: float = Field(1.0, ge=0, description="initial weight of the pseudo-mask BCE")
+    variant: Literal["teacher", "none", "no_injection", "consistency"] = Field(
+        "teacher", description="how the baseline's knowledge is used; see pipeline/models.py and the README")
+    seg_weight: float = Field(1.0, ge=0, description="λ at the first epoch: weight of the auxiliary loss")
     seg_weight_schedule: Literal["linear", "constant"] = "linear"
+    prior_dropout: float = Field(0.5, ge=0, le=1, description="variant none: share of training images whose prior is zeroed")
+
+    @model_validator(mode="after")
+    def _none_needs_dropout(self) -> GuidedParams:
+        if self.variant == "none" and self.prior_dropout == 0:
+            raise ValueError("variant 'none' feeds a zero prior at inference, so it must train with "
+                             "prior_dropout > 0 (e.g. 0.5)")
+        return self
 
 
 class SaliencyParams(Section):

@@ -130,13 +130,14 @@ def localization_table(
         if label != 1 or mask is None or not mask.any():
             continue
         row: dict[str, Any] = {"fold": fold, "id": image_id, "mask_area_share": float(mask.mean())}
-        for name in SALIENCY_MAPS:
+        for name in (n for n in SALIENCY_MAPS if n in maps):  # a variant without a head has no S
             row[f"{name}.mass_inside"] = saliency_mass_inside(maps[name][k], mask)
             row[f"{name}.pointing_game"] = float(pointing_game_hit(maps[name][k], mask))
             if tolerance > 0:
                 row[f"{name}.pointing_game_tolerant"] = float(pointing_game_hit(maps[name][k], mask, tolerance))
-        segmented = maps["guided_segmentation"][k] >= SEGMENTATION_THRESHOLD
-        row["guided_segmentation.iou"] = mask_iou(segmented, mask)
+        if "guided_segmentation" in maps:
+            segmented = maps["guided_segmentation"][k] >= SEGMENTATION_THRESHOLD
+            row["guided_segmentation.iou"] = mask_iou(segmented, mask)
         row["pseudo_mask.iou"] = mask_iou(maps["pseudo_mask"][k], mask)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -197,7 +198,7 @@ def overlay_picture(
         image, mask = panel["image"], panel["true_mask"]
         # Dimmed, so the mask drawn on it stands out while the part stays recognisable.
         shown_mask = (0.6 * image).astype(np.uint8)
-        heatmaps = [heatmap_overlay(image, panel[name]) for name in SALIENCY_MAPS]
+        heatmaps = [heatmap_overlay(image, panel[name]) for name in SALIENCY_MAPS if name in panel]
         if mask is not None and mask.any():
             shown_mask = mark_mask(shown_mask, mask, color=(0, 255, 0))
             shown_mask[mask] = (0, 255, 0)
@@ -207,7 +208,7 @@ def overlay_picture(
         titles.append(f"{item.id} (fold {item.fold})\n{kind}\n"
                       f"baseline {item.baseline:.2f}\nguided {item.guided:.2f}")
     columns = ["image", "true mask", f"baseline {method}", f"guided {method}",
-               "guided segmentation (prob.)"]
+               "guided segmentation (prob.)"][: 2 + len(heatmaps)]
     return overlay_grid(rows, titles, columns)
 
 

@@ -32,11 +32,17 @@ def _resnet18_features(in_channels: int) -> tuple[nn.Sequential, int]:
 
 
 def _vgg16_features(in_channels: int) -> tuple[nn.Sequential, int]:
-    layers = list(tv_models.vgg16(weights=None).features)
+    # Only the convolutional part: torchvision's full vgg16 also builds (and initialises) a
+    # 120M-parameter classifier that is thrown away, seconds per model on a CPU.
+    layers = list(tv_models.vgg.make_layers(tv_models.vgg.cfgs["D"]))
     if in_channels != 3:
         layers[0] = nn.Conv2d(in_channels, 64, kernel_size=3, padding=1)
     # The paper's VGG16 uses LeakyReLU; not in-place, so that saliency hooks see clean tensors.
     layers = [nn.LeakyReLU(0.01) if isinstance(m, nn.ReLU) else m for m in layers]
+    for module in layers:  # torchvision's VGG initialisation
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
     return nn.Sequential(*layers), 512
 
 
@@ -63,47 +69,115 @@ class Classifier(nn.Module):
         return self.fc(self.features(images).mean(dim=(2, 3))).squeeze(1)
 
 
-class GuidedClassifier(nn.Module):
-    """The knowledge-guided model.
+# How the guided model uses the baseline's knowledge (params: train_guided.variant).
+#   teacher:      the prior H joins the features at training and inference (the paper); at
+#                 inference H is the baseline's saliency map, one more forward and backward.
+#   none:         as teacher, but trained with the prior dropped at random, and fed zeros at
+#                 inference: no baseline at inference.
+#   no_injection: no prior channel; the segmentation head reads F alone and only adds a loss.
+#                 At inference exactly the baseline's graph (the head is dropped).
+#   consistency:  no prior channel, no head: the model's own Grad-CAM is pulled towards H.
+#                 At inference exactly the baseline's graph.
+VARIANTS = ("teacher", "none", "no_injection", "consistency")
+_INJECTS_PRIOR = ("teacher", "none")
 
-    F (stride-16 backbone features) is joined with the saliency prior H as an extra channel
-    (F'); a segmentation head maps F' to S. The classifier sees the pooled deep features plus
-    global max and average pooling of S and of H. S enters the classifier detached, so the
-    classification loss sends no gradient into the segmentation head: the head learns from the
-    pseudo-masks alone, and through it the shared backbone learns where defects are.
+
+def takes_prior(config: dict) -> bool:
+    """Whether a saved model's inference needs the baseline's saliency map as input."""
+    return config["kind"] == "guided" and config.get("variant", "teacher") == "teacher"
+
+
+class GuidedClassifier(nn.Module):
+    """The knowledge-guided model, as trained; ``deployable()`` gives what inference needs.
+
+    teacher / none: F (stride-16 backbone features) is joined with the prior H, resized, as an
+    extra channel: F' = [F, H]. A segmentation head maps F' to S. The classifier reads the
+    globally average-pooled deep (stride-32) features plus global max and average pooling of S
+    and of every channel of F'. S enters the classifier detached, so the classification loss
+    sends no gradient into the segmentation head: the head learns from the pseudo-masks alone,
+    and through it the shared backbone learns where defects are.
+    no_injection: the head reads F alone; the classifier is the baseline's (pooled deep
+    features, one linear layer). consistency: no head; the second output is the model's own
+    Grad-CAM of its last layer, differentiable (see ``class_activation_map``).
     """
 
-    def __init__(self, backbone: str = "resnet18", in_channels: int = 1, seg_channels: int = 64) -> None:
+    def __init__(self, backbone: str = "resnet18", in_channels: int = 1, variant: str = "teacher",
+                 seg_channels: int = 64) -> None:
         super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown guided variant {variant!r}: choose one of {', '.join(VARIANTS)}")
         self.backbone_name = backbone
         self.in_channels = in_channels
+        self.variant = variant
+        self.injects_prior = variant in _INJECTS_PRIOR
         self.features, self.feature_dim = build_features(backbone, in_channels)
         self.split = _STRIDE16_SPLIT[backbone]
         stem_channels = _output_channels(self.features[: self.split])
-        self.seg_head = nn.Sequential(
-            nn.Conv2d(stem_channels + 1, seg_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(seg_channels),
-            nn.ReLU(),
-            nn.Conv2d(seg_channels, seg_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(seg_channels),
-            nn.ReLU(),
-            nn.Conv2d(seg_channels, 1, kernel_size=1),
-        )
-        # Deep features plus max and mean of S and of the prior H.
-        self.fc = nn.Linear(self.feature_dim + 4, 1)
+        self.seg_head = None
+        if variant != "consistency":
+            self.seg_head = _segmentation_head(stem_channels + self.injects_prior, seg_channels)
+        # Injecting variants: max and mean of S (2) and of each channel of F' (2 per channel).
+        extra = 2 + 2 * (stem_channels + 1) if self.injects_prior else 0
+        self.fc = nn.Linear(self.feature_dim + extra, 1)
 
-    def forward(self, images: torch.Tensor, prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (defect logit of shape (B,), segmentation logits S of shape (B, 1, h, w))."""
+    def forward(self, images: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (defect logit (B,), auxiliary map (B, 1, h, w)): segmentation logits S, or for
+        consistency the Grad-CAM before its ReLU. ``prior`` (B, 1, H, W) in [0, 1]: required by teacher, zeros
+        when None for none, ignored by the others."""
         stem = self.features[: self.split](images)
-        prior_small = F.adaptive_avg_pool2d(prior, stem.shape[-2:])
-        seg_logits = self.seg_head(torch.cat([stem, prior_small], dim=1))
-        deep = self.features[self.split :](stem).mean(dim=(2, 3))
-        seg_prob = torch.sigmoid(seg_logits).detach()
-        pooled = torch.cat(
-            [deep, _max_and_mean(seg_prob), _max_and_mean(prior_small)],
-            dim=1,
-        )
+        deep_map = self.features[self.split :](stem)
+        deep = deep_map.mean(dim=(2, 3))
+        if not self.injects_prior:
+            logit = self.fc(deep).squeeze(1)
+            if self.variant == "consistency":
+                return logit, class_activation_map(deep_map, self.fc)
+            return logit, self.seg_head(stem)
+        if prior is None:
+            if self.variant == "teacher":
+                raise ValueError("the teacher variant needs the baseline's saliency map as prior at inference")
+            prior = stem.new_zeros(stem.shape[0], 1, *stem.shape[-2:])
+        joined = torch.cat([stem, F.adaptive_avg_pool2d(prior, stem.shape[-2:])], dim=1)  # F'
+        seg_logits = self.seg_head(joined)
+        pooled = torch.cat([deep, _max_and_mean(torch.sigmoid(seg_logits).detach()),
+                            joined.amax(dim=(2, 3)), joined.mean(dim=(2, 3))], dim=1)
         return self.fc(pooled).squeeze(1), seg_logits
+
+    def deployable(self) -> nn.Module:
+        """The network inference needs: itself where the classifier reads S; otherwise a
+        ``Classifier`` sharing the backbone and the linear layer (the baseline's graph)."""
+        if self.injects_prior:
+            return self
+        with torch.device("meta"):  # no allocation: the tensors are assigned just below
+            deployed = Classifier(self.backbone_name, self.in_channels)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("seg_head.")}
+        deployed.load_state_dict(state, assign=True)
+        return deployed.train(self.training)
+
+
+def _segmentation_head(in_channels: int, channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(channels, 1, kernel_size=1),
+    )
+
+
+def class_activation_map(features: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
+    """Grad-CAM of the last layer before its ReLU, (B, 1, h, w), differentiable in the features
+    and the weights.
+
+    For global average pooling followed by one linear layer, d(logit)/dA_c(i, j) = w_c / (h w)
+    everywhere, so Grad-CAM's channel weights are w_c / (h w) and its map is
+    ReLU(sum_c w_c A_c) / (h w): what ``autograd.grad(..., create_graph=True)`` would build,
+    without the double backward (the tests check the two agree). The ReLU is left out: where
+    the map is negative everywhere (often, on an untrained model) it would pass no gradient.
+    """
+    height, width = features.shape[-2:]
+    return torch.einsum("c,bchw->bhw", fc.weight[0], features).unsqueeze(1) / (height * width)
 
 
 def _max_and_mean(maps: torch.Tensor) -> torch.Tensor:
@@ -154,16 +228,21 @@ def own_prefixes(state: dict[str, torch.Tensor]) -> set[str]:
 
 
 class PriorAsChannel(nn.Module):
-    """The guided model as a one-input network: the prior travels as the input's last channel.
+    """The guided model as a one-input network giving the defect logit.
 
-    Saliency methods explain a model of one input; this view lets them explain the guided model
-    with its prior fixed per image. Layer names gain the prefix ``guided.``.
+    Saliency methods explain a model of one input; with ``with_prior`` the prior travels as the
+    input's last channel (fixed per image), otherwise the input is the image alone (variants
+    that read no prior at inference). Layer names gain the prefix ``guided.``.
     """
 
-    def __init__(self, guided: GuidedClassifier) -> None:
+    def __init__(self, guided: nn.Module, with_prior: bool = True) -> None:
         super().__init__()
         self.guided = guided
+        self.with_prior = with_prior
         self.backbone_name = guided.backbone_name
 
     def forward(self, images_and_prior: torch.Tensor) -> torch.Tensor:
-        return self.guided(images_and_prior[:, :-1], images_and_prior[:, -1:])[0]
+        if self.with_prior:
+            return self.guided(images_and_prior[:, :-1], images_and_prior[:, -1:])[0]
+        output = self.guided(images_and_prior)
+        return output[0] if isinstance(output, tuple) else output

@@ -1,6 +1,7 @@
 """Training and inference for the baseline and the guided classifier.
 
-One loop serves both models; the guided model's step adds the pseudo-mask loss. Training is
+One loop serves both models; the guided model's step adds its auxiliary loss (pseudo-mask BCE,
+or for the consistency variant the distance between its own Grad-CAM and the prior). Training is
 deterministic for a seed on the CPU: the batch order and the flips of epoch ``e`` depend only on
 (seed, e), so a run resumed from the checkpoint of epoch ``e`` continues exactly as an
 uninterrupted run would.
@@ -23,7 +24,7 @@ from torch import nn
 from pipeline.artifacts import load_torch, save_torch
 from pipeline.config import GuidedParams, ModelParams, TrainParams
 from pipeline.data import BalancedEpochs, PreparedData, batches, pixel_stats, random_flips, to_input
-from pipeline.models import Classifier, GuidedClassifier, load_pretrained_features
+from pipeline.models import Classifier, GuidedClassifier, load_pretrained_features, takes_prior
 from pipeline.tracking import StageRun
 
 
@@ -56,9 +57,47 @@ def seg_weight(epoch: int, params: GuidedParams) -> float:
     return params.seg_weight * (1.0 - epoch / params.epochs)
 
 
-def build_model(config: dict) -> nn.Module:
-    model_class = GuidedClassifier if config["kind"] == "guided" else Classifier
-    return model_class(config["backbone"], config["in_channels"])
+def build_model(config: dict, deployed: bool = True) -> nn.Module:
+    """The network a saved config describes: as deployed (what inference needs) or as trained."""
+    if config["kind"] != "guided":
+        return Classifier(config["backbone"], config["in_channels"])
+    # Models saved before variants existed are teacher models.
+    model = GuidedClassifier(config["backbone"], config["in_channels"], config.get("variant", "teacher"))
+    return model.deployable() if deployed else model
+
+
+def inference_priors(config: dict, stored: torch.Tensor) -> torch.Tensor | None:
+    """The prior a saved model reads at inference, given the baseline's stored saliency maps:
+    those maps for the teacher variant, None (nothing, or zeros inside the model) otherwise."""
+    return stored if takes_prior(config) else None
+
+
+def consistency_loss(cam: torch.Tensor, prior: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Distance between the model's Grad-CAM and the prior, over defective images only.
+
+    ``cam`` is the model's Grad-CAM before its ReLU (``models.class_activation_map``); the prior
+    is pooled to its resolution. Both are L2-normalised and compared by squared distance
+    (attention transfer), so only where the model looks matters, not the map's scale; negative
+    values are pushed towards the prior's zeros and positives, which the ReLU would hide. Defect-free images are left out for
+    the reason their pseudo-masks are empty: there is nothing for the prior to point at.
+    """
+    defective = labels > 0.5
+    if not defective.any():
+        return cam.sum() * 0.0  # keeps the graph (and the loss's device) without a term
+    target = F.adaptive_avg_pool2d(prior[defective], cam.shape[-2:]).flatten(1)
+    own = cam[defective].flatten(1)
+    own = own / own.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    target = target / target.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return (own - target).pow(2).sum(dim=1).mean()
+
+
+def auxiliary_loss(model: GuidedClassifier, aux: torch.Tensor, prior: torch.Tensor, pseudo_mask: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """The loss weighted by λ(t): BCE of S against the pseudo-masks, or the consistency loss."""
+    if model.variant == "consistency":
+        return consistency_loss(aux, prior, labels)
+    # Pseudo-mask coverage of each segmentation cell: a soft target in [0, 1].
+    return F.binary_cross_entropy_with_logits(aux, F.adaptive_avg_pool2d(pseudo_mask, aux.shape[-2:]))
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
@@ -72,11 +111,14 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
 
 
 def save_model(path: str | Path, model: nn.Module, config: dict) -> None:
+    """Save what inference needs (a guided model's training-only parts are dropped)."""
+    if isinstance(model, GuidedClassifier):
+        model = model.deployable()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_torch(path, {"config": config, "state_dict": state})
 
 
-def _forward(model: nn.Module, x: torch.Tensor, prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _forward(model: nn.Module, x: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(model, GuidedClassifier):
         return model(x, prior)
     return model(x), None
@@ -90,7 +132,8 @@ def predict(
     priors: torch.Tensor | None = None,
     batch_size: int = 32,
 ) -> np.ndarray:
-    """Defect probabilities for uint8 images (N, H, W); the guided model also needs priors."""
+    """Defect probabilities for uint8 images (N, H, W); a teacher-guided model also needs priors
+    (see ``inference_priors``)."""
     device = next(model.parameters()).device
     model.eval()
     scores = []
@@ -104,7 +147,7 @@ def predict(
 
 @torch.no_grad()
 def segment(
-    model: GuidedClassifier, config: dict, images: torch.Tensor, priors: torch.Tensor, batch_size: int = 32
+    model: GuidedClassifier, config: dict, images: torch.Tensor, priors: torch.Tensor | None, batch_size: int = 32
 ) -> np.ndarray:
     """The guided model's segmentation output, as probabilities at the image size (N, H, W)."""
     device = next(model.parameters()).device
@@ -112,7 +155,7 @@ def segment(
     outputs = []
     for batch in batches(np.arange(len(images)), batch_size):
         x = to_input(images[batch], config["in_channels"], config["mean"], config["std"]).to(device)
-        _, seg_logits = model(x, priors[batch].unsqueeze(1).to(device))
+        _, seg_logits = model(x, priors[batch].unsqueeze(1).to(device) if priors is not None else None)
         probabilities = F.interpolate(torch.sigmoid(seg_logits.float()), size=images.shape[-2:],
                                       mode="bilinear", align_corners=False)
         outputs.append(probabilities[:, 0].cpu())
@@ -141,9 +184,11 @@ def train(
     kind = "guided" if guidance is not None else "baseline"
     config = {"kind": kind, "backbone": model_params.backbone, "in_channels": model_params.in_channels,
               "mean": mean, "std": std, "height": int(data.images.shape[1]), "width": int(data.images.shape[2])}
+    if guidance is not None:
+        config["variant"] = params.variant
 
     torch.manual_seed(params.seed)
-    model = build_model(config)
+    model = build_model(config, deployed=False)
     if model_params.pretrained_weights:
         load_pretrained_features(model, model_params.pretrained_weights)
     model.to(device)
@@ -179,13 +224,16 @@ def train(
                 prior, target = guidance.priors[batch].unsqueeze(1), guidance.pseudo_masks[batch].unsqueeze(1)
                 x, prior, target = random_flips(generator, x, prior, target)
                 prior, target = prior.to(device), target.to(device)
-            logits, seg_logits = _forward(model, x.to(device), prior)
+            model_prior = prior
+            if guidance is not None and model.variant == "none":
+                # It will see no prior at inference: it must learn to do without one.
+                keep = torch.rand(len(batch), generator=generator) >= params.prior_dropout
+                model_prior = prior * keep.view(-1, 1, 1, 1).to(device)
+            logits, aux = _forward(model, x.to(device), model_prior)
             cls_loss = F.binary_cross_entropy_with_logits(logits, y.to(device))
             seg_loss = torch.zeros((), device=device)
-            if seg_logits is not None:
-                # Pseudo-mask coverage of each segmentation cell: a soft target in [0, 1].
-                seg_target = F.adaptive_avg_pool2d(target, seg_logits.shape[-2:])
-                seg_loss = F.binary_cross_entropy_with_logits(seg_logits, seg_target)
+            if aux is not None:
+                seg_loss = auxiliary_loss(model, aux, prior, target, y.to(device))
             loss = cls_loss + weight * seg_loss
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -205,8 +253,8 @@ def train(
         record = {"fold": fold, "epoch": epoch + 1, "seg_weight": weight,
                   **{name: total / len(order) for name, total in totals.items()}}
         # Monitoring only: the test fold never selects a model or stops training.
-        scores = predict(model, config, data.images[test_rows],
-                         guidance.priors[test_rows] if guidance is not None else None, params.batch_size * 2)
+        priors = inference_priors(config, guidance.priors[test_rows]) if guidance is not None else None
+        scores = predict(model, config, data.images[test_rows], priors, params.batch_size * 2)
         record["test_ap"] = _average_precision(labels[test_rows].numpy(), scores)
         record["seconds"] = time.perf_counter() - started
         history.append(record)
@@ -299,7 +347,7 @@ def register_models(run: StageRun, out: Path, dataset: str, kind: str) -> None:
     for path in sorted(out.glob("fold*.pt")):
         model, config = load_model(path)
         images = np.zeros((2, config["in_channels"], config["height"], config["width"]), np.float32)
-        example = (images,) if kind == "baseline" else (images, np.zeros((2, 1, *images.shape[2:]), np.float32))
+        example = (images, np.zeros((2, 1, *images.shape[2:]), np.float32)) if takes_prior(config) else (images,)
         run.log_model(model, example, name=f"model_{path.stem}", registered_name=f"{dataset}-{kind}",
                       tags={"fold": path.stem.removeprefix("fold"), "pipeline_run": run.pipeline_id})
 

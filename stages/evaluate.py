@@ -16,18 +16,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.artifacts import output_dir, read_json, write_csv, write_json
+from pipeline.artifacts import load_torch, output_dir, read_json, write_csv, write_json
 from pipeline.config import EvaluateParams, SaliencyParams, load_section
 from pipeline.data import PreparedData
 from pipeline.evaluation import (MODELS, SALIENCY_MAPS, check_test_folds, classification_summary,
                                  hardest_images, localization_table, overlay_picture, plot_training,
                                  results_markdown, summarize_localization, timed_per_image)
 from pipeline.metrics import pr_curve
-from pipeline.models import PriorAsChannel
+from pipeline.models import GuidedClassifier, PriorAsChannel
 from pipeline.runner import run_stage
 from pipeline.saliency import create_saliency, saliency_maps
 from pipeline.tracking import stage_run
-from pipeline.training import load_model, pick_device, predict, segment
+from pipeline.training import inference_priors, load_model, pick_device, predict, segment
 from pipeline.visualisation import plot_pr_curves, save_png
 
 PREPARED, BASELINE, GUIDED = Path("data/prepared"), Path("data/baseline"), Path("data/guided")
@@ -44,22 +44,26 @@ def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, devic
     priors = data.load_maps(SALIENCY / f"fold{fold}", test)
     baseline, baseline_config = load_model(BASELINE / f"fold{fold}.pt", device)
     guided, guided_config = load_model(GUIDED / f"fold{fold}.pt", device)
+    # The teacher variant reads the baseline's maps at inference; the others read no prior.
+    guided_priors = inference_priors(guided_config, priors)
     seconds = {}
     baseline_scores, seconds["baseline"] = timed_per_image(
         lambda rows: predict(baseline, baseline_config, images[rows]), len(test))
     guided_scores, seconds["guided"] = timed_per_image(
-        lambda rows: predict(guided, guided_config, images[rows], priors[rows]), len(test))
-    # The prior the guided model needs at inference: the baseline's saliency, timed as a line would pay it.
-    teacher = create_saliency(saliency.method, baseline, saliency.layers)
-    _, seconds["teacher_prior"] = timed_per_image(
-        lambda rows: saliency_maps(teacher, baseline_config, images[rows], SALIENCY_BATCH), len(test))
-    # The guided model's own saliency, with its prior fed as an extra input channel.
+        lambda rows: predict(guided, guided_config, images[rows], _rows(guided_priors, rows)), len(test))
+    if guided_priors is not None:
+        # The prior the guided model needs at inference: the baseline's saliency, timed as a line would pay it.
+        teacher = create_saliency(saliency.method, baseline, saliency.layers)
+        _, seconds["teacher_prior"] = timed_per_image(
+            lambda rows: saliency_maps(teacher, baseline_config, images[rows], SALIENCY_BATCH), len(test))
+    # The guided model's own saliency, with its prior (if any) fed as an extra input channel.
     layers = saliency.layers and [f"guided.{name}" for name in saliency.layers]
-    explainer = create_saliency(saliency.method, PriorAsChannel(guided), layers)
+    explainer = create_saliency(saliency.method, PriorAsChannel(guided, guided_priors is not None), layers)
     maps = {"baseline_saliency": priors.numpy(),
-            "guided_saliency": saliency_maps(explainer, guided_config, images, SALIENCY_BATCH, priors)[0],
-            "guided_segmentation": segment(guided, guided_config, images, priors),
+            "guided_saliency": saliency_maps(explainer, guided_config, images, SALIENCY_BATCH, guided_priors)[0],
             "pseudo_mask": data.load_masks(PSEUDO_MASKS / f"fold{fold}", test).numpy() > 0}
+    if isinstance(guided, GuidedClassifier):  # variants deployed without the head have no S
+        maps["guided_segmentation"] = segment(guided, guided_config, images, guided_priors)
     scores = pd.DataFrame({"fold": fold, "id": data.index["id"].to_numpy()[test],
                            "label": data.index["label"].to_numpy()[test],
                            "baseline": baseline_scores, "guided": guided_scores})
@@ -67,9 +71,13 @@ def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, devic
     located = localization_table(scores, maps, true_masks, params.pointing_tolerance)
     # Only the fold's hardest can be the run's hardest: keep their maps, not every map of the run.
     panels = {scores["id"][k]: {"image": images[k].numpy(), "true_mask": true_masks[k],
-                                **{name: maps[name][k] for name in SALIENCY_MAPS}}
+                                **{name: maps[name][k] for name in SALIENCY_MAPS if name in maps}}
               for k in hardest_images(scores, params.overlays).index}
     return scores, located, panels, seconds
+
+
+def _rows(priors: torch.Tensor | None, rows) -> torch.Tensor | None:
+    return None if priors is None else priors[rows]
 
 
 def main() -> None:
@@ -92,14 +100,17 @@ def main() -> None:
         metrics, per_fold = classification_summary(scores, params.threshold)
         for model in MODELS:
             metrics[model]["inference_ms_per_image"] = ms[model]
-        metrics["guided"]["teacher_prior_ms_per_image"] = ms["teacher_prior"]
-        metrics["guided"]["inference_ms_per_image_with_teacher_prior"] = ms["guided"] + ms["teacher_prior"]
+        if "teacher_prior" in ms:  # only the teacher variant pays for the baseline's saliency at inference
+            metrics["guided"]["teacher_prior_ms_per_image"] = ms["teacher_prior"]
+            metrics["guided"]["inference_ms_per_image_with_teacher_prior"] = ms["guided"] + ms["teacher_prior"]
         metrics["data"] = {"folds": float(len(data.folds)), "test_images": float(len(scores)),
                            "test_defective": float(scores["label"].sum())}
         metrics["localization"], located_per_fold = summarize_localization(located)
         if located.empty:
             print("  no defective test image has a true mask: localization is not scored")
-        results = results_markdown(f"{dataset}: baseline against guided", metrics, saliency.method,
+        variant = load_torch(GUIDED / f"fold{data.folds[0]}.pt")["config"].get("variant", "teacher")
+        method = f"{variant} variant, {saliency.method}"
+        results = results_markdown(f"{dataset}: baseline against guided", metrics, method,
                                    f"{device} ({torch.get_num_threads()} threads)")
 
         with output_dir(OUT) as out:

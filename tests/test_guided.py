@@ -1,0 +1,202 @@
+"""The guided model and its variants: gradient flow, λ schedule, one training step, deployment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ConfigError, GuidedParams, ModelParams, parse_section
+from pipeline.data import PreparedData
+from pipeline.models import (VARIANTS, Classifier, GuidedClassifier, PriorAsChannel, class_activation_map,
+                             load_pretrained_features)
+from pipeline.training import (Guidance, consistency_loss, inference_priors, load_model, predict, save_model,
+                               seg_weight, segment, train)
+
+BACKBONES = ("resnet18", "vgg16")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only waits on a busy machine (seconds per test, not ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _batch(size: tuple[int, int] = (64, 96), n: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 1, *size, generator=generator)
+    prior = torch.rand(n, 1, *size, generator=generator)
+    labels = torch.tensor([1.0, 0.0] * (n // 2))
+    return images, prior, labels
+
+
+@pytest.mark.parametrize("variant", ["teacher", "none", "no_injection"])
+def test_classification_loss_leaves_no_gradient_in_the_segmentation_head(variant: str) -> None:
+    torch.manual_seed(0)
+    model = GuidedClassifier("resnet18", variant=variant)
+    images, prior, labels = _batch()
+    logits, seg_logits = model(images, prior)
+    F.binary_cross_entropy_with_logits(logits, labels).backward(retain_graph=True)
+    head = list(model.seg_head.parameters())
+    assert all(p.grad is None or not p.grad.any() for p in head)
+    assert model.features[0].weight.grad.abs().sum() > 0  # the backbone does learn from it
+    # ... while the pseudo-mask loss does reach the head.
+    model.zero_grad()
+    F.binary_cross_entropy_with_logits(seg_logits, torch.zeros_like(seg_logits)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+
+
+def test_classifier_reads_pooled_features_s_and_every_channel_of_f_prime() -> None:
+    model = GuidedClassifier("resnet18", variant="teacher")
+    stem_channels = 256  # resnet18's layer3: the stride-16 features F
+    assert model.fc.in_features == 512 + 2 + 2 * (stem_channels + 1)
+    assert model.seg_head[0].in_channels == stem_channels + 1  # F' = [F, H]
+    assert GuidedClassifier("resnet18", variant="no_injection").seg_head[0].in_channels == stem_channels
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_lambda_follows_its_schedule(schedule: str) -> None:
+    params = GuidedParams(epochs=4, seg_weight=2.0, seg_weight_schedule=schedule)
+    expected = [2.0, 1.5, 1.0, 0.5] if schedule == "linear" else [2.0] * 4
+    assert [seg_weight(t, params) for t in range(4)] == pytest.approx(expected)
+
+
+def _tiny_data(size: int = 64, n: int = 8) -> PreparedData:
+    generator = torch.Generator().manual_seed(1)
+    index = pd.DataFrame({"id": [f"i{k}" for k in range(n)], "label": [1, 0] * (n // 2),
+                          "group": [f"g{k}" for k in range(n)], "fold": [0, 0] + [1] * (n - 2),
+                          "has_mask": False})
+    images = torch.randint(0, 256, (n, size, size), dtype=torch.uint8, generator=generator)
+    return PreparedData(Path("."), index, images)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains_a_step_deploys_and_predicts(variant: str, backbone: str, tmp_path: Path) -> None:
+    data = _tiny_data()
+    size = data.images.shape[1:]
+    guidance = Guidance(priors=torch.rand(len(data.images), *size), pseudo_masks=(torch.rand(8, *size) > 0.8).float())
+    params = GuidedParams(epochs=1, batch_size=8, variant=variant)
+    model, config, history = train(data, 0, ModelParams(backbone=backbone, device="cpu"), params, guidance)
+    assert len(history) == 1 and np.isfinite(history[0]["loss"]) and history[0]["seg_loss"] > 0
+    assert config["variant"] == variant
+
+    save_model(tmp_path / "model.pt", model, config)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert set(saved) == {"config", "state_dict"}
+    injects = variant in ("teacher", "none")
+    assert any(k.startswith("seg_head.") for k in saved["state_dict"]) == injects
+    deployed, deployed_config = load_model(tmp_path / "model.pt")
+    assert isinstance(deployed, GuidedClassifier if injects else Classifier)
+
+    test_images = data.images[:3]
+    priors = inference_priors(deployed_config, guidance.priors[:3])
+    assert (priors is not None) == (variant == "teacher")
+    scores = predict(deployed, deployed_config, test_images, priors)
+    assert scores.shape == (3,) and ((scores >= 0) & (scores <= 1)).all()
+    # The deployed network gives the trained network's scores.
+    np.testing.assert_allclose(scores, predict(model, config, test_images, priors), atol=1e-5)
+    if injects:
+        assert segment(deployed, deployed_config, test_images, priors).shape == (3, *size)
+
+
+def test_no_injection_and_consistency_infer_with_exactly_the_baselines_graph() -> None:
+    baseline = Classifier("resnet18")
+    for variant in ("no_injection", "consistency"):
+        deployed = GuidedClassifier("resnet18", variant=variant).deployable()
+        assert type(deployed) is Classifier
+        assert _parameter_count(deployed) == _parameter_count(baseline)
+        assert deployed.state_dict().keys() == baseline.state_dict().keys()
+    # The training-time head is extra; the classifier path is the baseline's, parameter for parameter.
+    trained = GuidedClassifier("resnet18", variant="no_injection")
+    head = _parameter_count(trained.seg_head)
+    assert _parameter_count(trained) - head == _parameter_count(baseline)
+
+
+def test_none_variant_reads_zeros_without_a_prior_and_teacher_insists_on_one() -> None:
+    images, prior, _ = _batch()
+    model = GuidedClassifier("resnet18", variant="none").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images)[0], model(images, torch.zeros_like(prior))[0])
+    with pytest.raises(ValueError, match="teacher variant needs"):
+        GuidedClassifier("resnet18", variant="teacher").eval()(images)
+
+
+def test_prior_as_channel_without_a_prior_explains_the_image_alone() -> None:
+    images, _, _ = _batch()
+    model = GuidedClassifier("resnet18", variant="none").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(PriorAsChannel(model, with_prior=False)(images), model(images)[0])
+        torch.testing.assert_close(PriorAsChannel(model.deployable(), with_prior=False)(images), model(images)[0])
+
+
+def test_consistency_map_is_grad_cam_built_with_create_graph() -> None:
+    torch.manual_seed(2)
+    model = GuidedClassifier("resnet18", variant="consistency").eval()
+    images, prior, labels = _batch()
+    features = model.features(images)
+    logit = model.fc(features.mean(dim=(2, 3))).squeeze(1)
+    (grads,) = torch.autograd.grad(logit.sum(), features, create_graph=True)
+    grad_cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * features).sum(dim=1, keepdim=True))
+    cam = class_activation_map(features, model.fc)
+    torch.testing.assert_close(torch.relu(cam), grad_cam)
+    loss = consistency_loss(cam, prior, labels)
+    loss.backward()
+    assert model.fc.weight.grad.abs().sum() > 0 and model.features[0].weight.grad.abs().sum() > 0
+
+
+def test_consistency_loss_is_zero_for_matching_maps_and_ignores_defect_free_images() -> None:
+    prior = torch.rand(2, 1, 8, 8)
+    cam = F.adaptive_avg_pool2d(prior, (4, 4)) * 7.0  # same shape of attention, other scale
+    labels = torch.tensor([1.0, 0.0])
+    assert consistency_loss(cam, prior, labels).item() == pytest.approx(0.0, abs=1e-6)
+    cam[1] = torch.rand(1, 4, 4)  # a defect-free image's map may be anything
+    assert consistency_loss(cam, prior, labels).item() == pytest.approx(0.0, abs=1e-6)
+    assert consistency_loss(cam, prior, torch.zeros(2)).item() == 0.0
+
+
+def test_variant_params_are_validated() -> None:
+    assert parse_section("train_guided", {"variant": "none", "prior_dropout": 0.3}).prior_dropout == 0.3
+    with pytest.raises(ConfigError, match="prior_dropout > 0"):
+        parse_section("train_guided", {"variant": "none", "prior_dropout": 0})
+    with pytest.raises(ConfigError, match="train_guided.variant"):
+        parse_section("train_guided", {"variant": "student"})
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_pretrained_weights_load_from_a_local_file(backbone: str, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    source = Classifier(backbone, in_channels=3)
+    # The torchvision file layout: resnet18 keys at the top level, vgg16's under features.*,
+    # both with an ImageNet classifier that is not used.
+    prefix = "" if backbone == "resnet18" else "features."
+    state = {prefix + k: v for k, v in source.features.state_dict().items()}
+    state["fc.weight" if backbone == "resnet18" else "classifier.6.weight"] = torch.zeros(1000, 8)
+    path = tmp_path / f"{backbone}.pth"
+    torch.save(state, path)
+    model = GuidedClassifier(backbone, in_channels=3)
+    load_pretrained_features(model, path)
+    for key, value in source.features.state_dict().items():
+        torch.testing.assert_close(model.features.state_dict()[key], value)
+    with pytest.raises(ValueError, match="in_channels: 3"):
+        load_pretrained_features(Classifier(backbone, in_channels=1), path)
+
+
+def test_missing_pretrained_weights_say_where_to_put_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "weights" / "resnet18-f37072fd.pth"
+    with pytest.raises(FileNotFoundError, match=r"place it at that path.*pretrained_weights to null"):
+        load_pretrained_features(Classifier("resnet18", 3), missing)
+    with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth"):
+        train(_tiny_data(), 0, ModelParams(pretrained_weights=str(missing), in_channels=3, device="cpu"),
+              GuidedParams(epochs=1))
