@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score
 from torch import nn
 
-from pipeline.artifacts import load_torch, save_torch
+from pipeline.artifacts import load_torch, save_torch, write_csv, write_json
 from pipeline.config import GuidedParams, ModelParams, TrainParams
 from pipeline.data import BalancedEpochs, PreparedData, batches, pixel_stats, random_flips, to_input
 from pipeline.models import Classifier, GuidedClassifier, load_pretrained_features, takes_prior
@@ -365,3 +366,18 @@ def fingerprint_of(sections: dict, *input_files: Path) -> str:
     for path in (*input_files, *code):
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()
+
+
+def publish(run: StageRun, stage: str, kind: str, history: list[dict], out: Path, dataset: str) -> None:
+    """What a training stage leaves besides its models: metrics and plot files for DVC, the
+    summary and the registered models in MLflow; then its checkpoints go."""
+    summary = summarize(history)
+    write_json(Path(f"data/metrics/{stage}.json"), summary)
+    plot = Path(f"data/plots/{stage}.csv")
+    # Timings stay out of the DVC files, which must be identical for identical runs.
+    write_csv(plot, pd.DataFrame(history).drop(columns="seconds"))
+    run.log_metrics({"test_ap_mean": summary["test_ap_mean"], "train_seconds": sum(r["seconds"] for r in history)})
+    run.log_artifact(plot)
+    register_models(run, out, dataset, kind)
+    remove_checkpoints(stage)
+    print(f"  mean test AP over folds (last epoch): {summary['test_ap_mean']:.4f}")

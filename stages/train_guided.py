@@ -12,22 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from pipeline.artifacts import output_dir, read_json, write_csv, write_json
+from pipeline.artifacts import output_dir, read_json
 from pipeline.config import GuidedParams, ModelParams, load_section
 from pipeline.data import PreparedData
 from pipeline.runner import run_stage
 from pipeline.tracking import stage_run
-from pipeline.training import (Guidance, fingerprint_of, register_models, remove_checkpoints, summarize,
-                               train_folds)
+from pipeline.training import Guidance, fingerprint_of, publish, train_folds
 
 PREPARED = Path("data/prepared")
 SALIENCY = Path("data/saliency")
 PSEUDO_MASKS = Path("data/pseudo_masks")
 OUT = Path("data/guided")
-METRICS = Path("data/metrics/train_guided.json")
-PLOT = Path("data/plots/train_guided.csv")
 
 
 def main() -> None:
@@ -48,16 +44,7 @@ def main() -> None:
         with output_dir(OUT) as out:
             history = train_folds("train_guided", data, model_params, params, run, out, guidance_for, fingerprint)
             run.write_lineage(out)
-        summary = summarize(history)
-        write_json(METRICS, summary)
-        # Timings stay out of the DVC files, which must be identical for identical runs.
-        write_csv(PLOT, pd.DataFrame(history).drop(columns="seconds"))
-        run.log_metrics({"test_ap_mean": summary["test_ap_mean"],
-                         "train_seconds": sum(r["seconds"] for r in history)})
-        run.log_artifact(PLOT)
-        register_models(run, OUT, dataset, "guided")
-        remove_checkpoints("train_guided")
-        print(f"  mean test AP over folds (last epoch): {summary['test_ap_mean']:.4f}")
+        publish(run, "train_guided", "guided", history, OUT, dataset)
 
 
 if __name__ == "__main__":
