@@ -19,7 +19,10 @@ torchvision, opencv-python-headless for cv2, matplotlib, scikit-learn, scipy, tq
     pip install --no-deps -r requirements-bench.txt
 
 Times are the best of ``--repeats`` rounds; each round runs every function once in a shuffled
-order, so background load hits methods and floors alike. Peak memory is measured in a fresh
+order, so background load hits methods and floors alike. On a CPU shared with other work,
+``--threads 1 --clock cpu`` times each call by the CPU time of this process instead of the wall
+clock: a single-threaded call's CPU time barely depends on what else the machine runs, whereas
+wall time under a load above the core count is mostly waiting. Peak memory is measured in a fresh
 subprocess per function (CUDA: max_memory_allocated; CPU: peak RSS growth over one call after a
 batch-of-one warm-up, read from /proc/self/status VmHWM after resetting it, so approximate).
 
@@ -117,6 +120,9 @@ def grad_cam_package(model: nn.Module, x: torch.Tensor, method: str, layers: lis
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError:
         return None
+    import cv2  # its resizing is part of the package's cost: give it the threads torch has
+
+    cv2.setNumThreads(torch.get_num_threads())
     cls = {"gradcam": pgc.GradCAM, "layercam": pgc.LayerCAM, "fullgrad": pgc.FullGrad}[method]
     wrapped = nn.Sequential(model, nn.Unflatten(0, (-1, 1)))  # (B,) -> (B, 1) class scores
     modules = dict(model.named_modules())
@@ -182,7 +188,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_all(funcs: dict[str, Callable], repeats: int, device: str) -> dict[str, float]:
+def time_all(funcs: dict[str, Callable], repeats: int, device: str, clock: str = "wall") -> dict[str, float]:
     best = {key: float("inf") for key in funcs}
     for fn in funcs.values():  # warm-up: lazy initialisation, allocator caches
         fn()
@@ -192,10 +198,11 @@ def time_all(funcs: dict[str, Callable], repeats: int, device: str) -> dict[str,
         rng.shuffle(keys)
         for key in keys:
             sync(device)
-            start = time.perf_counter()
+            now = time.process_time if clock == "cpu" else time.perf_counter
+            start = now()
             funcs[key]()
             sync(device)
-            best[key] = min(best[key], time.perf_counter() - start)
+            best[key] = min(best[key], now() - start)
     return best
 
 
@@ -245,11 +252,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU time (use with --threads 1 on a busy CPU machine)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--probe", nargs=5, metavar=("BACKBONE", "SIZE", "BATCH", "DEVICE", "KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and not args.device.startswith("cpu"):
+        parser.error("--clock cpu times CPU work only; use the wall clock on an accelerator")
     if args.probe:
         backbone, size, batch, device, key = args.probe
         print(json.dumps({"peak_mem_mb": probe_memory(backbone, size, int(batch), device, key)}))
@@ -262,12 +273,13 @@ def main() -> None:
         "grad_cam": peer_version(),
         "load_avg_at_start": [round(v, 2) for v in os.getloadavg()],
         "repeats": args.repeats,
+        "clock": args.clock,
     }
     for backbone in args.backbones:
         for size in args.sizes:
             model, x = build(backbone, parse_size(size), args.batch, args.device)
             funcs = functions(model, x, backbone, args.methods)
-            best = time_all(funcs, args.repeats, args.device)
+            best = time_all(funcs, args.repeats, args.device, args.clock)
             memory = {}
             if not args.no_memory:
                 memory = {key: measure_memory(args, backbone, size, args.device, key) for key in funcs}
