@@ -1,7 +1,7 @@
 """Benchmark the saliency methods against the cost of the gradients they need.
 
-Prints one JSON line per (method, backbone, image size) with images per second and the ratio of
-the method's time to two floors measured in the same run, on the same batch:
+Prints one JSON line per (method and layers, backbone, image size) with images per second and the
+ratio of the method's time to two floors measured in the same run, on the same batch:
 
 * floor a: one forward plus one backward to the input, parameters frozen;
 * floor b: one forward plus the backward down to the method's earliest target layer only
@@ -22,11 +22,17 @@ Times are the best of ``--repeats`` rounds; each round runs every function once 
 order, so background load hits methods and floors alike. On a CPU shared with other work,
 ``--threads 1 --clock cpu`` times each call by the CPU time of this process instead of the wall
 clock: a single-threaded call's CPU time barely depends on what else the machine runs, whereas
-wall time under a load above the core count is mostly waiting. Peak memory is measured in a fresh
-subprocess per function (CUDA: max_memory_allocated; CPU: peak RSS growth over one call after a
-batch-of-one warm-up, read from /proc/self/status VmHWM after resetting it, so approximate).
+wall time under a load above the core count is mostly waiting. Images per second are then per
+CPU second. Peak memory is measured in a fresh subprocess per function (CUDA:
+max_memory_allocated; CPU: peak RSS growth over one call after a batch-of-one warm-up, read from
+/proc/self/status VmHWM after resetting it, so approximate).
 
     python benchmarks/saliency.py --backbones resnet18 --sizes 128x352 --repeats 2   # quick
+    # benchmarks/results/saliency_cpu.jsonl: these four, concatenated (about 50 min on 2 busy cores)
+    python benchmarks/saliency.py --threads 1 --clock cpu --backbones resnet18 --sizes 128x352 --repeats 7
+    python benchmarks/saliency.py --threads 1 --clock cpu --backbones resnet18 --sizes 224x640 --repeats 5
+    python benchmarks/saliency.py --threads 1 --clock cpu --backbones vgg16 --sizes 128x352 --repeats 4
+    python benchmarks/saliency.py --threads 1 --clock cpu --backbones vgg16 --sizes 224x640 --repeats 2
 
 Every row also records the machine (CPU count, torch threads and version, load average when the
 run started), so a saved file such as ``benchmarks/results/saliency_cpu.jsonl`` says where its
