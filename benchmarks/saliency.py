@@ -1,23 +1,42 @@
 """Benchmark the saliency methods against the cost of the gradients they need.
 
-Prints one JSON line per (method, backbone, image size) with images per second and the ratio of
-the method's time to two floors measured in the same run, on the same batch:
+Prints one JSON line per (method and layers, backbone, image size) with images per second and the
+ratio of the method's time to two floors measured in the same run, on the same batch:
 
 * floor a: one forward plus one backward to the input, parameters frozen;
 * floor b: one forward plus the backward down to the method's earliest target layer only
   (the graph starts at that layer's output); for FullGrad, whose earliest target is the input,
   floor b is floor a.
 
+LayerCAM is measured twice: on its default three layers and on one (the deepest, Grad-CAM's).
 Goals: Grad-CAM and LayerCAM within 1.1x floor b; FullGrad within 1.5x floor a. Where the
-optional ``grad-cam`` package (pytorch-grad-cam) is importable, the ratio to its time for the
-same method is added (never a dependency of the project).
+optional ``grad-cam`` package (pytorch-grad-cam) is importable, its time for the same method and
+layers is measured in the same rounds, with the goal of at least 2x its speed for Grad-CAM and
+LayerCAM and 5x for FullGrad. It is a development extra, never a dependency of the project;
+install the pinned version without its dependencies (ours already cover them: torch,
+torchvision, opencv-python-headless for cv2, matplotlib, scikit-learn, scipy, tqdm):
+
+    pip install --no-deps -r requirements-bench.txt
 
 Times are the best of ``--repeats`` rounds; each round runs every function once in a shuffled
-order, so background load hits methods and floors alike. Peak memory is measured in a fresh
-subprocess per function (CUDA: max_memory_allocated; CPU: peak RSS growth over one call after a
-batch-of-one warm-up, read from /proc/self/status VmHWM after resetting it, so approximate).
+order, so background load hits methods and floors alike. On a CPU shared with other work,
+``--threads 1 --clock cpu`` times each call by the CPU time of this process instead of the wall
+clock: a single-threaded call's CPU time barely depends on what else the machine runs, whereas
+wall time under a load above the core count is mostly waiting. Images per second are then per
+CPU second. Peak memory is measured in a fresh subprocess per function (CUDA:
+max_memory_allocated; CPU: peak RSS growth over one call after a batch-of-one warm-up, read from
+/proc/self/status VmHWM after resetting it, so approximate).
 
     python benchmarks/saliency.py --backbones resnet18 --sizes 128x352 --repeats 2   # quick
+    # benchmarks/results/saliency_cpu.jsonl: these four, concatenated (about 50 min on 2 busy cores)
+    python benchmarks/saliency.py --threads 1 --clock cpu --backbones resnet18 --sizes 128x352 --repeats 7
+    python benchmarks/saliency.py --threads 1 --clock cpu --backbones resnet18 --sizes 224x640 --repeats 5
+    python benchmarks/saliency.py --threads 1 --clock cpu --backbones vgg16 --sizes 128x352 --repeats 4
+    python benchmarks/saliency.py --threads 1 --clock cpu --backbones vgg16 --sizes 224x640 --repeats 2
+
+Every row also records the machine (CPU count, torch threads and version, load average when the
+run started), so a saved file such as ``benchmarks/results/saliency_cpu.jsonl`` says where its
+numbers come from.
 """
 
 from __future__ import annotations
@@ -25,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -40,6 +60,15 @@ from pipeline.models import Classifier  # noqa: E402
 from pipeline.saliency import DEFAULT_LAYERS, METHODS, create_saliency, defect_score  # noqa: E402
 
 GOALS = {"gradcam": ("floor_b", 1.1), "layercam": ("floor_b", 1.1), "fullgrad": ("floor_a", 1.5)}
+PEER_GOALS = {"gradcam": 2.0, "layercam": 2.0, "fullgrad": 5.0}  # minimum speed-up over grad-cam
+
+
+def variants(backbone: str, methods: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """What to measure, by key: method and target layers. LayerCAM also on its deepest layer alone."""
+    out = {method: (method, DEFAULT_LAYERS[backbone][method]) for method in methods}
+    if "layercam" in methods:
+        out["layercam_1layer"] = ("layercam", DEFAULT_LAYERS[backbone]["layercam"][-1:])
+    return out
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -97,6 +126,9 @@ def grad_cam_package(model: nn.Module, x: torch.Tensor, method: str, layers: lis
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError:
         return None
+    import cv2  # its resizing is part of the package's cost: give it the threads torch has
+
+    cv2.setNumThreads(torch.get_num_threads())
     cls = {"gradcam": pgc.GradCAM, "layercam": pgc.LayerCAM, "fullgrad": pgc.FullGrad}[method]
     wrapped = nn.Sequential(model, nn.Unflatten(0, (-1, 1)))  # (B,) -> (B, 1) class scores
     modules = dict(model.named_modules())
@@ -127,19 +159,34 @@ def build(backbone: str, size: tuple[int, int], batch: int, device: str):
 
 
 def functions(model: nn.Module, x: torch.Tensor, backbone: str, methods: list[str]) -> dict[str, Callable]:
-    """Every function to time, by key: 'floor_a', 'floor_b:<layer>', '<method>', 'pgc:<method>'."""
+    """Every function to time, by key: 'floor_a', 'floor_b:<layer>', '<variant>', 'pgc:<variant>'."""
     funcs: dict[str, Callable] = {"floor_a": floor_a(model, x)}
-    for method in methods:
-        saliency = create_saliency(method, model)
-        funcs[method] = lambda s=saliency: s(x)
-        layers = DEFAULT_LAYERS[backbone][method]
+    for key, (method, layers) in variants(backbone, methods).items():
+        saliency = create_saliency(method, model, layers or None)
+        funcs[key] = lambda s=saliency: s(x)
         if layers:
             first = earliest_layer(model, x, layers)
             funcs.setdefault(f"floor_b:{first}", floor_b(model, x, first))
         package = grad_cam_package(model, x, method, layers)
         if package is not None:
-            funcs[f"pgc:{method}"] = package
+            funcs[f"pgc:{key}"] = package
     return funcs
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def peer_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("grad-cam")
+    except Exception:  # not installed, or importable without metadata
+        return None
 
 
 def sync(device: str) -> None:
@@ -147,7 +194,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_all(funcs: dict[str, Callable], repeats: int, device: str) -> dict[str, float]:
+def time_all(funcs: dict[str, Callable], repeats: int, device: str, clock: str = "wall") -> dict[str, float]:
     best = {key: float("inf") for key in funcs}
     for fn in funcs.values():  # warm-up: lazy initialisation, allocator caches
         fn()
@@ -157,10 +204,11 @@ def time_all(funcs: dict[str, Callable], repeats: int, device: str) -> dict[str,
         rng.shuffle(keys)
         for key in keys:
             sync(device)
-            start = time.perf_counter()
+            now = time.process_time if clock == "cpu" else time.perf_counter
+            start = now()
             funcs[key]()
             sync(device)
-            best[key] = min(best[key], time.perf_counter() - start)
+            best[key] = min(best[key], now() - start)
     return best
 
 
@@ -210,40 +258,55 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU time (use with --threads 1 on a busy CPU machine)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--probe", nargs=5, metavar=("BACKBONE", "SIZE", "BATCH", "DEVICE", "KEY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and not args.device.startswith("cpu"):
+        parser.error("--clock cpu times CPU work only; use the wall clock on an accelerator")
     if args.probe:
         backbone, size, batch, device, key = args.probe
         print(json.dumps({"peak_mem_mb": probe_memory(backbone, size, int(batch), device, key)}))
         return
 
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "grad_cam": peer_version(),
+        "load_avg_at_start": [round(v, 2) for v in os.getloadavg()],
+        "repeats": args.repeats,
+        "clock": args.clock,
+    }
     for backbone in args.backbones:
         for size in args.sizes:
             model, x = build(backbone, parse_size(size), args.batch, args.device)
             funcs = functions(model, x, backbone, args.methods)
-            best = time_all(funcs, args.repeats, args.device)
+            best = time_all(funcs, args.repeats, args.device, args.clock)
             memory = {}
             if not args.no_memory:
                 memory = {key: measure_memory(args, backbone, size, args.device, key) for key in funcs}
-            for method in args.methods:
-                layers = DEFAULT_LAYERS[backbone][method]
+            for key, (method, layers) in variants(backbone, args.methods).items():
                 b_key = f"floor_b:{earliest_layer(model, x, layers)}" if layers else "floor_a"
                 floors = {"floor_a": best["floor_a"], "floor_b": best[b_key]}
                 goal_floor, goal = GOALS[method]
-                ratio = {name: best[method] / t for name, t in floors.items()}
-                pgc = best.get(f"pgc:{method}")
+                ratio = {name: best[key] / t for name, t in floors.items()}
+                pgc = best.get(f"pgc:{key}")
+                speedup = None if pgc is None else pgc / best[key]
                 row = {
                     "method": method,
+                    "layers": layers or "all bias layers and the input",
                     "backbone": backbone,
                     "size": size,
                     "batch": args.batch,
                     "device": args.device,
                     "threads": torch.get_num_threads(),
+                    **machine,
                     "load_avg_1min": round(os.getloadavg()[0], 2),
-                    "images_per_s": round(args.batch / best[method], 2),
+                    "images_per_s": round(args.batch / best[key], 2),
                     "floor_a_images_per_s": round(args.batch / floors["floor_a"], 2),
                     "floor_b_images_per_s": round(args.batch / floors["floor_b"], 2),
                     "floor_b_layer": b_key.partition(":")[2] or "input",
@@ -251,8 +314,13 @@ def main() -> None:
                     "time_ratio_to_floor_b": round(ratio["floor_b"], 3),
                     "goal": f"<= {goal}x {goal_floor}",
                     "goal_met": ratio[goal_floor] <= goal,
-                    "time_ratio_to_grad_cam_package": None if pgc is None else round(best[method] / pgc, 3),
-                    "peak_mem_mb": memory.get(method),
+                    "time_ratio_to_grad_cam_package": None if pgc is None else round(best[key] / pgc, 3),
+                    "speedup_over_grad_cam_package": None if speedup is None else round(speedup, 2),
+                    "peer_goal": f">= {PEER_GOALS[method]}x grad-cam's speed",
+                    "peer_goal_met": None if speedup is None else speedup >= PEER_GOALS[method],
+                    "grad_cam_package_images_per_s": None if pgc is None else round(args.batch / pgc, 2),
+                    "peak_mem_mb": memory.get(key),
+                    "grad_cam_package_peak_mem_mb": memory.get(f"pgc:{key}"),
                     "floor_a_peak_mem_mb": memory.get("floor_a"),
                     "floor_b_peak_mem_mb": memory.get(b_key),
                 }
