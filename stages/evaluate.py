@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.artifacts import load_torch, output_dir, read_json, write_csv, write_json
+from pipeline.artifacts import output_dir, read_json, write_csv, write_json
 from pipeline.config import EvaluateParams, SaliencyParams, load_section
 from pipeline.data import PreparedData
 from pipeline.evaluation import (MODELS, SALIENCY_MAPS, check_test_folds, classification_summary,
@@ -108,9 +108,7 @@ def main() -> None:
         metrics["localization"], located_per_fold = summarize_localization(located)
         if located.empty:
             print("  no defective test image has a true mask: localization is not scored")
-        variant = load_torch(GUIDED / f"fold{data.folds[0]}.pt")["config"].get("variant", "teacher")
-        method = f"{variant} variant, {saliency.method}"
-        results = results_markdown(f"{dataset}: baseline against guided", metrics, method,
+        results = results_markdown(f"{dataset}: baseline against guided", metrics, saliency.method,
                                    f"{device} ({torch.get_num_threads()} threads)")
 
         with output_dir(OUT) as out:
