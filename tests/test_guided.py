@@ -61,6 +61,8 @@ def test_classifier_reads_pooled_features_s_and_every_channel_of_f_prime() -> No
     model = GuidedClassifier("resnet18", variant="teacher")
     stem_channels = 256  # resnet18's layer3: the stride-16 features F
     assert model.fc.in_features == 512 + 2 + 2 * (stem_channels + 1)
+    assert model.guidance_norm.num_features == 2 + 2 * (stem_channels + 1)
+    model(*_batch(n=1)[:2])  # a batch of one image trains too (running statistics)
     assert model.seg_head[0].in_channels == stem_channels + 1  # F' = [F, H]
     assert GuidedClassifier("resnet18", variant="no_injection").seg_head[0].in_channels == stem_channels
 
