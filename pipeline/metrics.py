@@ -314,3 +314,10 @@ def localization_metrics(
         "pointing_game": float(np.mean(hits)),
         "n_images": float(len(mass)),
     }
+
+
+def mean_over_folds(per_fold: Mapping[str, Mapping[str, float]], keys: Sequence[str] | None = None) -> dict[str, float]:
+    """Mean of each figure over the folds that have it (all figures, or only ``keys``)."""
+    names = sorted({k for figures in per_fold.values() for k in figures}) if keys is None else keys
+    return {k: float(np.mean([f[k] for f in per_fold.values() if k in f]))
+            for k in names if any(k in f for f in per_fold.values())}

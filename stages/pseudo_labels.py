@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.artifacts import output_dir, read_json, write_image, write_json
 from pipeline.config import PseudoLabelParams, load_section
 from pipeline.data import PreparedData
-from pipeline.metrics import mask_iou
+from pipeline.metrics import mask_iou, mean_over_folds
 from pipeline.pseudo_labels import pseudo_mask
 from pipeline.runner import run_stage
 from pipeline.tracking import stage_run
@@ -43,10 +43,10 @@ def main() -> None:
                     write_image(out / f"fold{fold}" / f"{image_id}.png", mask.astype(np.uint8) * 255)
                 summary[f"fold{fold}"] = _score(data, fold, masks, defective)
             run.write_lineage(out)
-        metrics = {"per_fold": summary, **_mean_over_folds(summary)}
-        write_json(METRICS, metrics)
-        run.log_metrics(_mean_over_folds(summary))
-        for name, value in _mean_over_folds(summary).items():
+        means = mean_over_folds(summary)
+        write_json(METRICS, {"per_fold": summary, **means})
+        run.log_metrics(means)
+        for name, value in means.items():
             print(f"  {name}: {value:.4f}")
 
 
@@ -60,11 +60,6 @@ def _score(data: PreparedData, fold: int, masks: list[np.ndarray], defective: np
         if ious:
             scores[f"iou_{name}"] = float(np.mean(ious))
     return scores
-
-
-def _mean_over_folds(summary: dict[str, dict]) -> dict[str, float]:
-    keys = sorted({key for scores in summary.values() for key in scores})
-    return {key: float(np.mean([s[key] for s in summary.values() if key in s])) for key in keys}
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.artifacts import output_dir, read_json, write_json, write_map
 from pipeline.config import ModelParams, SaliencyParams, load_section
 from pipeline.data import PreparedData
-from pipeline.metrics import localization_metrics
+from pipeline.metrics import localization_metrics, mean_over_folds
 from pipeline.runner import run_stage
 from pipeline.saliency import create_saliency, saliency_maps
 from pipeline.tracking import stage_run
@@ -62,10 +62,11 @@ def main() -> None:
             write_json(out / "report.json", report)
             run.write_lineage(out)
         metrics = {"per_fold": localization, "images_per_second": float(np.mean(list(report["images_per_second"].values())))}
-        metrics.update(_mean(localization))
+        means = mean_over_folds(localization, keys=("mass_inside", "pointing_game"))
+        metrics.update(means)
         write_json(METRICS, metrics)
         run.log_metrics({k: v for k, v in metrics.items() if k != "per_fold"})
-        print(f"  {metrics['images_per_second']:.1f} images/s; localization on test images: {_mean(localization)}")
+        print(f"  {metrics['images_per_second']:.1f} images/s; localization on test images: {means}")
 
 
 def _localization(data: PreparedData, maps: np.ndarray, rows: np.ndarray) -> dict:
@@ -86,12 +87,6 @@ def _overlay_rows(data: PreparedData, maps: np.ndarray, rows: np.ndarray, count:
         shown = mask_outline(np.dstack([image] * 3), mask, color=(255, 255, 255)) if mask is not None else image
         picked.append((str(data.index["id"].iat[i]), [shown, heatmap_overlay(image, maps[i])]))
     return picked
-
-
-def _mean(per_fold: dict[str, dict]) -> dict[str, float]:
-    keys = ("mass_inside", "pointing_game")
-    return {k: float(np.mean([m[k] for m in per_fold.values() if k in m])) for k in keys
-            if any(k in m for m in per_fold.values())}
 
 
 if __name__ == "__main__":
