@@ -78,9 +78,9 @@ def consistency_loss(cam: torch.Tensor, prior: torch.Tensor, labels: torch.Tenso
 
     ``cam`` is the model's Grad-CAM before its ReLU (``models.class_activation_map``); the prior
     is pooled to its resolution. Both are L2-normalised and compared by squared distance
-    (attention transfer), so only where the model looks matters, not the map's scale; negative
-    values are pushed towards the prior's zeros and positives, which the ReLU would hide. Defect-free images are left out for
-    the reason their pseudo-masks are empty: there is nothing for the prior to point at.
+    (attention transfer), so only where the model looks matters, not the map's scale. Defect-free
+    images are left out for the reason their pseudo-masks are empty: there is nothing for the
+    prior to point at.
     """
     defective = labels > 0.5
     if not defective.any():
@@ -119,7 +119,7 @@ def save_model(path: str | Path, model: nn.Module, config: dict) -> None:
     save_torch(path, {"config": config, "state_dict": state})
 
 
-def _forward(model: nn.Module, x: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _forward(model: nn.Module, x: torch.Tensor, prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(model, GuidedClassifier):
         return model(x, prior)
     return model(x), None

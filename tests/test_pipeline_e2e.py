@@ -97,9 +97,12 @@ def test_mlflow_holds_one_run_per_stage_and_both_registered_models(project: Path
 @pytest.mark.slow
 def test_guided_param_change_reruns_only_guided_training_and_evaluation(project: Path) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train_guided"]["seg_weight"] = 0.5
+    params["train_guided"]["variant"] = "teacher"  # the variant that reads the prior at inference
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert stages_run(dvc(project, "repro")) == ["train_guided", "evaluate"]
+    metrics = json.loads((project / "data/metrics/evaluate.json").read_text())
+    assert metrics["guided"]["inference_ms_per_image_with_teacher_prior"] > metrics["guided"]["inference_ms_per_image"]
+    assert 0.0 <= metrics["localization"]["guided_segmentation_iou"] <= 1.0
 
 
 @pytest.mark.slow
