@@ -8,7 +8,7 @@ that names the key and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -51,6 +51,9 @@ class PrepareParams(Section):
     folds: int = Field(3, ge=2, le=20)
     seed: int = SEED
     max_image_pixels: int = Field(50_000_000, ge=1, description="larger source images are refused, not decoded")
+    defective_images: Annotated[int, Field(ge=1)] | Literal["all"] = Field(
+        "all", description="defective images each model trains on (data efficiency); defect-free ones all kept")
+    subset_seed: int = Field(0, ge=0, le=2**32 - 1, description="which defective images are kept; folds do not change")
     synthetic: SyntheticParams = SyntheticParams()
 
     @model_validator(mode="after")
@@ -101,6 +104,9 @@ class SaliencyParams(Section):
 
 class PseudoLabelParams(Section):
     blur: int = Field(0, ge=0, le=51, description="odd Gaussian kernel applied before Otsu; 0 = none")
+    true_masks: Annotated[int, Field(ge=0)] | Literal["all"] = Field(
+        0, description="defective training images whose true mask replaces the pseudo-mask (mixed supervision)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="which images get their true masks")
 
 
 class EvaluateParams(Section):

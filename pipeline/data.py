@@ -6,6 +6,8 @@ where the data set has them, only for evaluation), ``index.csv`` and ``report.js
 has_mask. ``fold`` is the cross-validation fold in which the image is a test image; -1 marks an
 image that is only ever used for training (a fixed train/test split has test images in fold 0).
 A model "for fold k" is trained on every image whose fold is not k and tested on fold k.
+``training_subsets.json`` lists, per fold, the defective images its models may train on
+(``prepare.defective_images``): the data-efficiency experiments train on a few of them only.
 """
 
 from __future__ import annotations
@@ -19,9 +21,47 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.artifacts import read_image, read_map, write_image
+from pipeline.artifacts import read_image, read_json, read_map, write_image
 
 INDEX_COLUMNS = ("id", "label", "group", "fold", "has_mask")
+SUBSETS_FILE = "training_subsets.json"
+# Each kind of choice draws from its own stream, so the images given true masks do not depend on
+# how the kept defective images were drawn beyond which ones they are.
+_CHOICE_STREAMS = {"defective_images": 1, "true_masks": 2}
+
+
+class SubsetError(ValueError):
+    """A requested number of images is more than a training set has."""
+
+
+def reproducible_choice(candidates: np.ndarray, count: int | str, seed: int, fold: int, purpose: str) -> np.ndarray:
+    """``count`` of the ``candidates`` (all for "all"), sorted; the same ones for the same seed.
+
+    A smaller count takes a prefix of the same random order as a larger one, so the training sets
+    of a sweep over counts are nested: N = 5 keeps 5 of the images that N = 10 keeps.
+    """
+    candidates = np.sort(np.asarray(candidates))
+    if count == "all":
+        return candidates
+    if count > len(candidates):
+        raise SubsetError(f"asked for {count} but only {len(candidates)} are available")
+    order = np.random.default_rng([seed, fold, _CHOICE_STREAMS[purpose]]).permutation(candidates)
+    return np.sort(order[:count])
+
+
+def defective_subsets(index: pd.DataFrame, count: int | str, seed: int) -> dict[int, list[str]]:
+    """Per test fold, the ids of the defective images its models train on (``prepare.defective_images``)."""
+    labels, folds, ids = index["label"].to_numpy(), index["fold"].to_numpy(), index["id"].to_numpy()
+    subsets = {}
+    for fold in sorted(int(f) for f in set(folds) if f >= 0):
+        candidates = np.flatnonzero((folds != fold) & (labels == 1))
+        try:
+            subsets[fold] = [str(i) for i in ids[reproducible_choice(candidates, count, seed, fold, "defective_images")]]
+        except SubsetError:
+            raise SubsetError(
+                f"prepare.defective_images is {count}, but the training set of fold {fold} has only "
+                f"{len(candidates)} defective images: use at most {len(candidates)}, or 'all'") from None
+    return subsets
 
 
 @dataclass
@@ -31,6 +71,7 @@ class PreparedData:
     root: Path
     index: pd.DataFrame
     images: torch.Tensor  # uint8 (N, H, W)
+    defective_kept: dict[int, list[str]] | None = None  # per fold; None = every defective image
 
     @classmethod
     def load(cls, root: str | Path) -> PreparedData:
@@ -43,7 +84,10 @@ class PreparedData:
         if missing:
             raise ValueError(f"{index_path} lacks columns {missing}; rerun the prepare stage")
         images = np.stack([read_image(root / "images" / f"{i}.png") for i in index["id"]])
-        return cls(root, index, torch.from_numpy(images))
+        subsets = None
+        if (root / SUBSETS_FILE).is_file():
+            subsets = {int(fold): ids for fold, ids in read_json(root / SUBSETS_FILE)["kept"].items()}
+        return cls(root, index, torch.from_numpy(images), subsets)
 
     @property
     def folds(self) -> list[int]:
@@ -57,7 +101,28 @@ class PreparedData:
     def split(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
         """Row positions of the training and test images for the model of ``fold``."""
         is_test = self.index["fold"].to_numpy() == fold
-        return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+        train = np.flatnonzero(~is_test)
+        if self.defective_kept is not None:
+            is_defective = self.index["label"].to_numpy()[train] == 1
+            is_kept = np.isin(self.index["id"].to_numpy()[train], self.defective_kept[fold])
+            train = train[~is_defective | is_kept]
+        return train, np.flatnonzero(is_test)
+
+    def true_mask_rows(self, fold: int, count: int | str, seed: int) -> np.ndarray:
+        """Row positions of the ``count`` defective training images of ``fold`` whose true masks
+        supervise the segmentation head (``pseudo_labels.true_masks``; mixed supervision)."""
+        if count == 0:
+            return np.array([], dtype=int)
+        train, _ = self.split(fold)
+        has_true_mask = (self.index["label"].to_numpy()[train] == 1) & self.index["has_mask"].to_numpy(bool)[train]
+        candidates = train[has_true_mask]
+        try:
+            return reproducible_choice(candidates, count, seed, fold, "true_masks")
+        except SubsetError:
+            raise SubsetError(
+                f"pseudo_labels.true_masks is {count}, but the training set of fold {fold} has only "
+                f"{len(candidates)} defective images with a true mask: use at most {len(candidates)}, "
+                "or 'all'") from None
 
     def true_mask(self, position: int) -> np.ndarray | None:
         row = self.index.iloc[position]

@@ -244,9 +244,7 @@ def results_markdown(title: str, metrics: Mapping[str, Any], method: str, device
             f"Test images: {data['test_images']:.0f} ({data['test_defective']:.0f} defective) in "
             f"{data['folds']:.0f} fold(s). AP, AUROC, F1 and counts are means over folds; false alarms "
             "and misses are images of one fold, each fold's model at its own threshold. Times"
-            f"{' on ' + device if device else ''}; the guided model's excludes its prior: the "
-            f"teacher's {method} map adds {metrics['guided']['teacher_prior_ms_per_image']:.2f} ms "
-            "per image.\n"]
+            f"{' on ' + device if device else ''}" + _prior_cost_note(metrics["guided"], method) + ".\n"]
     loc = metrics.get("localization")
     if loc:
         names = {"baseline_saliency": f"baseline {method}", "guided_saliency": f"guided {method}",
@@ -254,7 +252,7 @@ def results_markdown(title: str, metrics: Mapping[str, Any], method: str, device
         rows = [{"Map": label, "Mass inside mask %": loc[name]["mass_inside"],
                  "Pointing game %": loc[name]["pointing_game"],
                  "Pointing game, tolerant %": loc[name].get("pointing_game_tolerant"),
-                 "IoU %": loc[name].get("iou")} for name, label in names.items()]
+                 "IoU %": loc[name].get("iou")} for name, label in names.items() if name in loc]
         rows += [{"Map": "Otsu pseudo-mask of baseline", "IoU %": loc["pseudo_mask_iou"]},
                  {"Map": "uniform map (chance)", "Mass inside mask %": loc["mask_area_share"]}]
         tolerant = "pointing_game_tolerant" in loc["baseline_saliency"]
@@ -262,6 +260,13 @@ def results_markdown(title: str, metrics: Mapping[str, Any], method: str, device
         text += ["## Localization against the true masks\n", results_table_markdown(rows, columns),
                  f"Over {loc['n_images']:.0f} defective test images with a true mask, each counted once.\n"]
     return "\n".join(text)
+
+
+def _prior_cost_note(guided: Mapping[str, float], method: str) -> str:
+    if "teacher_prior_ms_per_image" not in guided:  # the variants that read no prior at inference
+        return ""
+    return (f"; the guided model's excludes its prior: the teacher's {method} map adds "
+            f"{guided['teacher_prior_ms_per_image']:.2f} ms per image")
 
 
 def combine_runs(score_csvs: Sequence[str | Path], threshold: float = 0.5) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """Stage prepare: read (or generate) the data set, split it, resize it, write it with its report.
 
-Outputs: data/prepared/{images,masks}/<id>.png, index.csv, report.json, run.json;
-data/metrics/prepare.json (counts, for `dvc metrics show`).
+Outputs: data/prepared/{images,masks}/<id>.png, index.csv, report.json, training_subsets.json
+(the defective images each fold's models train on), run.json; data/metrics/prepare.json.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline import datasets, synthetic
 from pipeline.artifacts import output_dir, write_csv, write_json
 from pipeline.config import PrepareParams, load_section
-from pipeline.data import RawImage, count_table, write_prepared
+from pipeline.data import SUBSETS_FILE, RawImage, count_table, defective_subsets, write_prepared
 from pipeline.runner import run_stage
 from pipeline.tracking import stage_run
 
@@ -70,8 +70,12 @@ def main() -> None:
             for fold in sorted(set(index["fold"]) - {-1}):
                 if index.loc[index["fold"] == fold, "label"].sum() == 0:
                     raise datasets.DataError(f"test fold {fold} has no defective image; use fewer folds")
+            kept = defective_subsets(index, params.defective_images, params.subset_seed)
+            trained_on = {str(fold): len(ids) for fold, ids in kept.items()}
             report = {"dataset": params.dataset, "split": params.split, "counts": counts,
-                      "sizes": size_stats, **extra}
+                      "defective_training_images": trained_on, "sizes": size_stats, **extra}
+            write_json(out / SUBSETS_FILE, {"defective_images": params.defective_images,
+                                            "subset_seed": params.subset_seed, "kept": kept})
             write_csv(out / "index.csv", index)
             write_json(out / "report.json", report)
             run.write_lineage(out)
@@ -80,8 +84,10 @@ def main() -> None:
         run.log_metrics({"images": counts["images"], "defective": counts["defective"],
                          "groups": counts["groups"], "duplicate_sets": len(extra["duplicates"])})
         write_json(METRICS, {"images": counts["images"], "defective": counts["defective"],
-                             "defect_free": counts["defect_free"], "test_folds": len(set(index["fold"]) - {-1})})
-        print(f"  {counts['images']} images, {counts['defective']} defective, per fold {counts['per_fold']}")
+                             "defect_free": counts["defect_free"], "test_folds": len(set(index["fold"]) - {-1}),
+                             "defective_training_images": trained_on})
+        print(f"  {counts['images']} images, {counts['defective']} defective, per fold {counts['per_fold']}; "
+              f"defective images trained on, per fold: {trained_on}")
 
 
 if __name__ == "__main__":

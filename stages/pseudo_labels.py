@@ -3,6 +3,8 @@
 Defective images get the Otsu foreground of their map; defect-free images an empty mask (their
 label says there is nothing to find). Where true masks exist, the pseudo-masks are scored against
 them, which tells how much the transferred knowledge is worth before any guided training.
+Mixed supervision (``true_masks`` > 0): for that many defective training images of each fold,
+drawn from ``seed``, the true mask is the target instead (the rest keep their pseudo-masks).
 Outputs: data/pseudo_masks/fold<k>/<id>.png (0/255) and run.json; data/metrics/pseudo_labels.json.
 """
 
@@ -39,9 +41,13 @@ def main() -> None:
             for fold in data.folds:
                 maps = data.load_maps(SALIENCY / f"fold{fold}", np.arange(len(labels))).numpy()
                 masks = [pseudo_mask(saliency, label, params.blur) for saliency, label in zip(maps, labels)]
-                for image_id, mask in zip(data.index["id"], masks):
+                true_rows = data.true_mask_rows(fold, params.true_masks, params.seed)
+                targets = list(masks)
+                for row in true_rows:
+                    targets[row] = data.true_mask(row)
+                for image_id, mask in zip(data.index["id"], targets):
                     write_image(out / f"fold{fold}" / f"{image_id}.png", mask.astype(np.uint8) * 255)
-                summary[f"fold{fold}"] = _score(data, fold, masks, defective)
+                summary[f"fold{fold}"] = {**_score(data, fold, masks, defective), "true_masks": len(true_rows)}
             run.write_lineage(out)
         means = mean_over_folds(summary)
         write_json(METRICS, {"per_fold": summary, **means})
@@ -51,11 +57,12 @@ def main() -> None:
 
 
 def _score(data: PreparedData, fold: int, masks: list[np.ndarray], defective: np.ndarray) -> dict:
-    """Foreground share of the pseudo-masks and, with true masks, their IoU (train and test rows)."""
-    train_rows, _ = data.split(fold)
-    is_train = np.isin(defective, train_rows)
+    """Foreground share of the pseudo-masks and, with true masks, their IoU (train and test rows).
+
+    Scored before any true mask replaces a pseudo-mask: this measures the Otsu masks alone."""
+    train_rows, test_rows = data.split(fold)
     scores = {"foreground_share": float(np.mean([masks[i].mean() for i in defective]))}
-    for name, rows in (("train", defective[is_train]), ("test", defective[~is_train])):
+    for name, rows in (("train", np.intersect1d(defective, train_rows)), ("test", np.intersect1d(defective, test_rows))):
         ious = [mask_iou(masks[i], true) for i in rows if (true := data.true_mask(i)) is not None]
         if ious:
             scores[f"iou_{name}"] = float(np.mean(ious))

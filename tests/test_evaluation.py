@@ -252,6 +252,17 @@ def test_results_markdown_lists_both_models_in_the_papers_format():
     assert "tolerant" not in text
 
 
+def test_results_markdown_of_a_variant_without_prior_or_segmentation_head():
+    metrics = _headline()
+    metrics["guided"].pop("teacher_prior_ms_per_image", None)
+    scores, maps, masks = _localization_case()
+    maps.pop("guided_segmentation", None)
+    metrics["localization"] = summarize_localization(localization_table(scores, maps, masks))[0]
+    text = results_markdown("synthetic", metrics, "layercam")
+    assert "teacher" not in text and "guided segmentation" not in text
+    assert "| guided layercam |" in text
+
+
 def test_combine_runs_mean_and_spread_over_seeds(tmp_path):
     first, second = tmp_path / "seed0.csv", tmp_path / "seed1.csv"
     SCORES.to_csv(first, index=False)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import mlflow
+import pandas as pd
 import pytest
 import yaml
-from helpers import dvc, make_shrunk_project, stages_run
+from helpers import dvc, make_shrunk_project, project_env, stages_run
 
 STAGES = ["prepare", "train_baseline", "saliency", "pseudo_labels", "train_guided", "evaluate"]
 
@@ -111,3 +115,30 @@ def test_exp_run_with_a_saliency_param_reruns_saliency_onwards_never_baseline_tr
     assert stages_run(output) == ["saliency", "pseudo_labels", "train_guided", "evaluate"]
     table = dvc(project, "exp", "show", "--csv")
     assert "gradcam" in table and "guided.ap" in table
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_point_as_an_experiment_saves_it_and_plots_ap_against_the_count(project: Path) -> None:
+    # Last in this module: the project has been reproduced, so the first point reruns nothing.
+    command = [sys.executable, "-m", "pipeline.sweep", "run", "pseudo_labels.true_masks", "0,all",
+               "--out", "sweep"]
+    result = subprocess.run(command, cwd=project, env=project_env(project), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = sorted(path.name for path in (project / "sweep/runs").iterdir())
+    assert runs == ["true-masks-0-seed0", "true-masks-all-seed0"]
+    for run in runs:
+        assert {"params.yaml", "evaluate.json", "prepare.json", "pseudo_labels.json", "scores.csv"} <= {
+            path.name for path in (project / "sweep/runs" / run).iterdir()}
+    summary = pd.read_csv(project / "sweep/summary.csv")
+    assert sorted(summary["model"]) == ["baseline", "baseline", "guided", "guided"]
+    assert summary["true_masks"].min() == 0 and summary["true_masks"].max() > 0
+    assert (project / "sweep/ap_vs_true_masks.png").read_bytes()[:4] == b"\x89PNG"
+    shown = dvc(project, "exp", "show", "--csv")
+    assert "true-masks-0-seed0" in shown and "true-masks-all-seed0" in shown
+    # A rerun keeps the finished points instead of training again.
+    again = subprocess.run(command, cwd=project, env=project_env(project), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done before, kept") == 2
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("knowledge-guided")
+    sweeps = client.search_runs([experiment.experiment_id], "tags.stage = 'sweep'")
+    assert sweeps and "summary.csv" in {item.path for item in client.list_artifacts(sweeps[0].info.run_id)}
