@@ -170,12 +170,14 @@ class StageRun:
         )
 
     def log_model(
-        self, model: Any, example: tuple, name: str, registered_name: str, tags: Mapping[str, str]
+        self, model: Any, example: tuple, name: str, registered_name: str, tags: Mapping[str, str],
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
         """Log a PyTorch model and register it as a new version of ``registered_name``.
 
         The model is stored as an exported graph (MLflow's "pt2" format), which loads without
-        unpickling code; ``example`` is one batch of inputs to trace it with.
+        unpickling code; ``example`` is one batch of inputs to trace it with. ``metadata`` goes
+        into the model's MLmodel file (``pipeline.predict`` reads the model's config from there).
         """
         import mlflow.pytorch
         import numpy as np
@@ -197,6 +199,7 @@ class StageRun:
             serialization_format="pt2",
             input_example=example,
             signature=signature,
+            metadata=dict(metadata) if metadata else None,
             # Explicit requirements: inferring them imports the model in a subprocess (slow).
             pip_requirements=[f"torch=={_version('torch')}", f"torchvision=={_version('torchvision')}"],
         )

@@ -349,8 +349,11 @@ def register_models(run: StageRun, out: Path, dataset: str, kind: str) -> None:
         model, config = load_model(path)
         images = np.zeros((2, config["in_channels"], config["height"], config["width"]), np.float32)
         example = (images, np.zeros((2, 1, *images.shape[2:]), np.float32)) if takes_prior(config) else (images,)
+        # The config (input size, normalisation, variant) travels with the model: the exported graph
+        # alone cannot be fed images (``pipeline.predict`` rebuilds the network from both).
         run.log_model(model, example, name=f"model_{path.stem}", registered_name=f"{dataset}-{kind}",
-                      tags={"fold": path.stem.removeprefix("fold"), "pipeline_run": run.pipeline_id})
+                      tags={"fold": path.stem.removeprefix("fold"), "pipeline_run": run.pipeline_id},
+                      metadata={"pipeline_config": config})
 
 
 def fingerprint_of(sections: dict, *input_files: Path) -> str:

@@ -65,3 +65,32 @@ def dvc(project: Path, *args: str, **extra_env: str) -> str:
 
 def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
+
+
+def train_tiny_models(folder: Path, size: int = 32, n: int = 8) -> tuple[dict[str, Path], torch.Tensor]:
+    """Baseline and guided models (consistency, teacher) trained one epoch on ``n`` random
+    ``size``-pixel images, saved with ``save_model`` as ``folder/<name>.pt``; returns the paths
+    and the images (uint8 (n, size, size)). Seconds on one CPU thread."""
+    import pandas as pd
+    import torch
+
+    from pipeline.config import GuidedParams, ModelParams, TrainParams
+    from pipeline.data import PreparedData
+    from pipeline.training import Guidance, save_model, train
+
+    generator = torch.Generator().manual_seed(1)
+    index = pd.DataFrame({"id": [f"i{k}" for k in range(n)], "label": [1, 0] * (n // 2),
+                          "group": [f"g{k}" for k in range(n)], "fold": [0, 0] + [1] * (n - 2), "has_mask": False})
+    images = torch.randint(0, 256, (n, size, size), dtype=torch.uint8, generator=generator)
+    data = PreparedData(Path("."), index, images)
+    guidance = Guidance(priors=torch.rand(n, size, size, generator=generator),
+                        pseudo_masks=(torch.rand(n, size, size, generator=generator) > 0.8).float())
+    model_params = ModelParams(backbone="resnet18", device="cpu")
+    paths = {}
+    for name, params, given in (("baseline", TrainParams(epochs=1, batch_size=n), None),
+                                ("consistency", GuidedParams(epochs=1, batch_size=n, variant="consistency"), guidance),
+                                ("teacher", GuidedParams(epochs=1, batch_size=n, variant="teacher"), guidance)):
+        model, config, _ = train(data, 0, model_params, params, given)
+        paths[name] = folder / f"{name}.pt"
+        save_model(paths[name], model, config)
+    return paths, images

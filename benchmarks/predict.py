@@ -1,0 +1,181 @@
+"""Images per second of predict, guided against baseline, measured in one run.
+
+Prints one JSON line per (device, variant, stage) on the CPU, and on the GPU too where
+``torch.cuda.is_available()``:
+
+* ``score``: the model's forward on a batch (``pipeline.training.predict``); for the teacher
+  variant with the baseline's saliency map first, which it reads as its prior.
+* ``predict``: what ``pipeline.predict`` computes per batch: resizing, the score and the model's
+  own saliency map for the overlay (no file input and output).
+* ``files``: ``pipeline.predict.predict_files`` on PNG files: reading, the above, the overlay
+  PNGs and the CSV. CPU only (disk and PNG coding, not the device, dominate).
+
+Models are trained for one epoch on the embedded synthetic data (speed does not depend on how
+well they are trained), or read from a project's ``data/`` folder (``--data data``: baseline and
+guided ``fold0.pt``). Every round runs the baseline and each guided model once, in a shuffled
+order; ``time_ratio`` is the median over rounds of guided time over baseline time within a
+round, so load that comes and goes hits both alike. Images per second are from median times.
+
+    python benchmarks/predict.py --size 128x128 --images 64 --rounds 7 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.artifacts import write_image  # noqa: E402
+from pipeline.config import GuidedParams, ModelParams, TrainParams  # noqa: E402
+from pipeline.data import PreparedData  # noqa: E402
+from pipeline.models import takes_prior  # noqa: E402
+from pipeline.predict import LoadedModel, Predictor, load_file, predict_files  # noqa: E402
+from pipeline.pseudo_labels import pseudo_mask  # noqa: E402
+from pipeline.saliency import create_saliency, saliency_maps  # noqa: E402
+from pipeline.synthetic import generate  # noqa: E402
+from pipeline.training import Guidance, predict, train  # noqa: E402
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'128x352' (width x height) -> (height, width)."""
+    width, height = (int(v) for v in text.lower().split("x"))
+    return height, width
+
+
+def synthetic_models(height: int, width: int, variants: list[str]) -> tuple[dict[str, LoadedModel], torch.Tensor]:
+    """Baseline and guided models trained one epoch on 64 synthetic images; the test images."""
+    images = list(generate(16, 4, width, height, 0.25, 1.0, seed=0))
+    index = pd.DataFrame({"id": [i.id for i in images], "label": [i.label for i in images],
+                          "group": [i.group for i in images], "has_mask": False,
+                          "fold": [0 if k % 4 == 0 else -1 for k in range(len(images))]})  # -1: training only
+    data = PreparedData(Path("."), index, torch.from_numpy(np.stack([i.image for i in images])))
+    model_params = ModelParams(backbone="resnet18", device="cpu")
+    baseline, config, _ = train(data, 0, model_params, TrainParams(epochs=1, batch_size=16))
+    priors = saliency_maps(create_saliency("layercam", baseline), config, data.images)[0]
+    masks = np.stack([pseudo_mask(p, label) for p, label in zip(priors, index["label"])])
+    guidance = Guidance(torch.from_numpy(priors), torch.from_numpy(masks).float())
+    models = {"baseline": LoadedModel(baseline.eval(), config, "synthetic")}
+    for variant in variants:
+        guided, guided_config, _ = train(data, 0, model_params, GuidedParams(epochs=1, batch_size=16, variant=variant),
+                                         guidance)
+        models[variant] = LoadedModel(guided.deployable().eval(), guided_config, "synthetic")
+    return models, data.images
+
+
+def project_models(data: Path) -> tuple[dict[str, LoadedModel], torch.Tensor]:
+    """The fold-0 models of a project's data folder and its prepared images."""
+    models = {"baseline": load_file(data / "baseline" / "fold0.pt")}
+    guided = load_file(data / "guided" / "fold0.pt")
+    models[guided.config.get("variant", "teacher")] = guided
+    return models, PreparedData.load(data / "prepared").images
+
+
+def stage_functions(models: dict[str, LoadedModel], images: torch.Tensor, device: str, stage: str,
+                    folder: Path) -> dict[str, Callable[[], object]]:
+    teacher = models["baseline"]
+    funcs = {}
+    for name, loaded in models.items():
+        loaded = LoadedModel(loaded.model.to(device), loaded.config, loaded.source)
+        predictor = Predictor(loaded, 0.5, teacher=teacher if takes_prior(loaded.config) else None)
+        batch = images.to(device) if stage == "score" else images
+        if stage == "score":
+            def run(predictor: Predictor = predictor, batch: torch.Tensor = batch) -> object:
+                priors = None
+                if predictor.teacher is not None:
+                    priors = torch.from_numpy(saliency_maps(predictor.teacher, predictor.teacher_config, batch,
+                                                            len(batch))[0])
+                return predict(predictor.loaded.model, predictor.config, batch, priors, len(batch))
+        elif stage == "predict":
+            arrays = list(images.numpy())
+
+            def run(predictor: Predictor = predictor, arrays: list = arrays) -> object:
+                return predictor(arrays)
+        else:
+            files = sorted(folder.glob("*.png"))
+
+            def run(predictor: Predictor = predictor, files: list = files, name: str = name) -> object:
+                return predict_files(predictor, files, folder.parent / f"out-{name}", len(files), progress=False)
+        funcs[name] = run
+    return funcs
+
+
+def time_rounds(funcs: dict[str, Callable], rounds: int, device: str) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {key: [] for key in funcs}
+    for fn in funcs.values():  # warm-up: lazy initialisation, allocator caches
+        fn()
+    rng = random.Random(0)
+    for _ in range(rounds):
+        keys = list(funcs)
+        rng.shuffle(keys)
+        for key in keys:
+            sync(device)
+            start = time.perf_counter()
+            funcs[key]()
+            sync(device)
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="128x128", help="width x height of the synthetic images")
+    parser.add_argument("--images", type=int, default=64, help="images per round (one batch)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--variants", nargs="+", default=["consistency", "teacher"],
+                        choices=["consistency", "no_injection", "none", "teacher"])
+    stages = ["score", "predict", "files"]
+    parser.add_argument("--stages", nargs="+", default=stages, choices=stages)
+    parser.add_argument("--data", type=Path, help="a project's data/ folder instead of synthetic models")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    height, width = parse_size(args.size)
+    models, images = project_models(args.data) if args.data else synthetic_models(height, width, args.variants)
+    images = images[torch.arange(args.images) % len(images)]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "images"
+        for k, image in enumerate(images.numpy()):
+            write_image(folder / f"{k:04d}.png", image)
+        for device in devices:
+            for stage in args.stages:
+                if stage == "files" and device != "cpu":
+                    continue
+                times = time_rounds(stage_functions(models, images, device, stage, folder), args.rounds, device)
+                for variant in (name for name in models if name != "baseline"):
+                    config = models[variant].config
+                    print(json.dumps({
+                        "stage": stage, "device": device, "variant": variant, "backbone": config["backbone"],
+                        "size": f"{config['width']}x{config['height']}", "images": args.images,
+                        "rounds": args.rounds, "threads": torch.get_num_threads(),
+                        "load_avg_1min": round(os.getloadavg()[0], 2),
+                        "images_per_s_baseline": round(args.images / statistics.median(times["baseline"]), 1),
+                        "images_per_s_guided": round(args.images / statistics.median(times[variant]), 1),
+                        "time_ratio": round(statistics.median(
+                            g / b for g, b in zip(times[variant], times["baseline"])), 3),
+                        "guided_includes": "baseline saliency prior" if takes_prior(config) else "nothing extra",
+                    }), flush=True)
+            for loaded in models.values():
+                loaded.model.to("cpu")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Predict: defect score, decision and heatmap overlay for image files, with a trained model.
+
+    python -m pipeline.predict --model data/guided/fold0.pt photos/ --out predictions
+    python -m pipeline.predict --model models:/synthetic-guided/3 a.png b.png
+    python -m pipeline.predict --model-name synthetic-guided --model-alias champion photos/
+
+The model is a file written by a training stage (``data/{baseline,guided}/fold<k>.pt``) or a
+registered MLflow model (``models:/<name>``: its latest version, ``models:/<name>/<version>``,
+``models:/<name>@<alias>``). Images are read as gray and resized to the model's input size the
+way ``prepare`` does; folders are searched recursively (hidden files are left out). Writes
+``OUT/predictions.csv`` (path, score, decision, threshold, overlay, error) and one overlay PNG per
+image under ``OUT/overlays/``: the model's own saliency (Grad-CAM by default) over the image at
+its original size. A file that cannot be read as an image gets its error in the CSV and on stderr
+and the batch goes on. The decision is ``score >= threshold``; see ``decision_threshold`` for
+where the threshold comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from pipeline.artifacts import load_torch, read_json, write_csv
+from pipeline.datasets import DataError, read_gray
+from pipeline.models import BACKBONES, GuidedClassifier, PriorAsChannel, takes_prior
+from pipeline.saliency import METHODS, create_saliency, saliency_maps
+from pipeline.training import build_model, pick_device, predict
+from pipeline.visualisation import heatmap_overlay, save_png
+
+DEFAULT_THRESHOLD = 0.5  # evaluate.threshold's default in params.yaml
+EXPECTED = ("a model file written by the training stages (data/baseline/fold<k>.pt or data/guided/fold<k>.pt: "
+            "a dict of config and state_dict) or a registered MLflow model, models:/<name>[/<version>|@<alias>]")
+CONFIG_KEYS = ("kind", "backbone", "in_channels", "mean", "std", "height", "width")
+TRAINING_STAGE = {"baseline": "train_baseline", "guided": "train_guided"}
+
+
+class ModelError(ValueError):
+    """The model cannot be used: the message names it and says what was expected."""
+
+
+@dataclass
+class LoadedModel:
+    """A deployed model (eval mode) with its config and where it came from."""
+
+    model: nn.Module
+    config: dict
+    source: str  # the file, or the models:/ URI with its resolved version
+    run_id: str | None = None  # the MLflow run that trained it, where known
+    tracking_uri: str | None = None
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_any(spec: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a model from a file path or a ``models:/`` URI; ``ModelError`` names what is wrong."""
+    if spec.startswith("models:/"):
+        return load_registered(spec, device)
+    path = Path(spec)
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder; expected {EXPECTED}")
+    if not path.is_file():
+        raise ModelError(f"model {spec} not found; expected {EXPECTED}")
+    return load_file(path, device)
+
+
+def load_file(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a model file written by ``training.save_model``, with its training run where known."""
+    # torch.save has written zip archives since torch 1.6; anything else (a text file, an image)
+    # would reach the unpickler and fail with a message about pickling, not about the file.
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path} is not a PyTorch file; expected {EXPECTED}")
+    try:
+        checkpoint = load_torch(path)
+    except (ValueError, RuntimeError, OSError, EOFError) as error:
+        raise ModelError(f"{path} cannot be loaded ({error}); expected {EXPECTED}") from error
+    if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
+        what = f"a dict with keys {sorted(map(str, checkpoint))[:6]}" if isinstance(checkpoint, dict) \
+            else f"a {type(checkpoint).__name__}"
+        raise ModelError(f"{path} holds {what}, not a model of this pipeline; expected {EXPECTED}")
+    model = _build(checkpoint["config"], checkpoint["state_dict"], str(path))
+    run_id, uri = _lineage(path.parent)
+    return LoadedModel(model.to(device).eval(), checkpoint["config"], str(path), run_id, uri)
+
+
+def _build(config: object, state_dict: dict, source: str) -> nn.Module:
+    if not isinstance(config, dict) or (missing := [k for k in CONFIG_KEYS if k not in config]):
+        raise ModelError(f"{source}: its config lacks {missing if isinstance(config, dict) else CONFIG_KEYS}; "
+                         f"expected {EXPECTED}")
+    if config["kind"] not in TRAINING_STAGE or config["backbone"] not in BACKBONES:
+        raise ModelError(f"{source}: unknown model kind {config['kind']!r} or backbone {config['backbone']!r}; "
+                         f"expected {EXPECTED}")
+    model = build_model(config)
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first = str(error).splitlines()[1:2] or [str(error)]
+        raise ModelError(f"{source}: its weights do not fit its config ({first[0].strip()}); "
+                         f"expected {EXPECTED}") from error
+    return model
+
+
+def _lineage(folder: Path) -> tuple[str | None, str | None]:
+    """The MLflow run that wrote the models in ``folder`` (the stage's ``run.json``), if recorded."""
+    try:
+        record = read_json(folder / "run.json")
+        return record["mlflow_run_id"], record.get("tracking_uri")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+
+
+def _client(uri: str):
+    """An MLflow client for ``uri``; a SQLite store must exist (MLflow would create an empty one)."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ModelError(f"no MLflow store at {uri}: set MLFLOW_TRACKING_URI to the store the models were "
+                         "registered in, or give a model file")
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def load_registered(uri: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load ``models:/<name>[/<version>|/latest|@<alias>]`` from the registry of ``tracking_uri()``.
+
+    Weights come from the logged exported graph, the config from the model's metadata
+    (``pipeline_config``, written by ``training.register_models``); the network is rebuilt from
+    both, so saliency can hook its layers as on a model file.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import FAST_CHECK, _environment_defaults, tracking_uri
+
+    store = tracking_uri()
+    client = _client(store)
+    with _environment_defaults(FAST_CHECK):
+        try:
+            version = _resolve_version(client, uri)
+            with tempfile.TemporaryDirectory() as folder:
+                local = Path(mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{version.name}/{version.version}", dst_path=folder, tracking_uri=store,
+                    registry_uri=store))
+                metadata = mlflow.models.Model.load(local / "MLmodel").metadata or {}
+                graphs = sorted(local.rglob("*.pt2"))
+                program = torch.export.load(graphs[0]) if graphs else None
+        except MlflowException as error:
+            known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
+            raise ModelError(f"cannot load {uri} from {store} ({str(error).splitlines()[0]}); "
+                             f"registered models: {known}") from error
+    source = f"models:/{version.name}/{version.version}"
+    config = metadata.get("pipeline_config")
+    if config is None or program is None:
+        raise ModelError(f"{source} has no {'pipeline_config metadata' if program else 'pt2 graph'}: it was "
+                         "registered before predict existed or by other code; rerun its training stage "
+                         "(dvc repro -f train_guided) or give the model file data/<kind>/fold<k>.pt")
+    model = _build(config, {**program.state_dict, **program.constants}, source)
+    return LoadedModel(model.to(device).eval(), config, source, version.run_id, store)
+
+
+def _resolve_version(client, uri: str):
+    rest = uri.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, number = rest.partition("/")
+    if number and number != "latest":
+        return client.get_model_version(name, number)
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        from mlflow.exceptions import MlflowException
+
+        raise MlflowException(f"registered model {name!r} has no versions")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def decision_threshold(loaded: LoadedModel, override: float | None = None) -> tuple[float, str]:
+    """(threshold, where it came from).
+
+    ``override`` (``--threshold``) wins. Otherwise the threshold the model was evaluated at: the
+    ``evaluate.threshold`` param of the latest ``evaluate`` run that consumed the model's training
+    run (tag ``upstream.train_<kind>``; the run is known for registered models and for model files
+    beside their stage's ``run.json``). The evaluation, not training, chooses the threshold, so it
+    is not stored with the model. Without such a run: 0.5, the param's default.
+    """
+    if override is not None:
+        return override, "--threshold"
+    if loaded.run_id and loaded.tracking_uri:
+        from pipeline.tracking import FAST_CHECK, _environment_defaults
+
+        stage = TRAINING_STAGE[loaded.config["kind"]]
+        try:
+            with _environment_defaults(FAST_CHECK):
+                client = _client(loaded.tracking_uri)
+                experiment = client.get_run(loaded.run_id).info.experiment_id
+                runs = client.search_runs(
+                    [experiment], f"tags.stage = 'evaluate' and tags.`upstream.{stage}` = '{loaded.run_id}'",
+                    order_by=["attributes.start_time DESC"], max_results=1)
+            if runs and "evaluate.threshold" in runs[0].data.params:
+                return float(runs[0].data.params["evaluate.threshold"]), f"evaluate run {runs[0].info.run_id}"
+        except Exception as error:  # noqa: BLE001 - the store is optional here: fall back, say why
+            return DEFAULT_THRESHOLD, f"default (MLflow lookup failed: {type(error).__name__})"
+    return DEFAULT_THRESHOLD, "default (no evaluate run of this model found)"
+
+
+# --- predicting ---------------------------------------------------------------------------------
+
+
+def collect_inputs(inputs: Sequence[str | Path], exclude: Path | None = None) -> list[Path]:
+    """Files named and files under folders named (recursively, sorted, hidden ones left out)."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if not item.is_dir():
+            files.append(item)  # a missing file is reported with the rest, not fatal
+            continue
+        for path in sorted(item.rglob("*")):
+            parts = path.relative_to(item).parts
+            if path.is_file() and not any(p.startswith(".") for p in parts) and \
+                    not (exclude is not None and exclude.resolve() in path.resolve().parents):
+                files.append(path)
+    return files
+
+
+class Predictor:
+    """Scores and saliency maps of a model for batches of gray images of any size."""
+
+    def __init__(self, loaded: LoadedModel, threshold: float, saliency: str = "gradcam",
+                 teacher: LoadedModel | None = None, teacher_saliency: str = "layercam") -> None:
+        self.loaded, self.config, self.threshold = loaded, loaded.config, threshold
+        self.height, self.width = int(self.config["height"]), int(self.config["width"])
+        self.teacher = None
+        if takes_prior(self.config):
+            if teacher is None:
+                raise ModelError(f"{loaded.source} is a guided model of variant teacher: it reads the baseline's "
+                                 "saliency map at inference; pass --teacher with the baseline of the same fold "
+                                 "(data/baseline/fold<k>.pt)")
+            self._check_teacher(teacher)
+            self.teacher = create_saliency(teacher_saliency, teacher.model)
+            self.teacher_config = teacher.config
+        model = loaded.model
+        # Saliency explains one-input models: the guided model gets its prior as the last channel.
+        explained = PriorAsChannel(model, self.teacher is not None) if isinstance(model, GuidedClassifier) else model
+        self.explainer = create_saliency(saliency, explained)
+
+    def _check_teacher(self, teacher: LoadedModel) -> None:
+        config = teacher.config
+        if config["kind"] != "baseline" or (config["height"], config["width"]) != (self.height, self.width):
+            raise ModelError(f"--teacher {teacher.source} must be a baseline model of input size "
+                             f"{self.width}x{self.height}; it is a {config['kind']} model of "
+                             f"{config['width']}x{config['height']}")
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """As ``data.write_prepared`` resizes (area interpolation: thin scratches stay visible)."""
+        return cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_AREA)
+
+    def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (N,), saliency maps (N, height, width) in [0, 1]) for gray uint8 images."""
+        batch = torch.from_numpy(np.stack([self.resize(image) for image in images]))
+        priors = None
+        if self.teacher is not None:
+            priors = torch.from_numpy(saliency_maps(self.teacher, self.teacher_config, batch, len(batch))[0])
+        scores = predict(self.loaded.model, self.config, batch, priors, len(batch))
+        maps = saliency_maps(self.explainer, self.config, batch, len(batch), priors)[0]
+        return scores, maps
+
+
+def predict_files(predictor: Predictor, files: Sequence[Path], out: Path, batch_size: int = 16,
+                  progress: bool = True) -> pd.DataFrame:
+    """Score every file, write its overlay under ``out/overlays`` and ``out/predictions.csv``."""
+    rows, names = [], set()
+    skipped = 0
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        readable: list[tuple[dict, np.ndarray]] = []
+        for path in chunk:
+            row = {"path": str(path), "score": np.nan, "decision": "", "threshold": predictor.threshold,
+                   "overlay": "", "error": ""}
+            rows.append(row)
+            try:
+                readable.append((row, read_gray(str(path))))
+            except DataError as error:
+                row["error"] = str(error)
+                skipped += 1
+                print(f"\nskipped {path}: {error}" if progress else f"skipped {path}: {error}", file=sys.stderr)
+        if readable:
+            scores, maps = predictor([image for _, image in readable])
+            for (row, image), score, saliency in zip(readable, scores, maps):
+                overlay = out / "overlays" / _unique_name(Path(row["path"]), names)
+                save_png(overlay, _label(heatmap_overlay(image, saliency), score, predictor.threshold))
+                row.update(score=float(score), decision=_decision(score, predictor.threshold), overlay=str(overlay))
+        if progress:
+            done = start + len(chunk)
+            print(f"\rpredict: {done}/{len(files)} files, {skipped} skipped", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    table = pd.DataFrame(rows, columns=["path", "score", "decision", "threshold", "overlay", "error"])
+    write_csv(out / "predictions.csv", table)
+    return table
+
+
+def _decision(score: float, threshold: float) -> str:
+    return "defect" if score >= threshold else "ok"  # as metrics.py decides
+
+
+def _unique_name(path: Path, taken: set[str]) -> str:
+    """``<stem>.png``; images of the same stem (a.png, a.jpg, sub/a.png) get ``<stem>_<n>.png``."""
+    name, number = f"{path.stem}.png", 1
+    while name in taken:
+        name, number = f"{path.stem}_{number}.png", number + 1
+    taken.add(name)
+    return name
+
+
+def _label(rgb: np.ndarray, score: float, threshold: float) -> np.ndarray:
+    """The decision and score written in the corner, so an overlay is readable on its own."""
+    text = f"{_decision(score, threshold)} {score:.3f}"
+    scale = max(0.35, min(rgb.shape[:2]) / 400)
+    (width, height), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    rgb = rgb.copy()
+    cv2.rectangle(rgb, (0, 0), (width + 4, height + base + 4), (0, 0, 0), -1)
+    cv2.putText(rgb, text, (2, height + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return rgb
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def model_spec(args: argparse.Namespace) -> str:
+    """``--model``, or the ``models:/`` URI of ``--model-name`` with its version or alias."""
+    if args.model:
+        return args.model
+    if args.model_alias:
+        return f"models:/{args.model_name}@{args.model_alias}"
+    return f"models:/{args.model_name}/{args.model_version or 'latest'}"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model file (data/guided/fold0.pt) or models:/<name>[/<version>|@<alias>]")
+    source.add_argument("--model-name", help="registered MLflow model, e.g. synthetic-guided")
+    version = parser.add_mutually_exclusive_group()
+    version.add_argument("--model-version", help="with --model-name (default: the latest version)")
+    version.add_argument("--model-alias", help="with --model-name, e.g. champion")
+    parser.add_argument("inputs", nargs="+", help="image files and folders")
+    parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
+    parser.add_argument("--threshold", type=float, help="decision threshold (default: the model's evaluate run's)")
+    parser.add_argument("--saliency", default="gradcam", choices=list(METHODS), help="overlay heatmap method")
+    parser.add_argument("--teacher", help="baseline model (file or models:/ URI) for a guided model of variant teacher")
+    parser.add_argument("--teacher-saliency", default="layercam", choices=list(METHODS),
+                        help="the teacher's prior method: saliency.method of the run (default layercam)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    args = parser.parse_args(argv)
+    if (args.model_version or args.model_alias) and not args.model_name:
+        parser.error("--model-version and --model-alias go with --model-name")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        parser.error(f"--threshold must be a probability in [0, 1], got {args.threshold}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    loaded = load_any(model_spec(args), device)
+    teacher = load_any(args.teacher, device) if args.teacher else None
+    threshold, origin = decision_threshold(loaded, args.threshold)
+    predictor = Predictor(loaded, threshold, args.saliency, teacher, args.teacher_saliency)
+    files = collect_inputs(args.inputs, exclude=args.out)
+    if not files:
+        raise FileNotFoundError(f"no files in {' '.join(args.inputs)}")
+    config = loaded.config
+    print(f"model {loaded.source}: {config['kind']} {config.get('variant', '')} {config['backbone']} "
+          f"{config['width']}x{config['height']}; threshold {threshold} ({origin}); {len(files)} files",
+          file=sys.stderr)
+    table = predict_files(predictor, files, args.out, args.batch_size)
+    scored = int(table["error"].eq("").sum())
+    print(json.dumps({"scored": scored, "skipped": len(table) - scored,
+                      "defects": int(table["decision"].eq("defect").sum()),
+                      "csv": str(args.out / "predictions.csv")}))
+    if scored == 0:
+        raise DataError(f"none of the {len(table)} files could be read as an image; see {args.out / 'predictions.csv'}")
+    return table
+
+
+if __name__ == "__main__":
+    from pipeline.runner import run_stage
+
+    run_stage("predict", main)
