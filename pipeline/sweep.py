@@ -26,6 +26,7 @@ import pandas as pd
 import yaml
 
 from pipeline.artifacts import output_dir, read_json, write_csv
+from pipeline.config import parse_section
 from pipeline.evaluation import MODELS
 from pipeline.presets import exp_run_command
 from pipeline.visualisation import plot_metric_vs_count, results_table_markdown
@@ -40,7 +41,8 @@ COUNTS = {
 
 
 def _fold_mean(per_fold: dict, key: str | None = None) -> float:
-    return float(np.mean([value[key] if key else value for value in per_fold.values()]))
+    # Metrics written before mixed supervision existed have no true_masks: there were none.
+    return float(np.mean([value.get(key, 0) if key else value for value in per_fold.values()]))
 
 
 def point_name(param: str, value: str, seed: int) -> str:
@@ -85,14 +87,20 @@ def collect(param: str, out: Path) -> pd.DataFrame:
             continue
         params = yaml.safe_load((folder / "params.yaml").read_text())
         section, key = param.split(".", 1)
+        # Through the params' model, so a key the point's params.yaml lacks reads as its default.
+        value = getattr(parse_section(section, params.get(section) or {}), key)
+        seed = parse_section("train_guided", params.get("train_guided") or {}).seed
         metrics = {stage: read_json(folder / f"{stage}.json") for stage in ("prepare", "pseudo_labels", "evaluate")}
-        row = {"value": str(params[section][key]), "seed": params["train_guided"]["seed"], "point": folder.name}
+        row = {"value": str(value), "seed": seed, "point": folder.name}
         if param in COUNTS:
             count_name, count = COUNTS[param]
             row[count_name] = count(metrics)
+        localization = metrics["evaluate"].get("localization", {})
         for model in MODELS:
             row[f"{model}_ap"] = metrics["evaluate"][model]["ap"]
             row[f"{model}_ap_fold_std"] = metrics["evaluate"][model]["ap_std"]
+            row[f"{model}_false_alarms"] = metrics["evaluate"][model]["false_alarms_at_full_recall"]
+            row[f"{model}_pointing_game"] = localization.get(f"{model}_saliency", {}).get("pointing_game", np.nan)
         rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no finished sweep point under {out / 'runs'}: run the sweep first")
@@ -100,13 +108,16 @@ def collect(param: str, out: Path) -> pd.DataFrame:
 
 
 def summary_table(points: pd.DataFrame, by: str) -> pd.DataFrame:
-    """Per value of ``by`` and model: AP mean over seeds and its spread (over seeds, or over folds for one seed)."""
+    """Per value of ``by`` and model: AP mean over seeds and its spread (over seeds, or over folds
+    for one seed), and the means of false alarms at 100% recall and of the pointing game."""
     rows = []
     for value, group in points.groupby(by, sort=True):
         for model in MODELS:
             aps = group[f"{model}_ap"]
             spread = aps.std(ddof=0) if len(aps) > 1 else group[f"{model}_ap_fold_std"].iloc[0]
-            rows.append({by: value, "model": model, "ap_mean": aps.mean(), "ap_std": spread, "seeds": len(aps)})
+            rows.append({by: value, "model": model, "ap_mean": aps.mean(), "ap_std": spread, "seeds": len(aps),
+                         "false_alarms_mean": group.get(f"{model}_false_alarms", pd.Series(np.nan)).mean(),
+                         "pointing_game_mean": group.get(f"{model}_pointing_game", pd.Series(np.nan)).mean()})
     return pd.DataFrame(rows)
 
 
@@ -120,9 +131,12 @@ def summarize(param: str, out: Path) -> pd.DataFrame:
     write_csv(out / "summary.csv", table)
     spread = "std over seeds" if table["seeds"].max() > 1 else "std over folds (one seed)"
     rows = [{by: row[by], "Model": row["model"], "Seeds": row["seeds"], "AP %": row["ap_mean"],
-             "AP std %": row["ap_std"]} for _, row in table.iterrows()]
+             "AP std %": row["ap_std"], "False alarms at 100% recall": row["false_alarms_mean"],
+             "Pointing game %": row["pointing_game_mean"]} for _, row in table.iterrows()]
     (out / "summary.md").write_text(f"# AP against {param}\n\n" + results_table_markdown(rows, list(rows[0]))
-                                    + f"\nAP: mean over folds, then over seeds; spread: {spread}.\n")
+                                    + f"\nAP: mean over folds, then over seeds; spread: {spread}. False alarms "
+                                    "(defect-free images scored above the lowest-scored defect, per fold) and the "
+                                    "pointing game of the model's own saliency: means over folds and seeds.\n")
     artifacts = [out / "summary.md", out / "summary.csv", out / "points.csv"]
     if by != "value":
         plot = out / f"ap_vs_{by}.png"
