@@ -68,6 +68,20 @@ class ModelParams(Section):
     in_channels: Literal[1, 3] = 1
     pretrained_weights: str | None = Field(None, description="local torchvision weights file; never downloaded")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    # Training only (both training stages; the saliency and evaluation stages read model.device alone).
+    nproc_per_node: int = Field(
+        1, ge=1, le=64, description="training processes on this machine (torchrun, DistributedDataParallel): "
+        "one per GPU; each stage's batch_size must be a multiple")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on a CUDA GPU that supports it, else fp32")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per training process")
+    pin_memory: bool = Field(False, description="page-locked batches, for faster copies to a CUDA GPU")
+
+    @model_validator(mode="after")
+    def _one_process_on_mps(self) -> ModelParams:
+        if self.nproc_per_node > 1 and self.device == "mps":
+            raise ValueError("Apple's MPS is one device: model.nproc_per_node must be 1 with device mps")
+        return self
 
 
 class TrainParams(Section):

@@ -196,15 +196,82 @@ def random_flips(generator: torch.Generator, *tensors: torch.Tensor) -> list[tor
 
     Tensors are (B, ..., H, W); image, prior and pseudo-mask of one sample flip together.
     """
-    batch = tensors[0].shape[0]
+    return apply_flips(flip_flags(generator, tensors[0].shape[0]), *tensors)
+
+
+def flip_flags(generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which samples of a batch flip horizontally and which vertically.
+
+    Drawn for the whole global batch in every training process, so that the flips (and the
+    generator's state after them) do not depend on how many processes share the batch.
+    """
     flip_w = torch.rand(batch, generator=generator) < 0.5
     flip_h = torch.rand(batch, generator=generator) < 0.5
+    return flip_w, flip_h
+
+
+def apply_flips(flags: tuple[torch.Tensor, torch.Tensor], *tensors: torch.Tensor) -> list[torch.Tensor]:
+    flip_w, flip_h = flags
     flipped = []
     for tensor in tensors:
         tensor = torch.where(_expand(flip_w, tensor), tensor.flip(-1), tensor)
         tensor = torch.where(_expand(flip_h, tensor), tensor.flip(-2), tensor)
         flipped.append(tensor)
     return flipped
+
+
+class TrainingBatches(torch.utils.data.Dataset):
+    """The training tensors of one fold, fetched a whole batch of row positions at a time.
+
+    A ``torch.utils.data.DataLoader`` over it (``loader``) builds the normalised inputs in
+    ``model.num_workers`` worker processes and can pin them for the copy to a GPU. The random
+    flips stay in the training loop: they come from one generator whose sequence must not depend
+    on the workers, so results are the same for any number of them.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, in_channels: int, mean: float, std: float,
+                 priors: torch.Tensor | None = None, masks: torch.Tensor | None = None) -> None:
+        self.images, self.labels, self.priors, self.masks = images, labels, priors, masks
+        self.in_channels, self.mean, self.std = in_channels, mean, std
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = {"x": to_input(self.images[positions], self.in_channels, self.mean, self.std),
+                 "y": self.labels[positions]}
+        if self.priors is not None:
+            batch["prior"] = self.priors[positions].unsqueeze(1)
+            batch["target"] = self.masks[positions].unsqueeze(1)
+        return batch
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__(np.array([position])).items()}
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """The batches of row positions of the current epoch; the loop sets them before each epoch
+    (the sampler is iterated in the main process, so persistent workers see the new ones)."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _whole_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch  # ``__getitems__`` returns the batch already stacked
+
+
+def loader(dataset: TrainingBatches, num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding the batches its ``batch_sampler`` (an ``EpochBatches``) holds."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=EpochBatches(), collate_fn=_whole_batch,
+                                       num_workers=num_workers, pin_memory=pin_memory,
+                                       persistent_workers=num_workers > 0)
 
 
 def _expand(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

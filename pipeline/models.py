@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tv_models
 
+from pipeline.distributed import SyncedBatchNorm
+
 BACKBONES = ("resnet18", "vgg16")
 
 # Index in ``features`` where the stride-16 part ends: the guided model's segmentation head reads
@@ -148,7 +150,9 @@ class GuidedClassifier(nn.Module):
 
     def _normalise(self, guidance: torch.Tensor) -> torch.Tensor:
         norm = self.guidance_norm
-        if self.training and guidance.shape[0] == 1:  # one image has no batch statistics: use the running ones
+        # One image has no batch statistics: use the running ones. A SyncedBatchNorm decides
+        # that itself, from the global batch: one process's single image may be one of many.
+        if self.training and guidance.shape[0] == 1 and not isinstance(norm, SyncedBatchNorm):
             return F.batch_norm(guidance, norm.running_mean, norm.running_var, norm.weight, norm.bias, eps=norm.eps)
         return norm(guidance)
 

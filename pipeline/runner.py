@@ -17,18 +17,25 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Run a stage's main function; exit 1 with a one-line message on bad input."""
+    from pipeline.distributed import DistributedError
     from pipeline.tracking import TrackingError
     from pipeline.training import TrainingDiverged
 
     torch.set_num_threads(_threads())
     started = time.perf_counter()
-    print(f"[{name}] started", flush=True)
+    # Under torchrun (model.nproc_per_node > 1) the launching process reports; its workers only
+    # report errors, each naming its rank.
+    worker = os.environ.get("RANK")
+    if worker is None:
+        print(f"[{name}] started", flush=True)
     try:
         main()
-    except (*USER_ERRORS, TrackingError, TrainingDiverged) as error:
-        print(f"[{name}] error: {error}", file=sys.stderr, flush=True)
+    except (*USER_ERRORS, TrackingError, TrainingDiverged, DistributedError) as error:
+        where = f"{name}, rank {worker}" if worker is not None else name
+        print(f"[{where}] error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
-    print(f"[{name}] done in {time.perf_counter() - started:.1f}s", flush=True)
+    if worker is None:
+        print(f"[{name}] done in {time.perf_counter() - started:.1f}s", flush=True)
 
 
 def _threads() -> int:

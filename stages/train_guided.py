@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import distributed
 from pipeline.artifacts import output_dir, read_json
 from pipeline.config import GuidedParams, ModelParams, load_section
 from pipeline.data import PreparedData
 from pipeline.runner import run_stage
 from pipeline.tracking import stage_run
-from pipeline.training import Guidance, fingerprint_of, publish, train_folds
+from pipeline.training import Guidance, fingerprint_of, pick_device, publish, train_folds
 
 PREPARED = Path("data/prepared")
 SALIENCY = Path("data/saliency")
@@ -29,6 +30,10 @@ OUT = Path("data/guided")
 def main() -> None:
     model_params: ModelParams = load_section("model")
     params: GuidedParams = load_section("train_guided")
+    device = pick_device(model_params.device)
+    if distributed.launch("stages.train_guided", model_params.nproc_per_node, params.batch_size,
+                          "train_guided.batch_size", device):
+        return
     data = PreparedData.load(PREPARED)
     dataset = read_json(PREPARED / "report.json")["dataset"]
     every_row = np.arange(len(data.index))
@@ -38,13 +43,18 @@ def main() -> None:
                         pseudo_masks=data.load_masks(PSEUDO_MASKS / f"fold{fold}", every_row))
 
     sections = {"model": model_params, "train_guided": params}
-    with stage_run("train_guided", sections, dataset=dataset) as run:
-        run.link_upstream(PREPARED, SALIENCY, PSEUDO_MASKS)
-        fingerprint = fingerprint_of(sections, SALIENCY / "run.json", PSEUDO_MASKS / "run.json")
-        with output_dir(OUT) as out:
-            history = train_folds("train_guided", data, model_params, params, run, out, guidance_for, fingerprint)
-            run.write_lineage(out)
-        publish(run, "train_guided", "guided", history, OUT, dataset)
+    fingerprint = fingerprint_of(sections, SALIENCY / "run.json", PSEUDO_MASKS / "run.json")
+    with distributed.process_group(device) as ranks:
+        if not ranks.main:  # trains alongside rank 0, which alone tracks and writes
+            train_folds("train_guided", data, model_params, params, None, None, guidance_for, fingerprint)
+            return
+        with stage_run("train_guided", sections, dataset=dataset) as run:
+            run.link_upstream(PREPARED, SALIENCY, PSEUDO_MASKS)
+            with output_dir(OUT) as out:
+                history = train_folds("train_guided", data, model_params, params, run, out, guidance_for,
+                                      fingerprint)
+                run.write_lineage(out)
+            publish(run, "train_guided", "guided", history, OUT, dataset)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""One training process of tests/test_distributed.py, run by torchrun: trains the test's tiny
+data set in every case the test compares and saves rank 0's results to the folder given."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline import distributed, training
+from pipeline.training import TrainingDiverged, predict, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_distributed import CASES, MODEL, case, tiny_data  # noqa: E402
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    data = tiny_data()
+    _, test_rows = data.split(0)
+    with distributed.process_group(torch.device("cpu")) as ranks:
+        results = {}
+        for name in CASES:
+            params, guidance = case(name, data)
+            model, config, history = train(data, 0, MODEL, params, guidance)
+            priors = guidance.priors[test_rows] if guidance is not None and name == "teacher" else None
+            results[name] = {"state": model.state_dict(), "history": history,
+                             "scores": predict(model, config, data.images[test_rows], priors)}
+        # Resuming: the first epoch's checkpoint, then a second run that resumes and trains epoch 2.
+        params, _ = case("baseline", data)
+        checkpoint = out / "fold0.pt"
+        train(data, 0, MODEL, params.model_copy(update={"epochs": 1}), checkpoint=checkpoint, fingerprint="f")
+        torch.distributed.barrier()  # rank 0 writes the checkpoint after the last step the others take part in
+        model, _, history = train(data, 0, MODEL, params, checkpoint=checkpoint, fingerprint="f")
+        results["resumed"] = {"state": model.state_dict(), "history": history}
+        # A non-finite loss in one process only stops every process, at the same batch.
+        if ranks.rank == 1:
+            training.BatchShare.mean = lambda self, *args, **kwargs: torch.tensor(float("nan"))
+        try:
+            train(data, 0, MODEL, params)
+        except TrainingDiverged as error:
+            (out / f"diverged_rank{ranks.rank}.txt").write_text(str(error))
+        if ranks.main:
+            torch.save(results, out / "results.pt")
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
