@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from pipeline.artifacts import output_dir, read_json, write_csv
-from pipeline.config import parse_section
+from pipeline.config import PARAMS_FILE, parse_section
 from pipeline.evaluation import MODELS
 from pipeline.presets import exp_run_command
 from pipeline.visualisation import plot_metric_vs_count, results_table_markdown
@@ -56,6 +56,8 @@ def point_overrides(param: str, value: str, seed: int, fixed: list[str]) -> list
 def run(param: str, values: list[str], seeds: list[int], out: Path, preset: str | None, fixed: list[str]) -> None:
     """Run every (value, seed) point not yet saved under ``out/runs``, then summarize."""
     preset_sets = shlex.split(exp_run_command(preset))[5:] if preset else []  # after "dvc exp run -n NAME"
+    # `dvc exp run` leaves its params in the workspace; every point starts from the sweep's own.
+    base_params = PARAMS_FILE.read_text()
     for value in values:
         for seed in seeds:
             name = point_name(param, value, seed)
@@ -66,6 +68,7 @@ def run(param: str, values: list[str], seeds: list[int], out: Path, preset: str 
             sets = [arg for item in point_overrides(param, value, seed, fixed) for arg in ("-S", item)]
             command = ["dvc", "exp", "run", "-n", name, *preset_sets, *sets]
             print(f"[sweep] {name}: {shlex.join(command)}", flush=True)
+            PARAMS_FILE.write_text(base_params)
             if subprocess.run(command).returncode != 0:
                 sys.exit(f"[sweep] {name} failed; fix the cause and rerun: finished points are kept")
             save_point(saved)
