@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.models import BACKBONES, VARIANTS, Classifier, GuidedClassifier  # noqa: E402
 from pipeline.saliency import METHODS, create_saliency  # noqa: E402
 from pipeline.training import auxiliary_loss  # noqa: E402
+from timing import time_rounds  # noqa: E402  (benchmarks/timing.py)
 
 TRAIN_GOAL, INFERENCE_GOAL = 1.3, 1.05
 
@@ -86,28 +85,6 @@ def inference(deployed: nn.Module, x: torch.Tensor, teacher: nn.Module | None, m
         return deployed(x, prior)
 
     return run
-
-
-def time_rounds(funcs: dict[str, Callable], repeats: int, device: str) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {key: [] for key in funcs}
-    for fn in funcs.values():  # warm-up: lazy initialisation, allocator caches
-        fn()
-    rng = random.Random(0)
-    for _ in range(repeats):
-        keys = list(funcs)
-        rng.shuffle(keys)
-        for key in keys:
-            sync(device)
-            start = time.perf_counter()
-            funcs[key]()
-            sync(device)
-            times[key].append(time.perf_counter() - start)
-    return times
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def ratios(times: dict[str, list[float]], key: str, reference: str) -> tuple[float, float]:

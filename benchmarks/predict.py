@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +44,7 @@ from pipeline.pseudo_labels import pseudo_mask  # noqa: E402
 from pipeline.saliency import create_saliency, saliency_maps  # noqa: E402
 from pipeline.synthetic import generate  # noqa: E402
 from pipeline.training import Guidance, predict, train  # noqa: E402
+from timing import time_rounds  # noqa: E402  (benchmarks/timing.py)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -109,28 +108,6 @@ def stage_functions(models: dict[str, LoadedModel], images: torch.Tensor, device
                 return predict_files(predictor, files, folder.parent / f"out-{name}", len(files), progress=False)
         funcs[name] = run
     return funcs
-
-
-def time_rounds(funcs: dict[str, Callable], rounds: int, device: str) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {key: [] for key in funcs}
-    for fn in funcs.values():  # warm-up: lazy initialisation, allocator caches
-        fn()
-    rng = random.Random(0)
-    for _ in range(rounds):
-        keys = list(funcs)
-        rng.shuffle(keys)
-        for key in keys:
-            sync(device)
-            start = time.perf_counter()
-            funcs[key]()
-            sync(device)
-            times[key].append(time.perf_counter() - start)
-    return times
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main() -> None:

@@ -1,0 +1,33 @@
+"""Timing shared by the benchmark scripts: interleaved rounds, so that load on a shared machine
+falls on every contender alike and ratios within one run stay meaningful."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def time_rounds(funcs: dict[str, Callable], rounds: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each call per round, the contenders in a new random order every round."""
+    times: dict[str, list[float]] = {key: [] for key in funcs}
+    for fn in funcs.values():  # warm-up: lazy initialisation, allocator caches
+        fn()
+    rng = random.Random(0)
+    for _ in range(rounds):
+        keys = list(funcs)
+        rng.shuffle(keys)
+        for key in keys:
+            sync(device)
+            start = time.perf_counter()
+            funcs[key]()
+            sync(device)
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
