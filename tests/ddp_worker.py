@@ -12,12 +12,13 @@ from pipeline import distributed, training
 from pipeline.training import TrainingDiverged, predict, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distributed import CASES, MODEL, case, tiny_data  # noqa: E402
+from helpers import noise_data  # noqa: E402
+from test_distributed import CASES, MODEL, case  # noqa: E402
 
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
-    data = tiny_data()
+    data = noise_data()
     _, test_rows = data.split(0)
     with distributed.process_group(torch.device("cpu")) as ranks:
         results = {}

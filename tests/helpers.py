@@ -8,8 +8,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:  # annotations only: the helpers import torch lazily, where it is needed
+    import torch
+
+    from pipeline.data import PreparedData
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore"]
@@ -94,3 +100,19 @@ def train_tiny_models(folder: Path, size: int = 32, n: int = 8) -> tuple[dict[st
         paths[name] = folder / f"{name}.pt"
         save_model(paths[name], model, config)
     return paths, images
+
+
+def noise_data() -> PreparedData:
+    """24 noise images of 32x32, a quarter defective; fold 0 (8 images) is the test set."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from pipeline.data import PreparedData
+
+    n = 24
+    index = pd.DataFrame({"id": [f"im{i}" for i in range(n)], "label": [int(i % 4 == 0) for i in range(n)],
+                          "group": [f"g{i}" for i in range(n)], "fold": [0 if i < 8 else -1 for i in range(n)],
+                          "has_mask": False})
+    images = np.random.default_rng(0).integers(0, 256, (n, 32, 32), dtype=np.uint8)
+    return PreparedData(Path("."), index, torch.from_numpy(images))

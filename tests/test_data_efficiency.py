@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -85,14 +84,6 @@ def test_counts_are_validated_in_params():
                             ("pseudo_labels", {"true_masks": -1})):
         with pytest.raises(ConfigError, match=f"{section}.(defective_images|true_masks)"):
             parse_section(section, values)
-
-
-@pytest.fixture()
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    yield tmp_path
-    mlflow.end_run()
 
 
 def prepare_with_maps(folder: Path, **prepare_params) -> PreparedData:

@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from helpers import SHRUNK, dvc, make_shrunk_project, merge, project_env
+from helpers import SHRUNK, dvc, make_shrunk_project, merge, noise_data, project_env
 from mlflow.tracking import MlflowClient
 
 from pipeline import distributed
@@ -34,16 +33,6 @@ PARAMS = TrainParams(epochs=2, batch_size=4, lr=1e-4, seed=0)
 CASES = ("baseline", "consistency", "teacher")
 # Float sums in another order (per process, then across processes) are all that differs.
 TOLERANCE = {"atol": 2e-6, "rtol": 1e-4}
-
-
-def tiny_data() -> PreparedData:
-    """24 noise images of 32x32, a quarter defective; fold 0 (8 images) is the test set."""
-    n = 24
-    index = pd.DataFrame({"id": [f"im{i}" for i in range(n)], "label": [int(i % 4 == 0) for i in range(n)],
-                          "group": [f"g{i}" for i in range(n)], "fold": [0 if i < 8 else -1 for i in range(n)],
-                          "has_mask": False})
-    images = np.random.default_rng(0).integers(0, 256, (n, 32, 32), dtype=np.uint8)
-    return PreparedData(Path("."), index, torch.from_numpy(images))
 
 
 def case(name: str, data: PreparedData) -> tuple[TrainParams, Guidance | None]:
@@ -68,7 +57,7 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def single_process() -> dict[str, dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    data = tiny_data()
+    data = noise_data()
     _, test_rows = data.split(0)
     results = {}
     for name in CASES:
@@ -164,7 +153,7 @@ def test_device_and_precision_choice() -> None:
 
 
 def test_bf16_on_the_cpu_trains_close_to_fp32_and_workers_change_nothing() -> None:
-    data = tiny_data()
+    data = noise_data()
     params = PARAMS.model_copy(update={"epochs": 1})
     reference, _, history = train(data, 0, MODEL, params)
     with_workers, _, worker_history = train(data, 0, MODEL.model_copy(update={"num_workers": 2}), params)

@@ -10,21 +10,10 @@ import onnx
 import pytest
 import torch
 
-from helpers import train_tiny_models
 from pipeline.data import to_input
 from pipeline.export import example_inputs, export, main, run_exported
 from pipeline.saliency import create_saliency, saliency_maps
 from pipeline.training import load_model
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], torch.Tensor]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train_tiny_models(tmp_path_factory.mktemp("models"))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import ROOT, train_tiny_models
+from helpers import ROOT
 from pipeline.artifacts import write_image
 from pipeline.predict import ModelError, decision_threshold, load_any, main
 from pipeline.saliency import create_saliency, saliency_maps
@@ -26,16 +26,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], torch.Tensor]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train_tiny_models(tmp_path_factory.mktemp("models"))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import cv2
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,14 +12,6 @@ from pipeline.artifacts import read_json
 from stages import prepare
 
 KOLEKTOR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "KolektorSDD"
-
-
-@pytest.fixture()
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    yield tmp_path
-    mlflow.end_run()
 
 
 def write_params(folder: Path, **prepare_params) -> None:

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import SHRUNK, dvc, make_shrunk_project, merge, project_env, stages_run
+from helpers import SHRUNK, dvc, make_shrunk_project, merge, noise_data, project_env, stages_run
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -54,13 +53,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def data() -> PreparedData:
-    """24 noise images of 32x32, a quarter defective; fold 0 (8 images) is the test set."""
-    n = 24
-    index = pd.DataFrame({"id": [f"im{i}" for i in range(n)], "label": [int(i % 4 == 0) for i in range(n)],
-                          "group": [f"g{i}" for i in range(n)], "fold": [0 if i < 8 else -1 for i in range(n)],
-                          "has_mask": False})
-    images = np.random.default_rng(0).integers(0, 256, (n, 32, 32), dtype=np.uint8)
-    return PreparedData(Path("."), index, torch.from_numpy(images))
+    return noise_data()
 
 
 @pytest.fixture(scope="module")
