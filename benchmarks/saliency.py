@@ -45,10 +45,8 @@ import argparse
 import json
 import os
 import platform
-import random
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,6 +56,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.models import Classifier  # noqa: E402
 from pipeline.saliency import DEFAULT_LAYERS, METHODS, create_saliency, defect_score  # noqa: E402
+from timing import time_rounds  # noqa: E402  (benchmarks/timing.py)
 
 GOALS = {"gradcam": ("floor_b", 1.1), "layercam": ("floor_b", 1.1), "fullgrad": ("floor_a", 1.5)}
 PEER_GOALS = {"gradcam": 2.0, "layercam": 2.0, "fullgrad": 5.0}  # minimum speed-up over grad-cam
@@ -189,29 +188,6 @@ def peer_version() -> str | None:
         return None
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_all(funcs: dict[str, Callable], repeats: int, device: str, clock: str = "wall") -> dict[str, float]:
-    best = {key: float("inf") for key in funcs}
-    for fn in funcs.values():  # warm-up: lazy initialisation, allocator caches
-        fn()
-    rng = random.Random(0)
-    for _ in range(repeats):
-        keys = list(funcs)
-        rng.shuffle(keys)
-        for key in keys:
-            sync(device)
-            now = time.process_time if clock == "cpu" else time.perf_counter
-            start = now()
-            funcs[key]()
-            sync(device)
-            best[key] = min(best[key], now() - start)
-    return best
-
-
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -285,7 +261,7 @@ def main() -> None:
         for size in args.sizes:
             model, x = build(backbone, parse_size(size), args.batch, args.device)
             funcs = functions(model, x, backbone, args.methods)
-            best = time_all(funcs, args.repeats, args.device, args.clock)
+            best = {key: min(times) for key, times in time_rounds(funcs, args.repeats, args.device, args.clock).items()}
             memory = {}
             if not args.no_memory:
                 memory = {key: measure_memory(args, backbone, size, args.device, key) for key in funcs}

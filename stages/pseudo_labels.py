@@ -5,7 +5,8 @@ label says there is nothing to find). Where true masks exist, the pseudo-masks a
 them, which tells how much the transferred knowledge is worth before any guided training.
 Mixed supervision (``true_masks`` > 0): for that many defective training images of each fold,
 drawn from ``seed``, the true mask is the target instead (the rest keep their pseudo-masks).
-Outputs: data/pseudo_masks/fold<k>/<id>.png (0/255) and run.json; data/metrics/pseudo_labels.json.
+Outputs: data/pseudo_masks/fold<k>/<id>.png (0/255), true_masks.json (per fold, the ids whose
+target is a true mask) and run.json; data/metrics/pseudo_labels.json.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pipeline.artifacts import output_dir, read_json, write_image, write_json
 from pipeline.config import PseudoLabelParams, load_section
 from pipeline.data import PreparedData
 from pipeline.metrics import mask_iou, mean_over_folds
-from pipeline.pseudo_labels import pseudo_mask
+from pipeline.pseudo_labels import TRUE_MASKS, pseudo_mask
 from pipeline.runner import run_stage
 from pipeline.tracking import stage_run
 
@@ -37,6 +38,7 @@ def main() -> None:
     with stage_run("pseudo_labels", {"pseudo_labels": params}, dataset=dataset) as run:
         run.link_upstream(PREPARED, SALIENCY)
         summary: dict[str, dict] = {}
+        true_mask_ids: dict[str, list[str]] = {}
         with output_dir(OUT) as out:
             for fold in data.folds:
                 maps = data.load_maps(SALIENCY / f"fold{fold}", np.arange(len(labels))).numpy()
@@ -48,6 +50,8 @@ def main() -> None:
                 for image_id, mask in zip(data.index["id"], targets):
                     write_image(out / f"fold{fold}" / f"{image_id}.png", mask.astype(np.uint8) * 255)
                 summary[f"fold{fold}"] = {**_score(data, fold, masks, defective), "true_masks": len(true_rows)}
+                true_mask_ids[f"fold{fold}"] = data.index["id"].iloc[true_rows].tolist()
+            write_json(out / TRUE_MASKS, true_mask_ids)
             run.write_lineage(out)
         means = mean_over_folds(summary)
         write_json(METRICS, {"per_fold": summary, **means})

@@ -1,8 +1,10 @@
 """Stage train_guided: the same backbone retrained with the baseline's knowledge.
 
 The baseline's saliency map of each image is its prior channel; the Otsu pseudo-masks supervise
-the segmentation head with a loss weight that decays over the epochs. One model per fold, each
-guided by the baseline of the same fold (never by a model that saw its test images).
+the segmentation head with a loss weight that decays over the epochs (variant consistency: the
+saliency maps are the target of the consistency loss). Under mixed supervision, an image's true
+mask replaces its pseudo-mask and, for consistency, its saliency map as that target. One model
+per fold, each guided by the baseline of the same fold (never by a model that saw its test images).
 Outputs: data/guided/fold<k>.pt and run.json; data/metrics/train_guided.json;
 data/plots/train_guided.csv.
 """
@@ -17,6 +19,7 @@ from pipeline import distributed
 from pipeline.artifacts import output_dir, read_json
 from pipeline.config import GuidedParams, ModelParams, load_section
 from pipeline.data import PreparedData
+from pipeline.pseudo_labels import TRUE_MASKS, consistency_targets
 from pipeline.runner import run_stage
 from pipeline.tracking import stage_run
 from pipeline.training import Guidance, fingerprint_of, pick_device, publish, train_folds
@@ -37,10 +40,15 @@ def main() -> None:
     data = PreparedData.load(PREPARED)
     dataset = read_json(PREPARED / "report.json")["dataset"]
     every_row = np.arange(len(data.index))
+    true_mask_ids = read_json(PSEUDO_MASKS / TRUE_MASKS)
 
     def guidance_for(fold: int) -> Guidance:
-        return Guidance(priors=data.load_maps(SALIENCY / f"fold{fold}", every_row),
-                        pseudo_masks=data.load_masks(PSEUDO_MASKS / f"fold{fold}", every_row))
+        priors = data.load_maps(SALIENCY / f"fold{fold}", every_row)
+        pseudo_masks = data.load_masks(PSEUDO_MASKS / f"fold{fold}", every_row)
+        if params.variant == "consistency":  # the other variants read the prior as an input, too
+            true_rows = np.flatnonzero(data.index["id"].isin(true_mask_ids[f"fold{fold}"]))
+            priors = consistency_targets(priors, pseudo_masks, true_rows)
+        return Guidance(priors=priors, pseudo_masks=pseudo_masks)
 
     sections = {"model": model_params, "train_guided": params}
     fingerprint = fingerprint_of(sections, SALIENCY / "run.json", PSEUDO_MASKS / "run.json")

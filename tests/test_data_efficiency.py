@@ -5,13 +5,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
-from pipeline.artifacts import read_image, read_json, write_map
+from pipeline.artifacts import read_image, read_json, write_json, write_map
 from pipeline.config import ConfigError, parse_section
 from pipeline.data import PreparedData, SubsetError, defective_subsets
-from pipeline.pseudo_labels import otsu_mask
-from stages import prepare, pseudo_labels
+from pipeline.pseudo_labels import TRUE_MASKS, consistency_targets, otsu_mask
+from stages import prepare, pseudo_labels, train_guided
 
 
 def make_index(folds: int = 3, per_fold_defective: int = 8, per_fold_clean: int = 12) -> pd.DataFrame:
@@ -86,9 +87,9 @@ def test_counts_are_validated_in_params():
             parse_section(section, values)
 
 
-def prepare_with_maps(folder: Path, **prepare_params) -> PreparedData:
+def prepare_with_maps(folder: Path, size: int = 32, **prepare_params) -> PreparedData:
     """The prepare stage on a small synthetic set, and a random saliency map per image and fold."""
-    params = {"prepare": {"width": 32, "height": 32, "split": "cv", "folds": 3, **prepare_params,
+    params = {"prepare": {"width": size, "height": size, "split": "cv", "folds": 3, **prepare_params,
                           "synthetic": {"items": 12, "images_per_item": 4, "defect_ratio": 0.4}}}
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     prepare.main()
@@ -96,7 +97,7 @@ def prepare_with_maps(folder: Path, **prepare_params) -> PreparedData:
     rng = np.random.default_rng(0)
     for fold in data.folds:
         for image_id in data.index["id"]:
-            write_map(folder / "data/saliency" / f"fold{fold}" / f"{image_id}.png", rng.random((32, 32)))
+            write_map(folder / "data/saliency" / f"fold{fold}" / f"{image_id}.png", rng.random((size, size)))
     return data
 
 
@@ -133,6 +134,7 @@ def test_na_zero_leaves_every_target_a_pseudo_mask(workdir):
             expected = otsu_of(data, fold, row) if labels[row] else np.zeros_like(target)
             assert np.array_equal(target, expected)
     assert read_json(workdir / "data/metrics/pseudo_labels.json")["true_masks"] == 0
+    assert read_json(workdir / "data/pseudo_masks" / TRUE_MASKS) == {"fold0": [], "fold1": [], "fold2": []}
 
 
 def test_na_all_gives_every_defective_training_image_its_true_mask(workdir):
@@ -149,3 +151,36 @@ def test_na_all_gives_every_defective_training_image_its_true_mask(workdir):
                 assert np.array_equal(found[row], otsu_of(data, fold, row)), row
     per_fold = read_json(workdir / "data/metrics/pseudo_labels.json")["per_fold"]
     assert all(scores["true_masks"] == 6 for scores in per_fold.values())
+    listed = read_json(workdir / "data/pseudo_masks" / TRUE_MASKS)
+    for fold in data.folds:
+        train, _ = data.split(fold)
+        expected = data.index["id"].iloc[data.true_mask_rows(fold, "all", 0)].tolist()
+        assert len(listed[f"fold{fold}"]) == 6 and listed[f"fold{fold}"] == expected
+        assert set(listed[f"fold{fold}"]) <= set(data.index["id"].iloc[train])
+
+
+def test_consistency_targets_swap_in_the_true_masks_of_their_rows_only():
+    priors, masks = torch.rand(5, 4, 4), (torch.rand(5, 4, 4) > 0.5).float()
+    mixed = consistency_targets(priors, masks, [1, 3])
+    assert torch.equal(mixed[[1, 3]], masks[[1, 3]]) and torch.equal(mixed[[0, 2, 4]], priors[[0, 2, 4]])
+    assert not torch.equal(priors[1], masks[1])  # the saliency maps themselves are left as they were
+    assert consistency_targets(priors, masks, []) is priors
+
+
+@pytest.mark.parametrize("variant", ["consistency", "no_injection"])
+def test_true_masks_change_what_the_guided_model_learns(workdir, variant):
+    """Na must reach the loss of every variant: the consistency loss reads the saliency maps, not
+    the pseudo-masks, and once learnt exactly the same model whatever Na."""
+    prepare_with_maps(workdir, size=96)  # the model's Grad-CAM is 3×3 cells: something to point at
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params.update(model={"backbone": "resnet18", "device": "cpu"},
+                  train_guided={"epochs": 1, "batch_size": 8, "variant": variant, "seed": 0})
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    # The lineage record the saliency stage leaves (here the maps come from prepare_with_maps).
+    write_json(workdir / "data/saliency/run.json", {"stage": "saliency", "mlflow_run_id": "-", "pipeline_run_id": "-"})
+    losses = {}
+    for true_masks in (0, "all"):
+        run_pseudo_labels(workdir, true_masks=true_masks)
+        train_guided.main()
+        losses[true_masks] = read_json(workdir / "data/metrics/train_guided.json")["per_fold"]["fold0"]["loss"]
+    assert losses[0] != losses["all"]

@@ -20,13 +20,7 @@ from pipeline.training import (Guidance, consistency_loss, inference_priors, loa
 BACKBONES = ("resnet18", "vgg16")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only waits on a busy machine (seconds per test, not ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _parameter_count(module: torch.nn.Module) -> int:

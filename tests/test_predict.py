@@ -19,13 +19,7 @@ from pipeline.saliency import create_saliency, saliency_maps
 from pipeline.training import load_model, predict, register_models
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second thread only waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -158,7 +152,7 @@ def test_command_line_reports_a_wrong_model_in_one_line(tmp_path: Path) -> None:
     text.write_text("not a model")
     (tmp_path / "a.png").write_bytes(b"")
     result = subprocess.run([sys.executable, "-m", "pipeline.predict", "--model", str(text), str(tmp_path / "a.png")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
     assert f"error: {text} is not a PyTorch file" in result.stderr and "Traceback" not in result.stderr
 
