@@ -144,7 +144,7 @@ def summarize(param: str, out: Path) -> pd.DataFrame:
     artifacts = [out / "summary.md", out / "summary.csv", out / "points.csv"]
     if by != "value":
         plot = out / f"ap_vs_{by}.png"
-        plot_metric_vs_count(table, by, plot, f"AP against {by.replace('_', ' ')} ({spread})")
+        plot_metric_vs_count(table, by, plot, f"AP against {by.replace('_', ' ')}\n(bars: {spread})")
         artifacts.append(plot)
     with stage_run("sweep", {"sweep": {"param": param, "points": len(points)}}) as tracked:
         for _, row in table.iterrows():

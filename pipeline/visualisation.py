@@ -321,8 +321,10 @@ def plot_metric_vs_count(frame: pd.DataFrame, x: str, path: str | Path, title: s
         axes.errorbar(rows[x], rows["ap_mean"], yerr=rows["ap_std"], marker="o", capsize=3,
                       label=str(model))
     # Sweep values (5, 10, 20, ...) are the only meaningful x positions.
-    axes.set_xticks(sorted(frame[x].unique()))
-    axes.set(xlabel=x, ylabel="AP", title=title)
+    ticks = sorted(frame[x].unique())
+    axes.set_xticks(ticks, [f"{tick:.3g}" for tick in ticks])
+    axes.set(xlabel=x.replace("_", " "), ylabel="AP")
+    axes.set_title(title, fontsize="medium", wrap=True)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
