@@ -132,8 +132,12 @@ def summarize(param: str, out: Path) -> pd.DataFrame:
     table = summary_table(points, by)
     write_csv(out / "points.csv", points)
     write_csv(out / "summary.csv", table)
-    spread = ("std over seeds" if table["seeds"].min() > 1 else "std over folds (one seed)"
-              if table["seeds"].max() == 1 else "std over seeds; over folds where one seed")
+    if table["seeds"].min() > 1:
+        spread = "std over seeds"
+    elif table["seeds"].max() == 1:
+        spread = "std over folds (one seed)"
+    else:
+        spread = "std over seeds; over folds where one seed"
     rows = [{by: row[by], "Model": row["model"], "Seeds": row["seeds"], "AP %": row["ap_mean"],
              "AP std %": row["ap_std"], "False alarms at 100% recall": row["false_alarms_mean"],
              "Pointing game %": row["pointing_game_mean"]} for _, row in table.iterrows()]

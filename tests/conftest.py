@@ -30,11 +30,6 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], torch.Tensor]:
+def tiny(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> tuple[dict[str, Path], torch.Tensor]:
     """Tiny trained models (baseline, consistency, teacher) and their images, once per module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train_tiny_models(tmp_path_factory.mktemp("models"))
-    finally:
-        torch.set_num_threads(threads)
+    return train_tiny_models(tmp_path_factory.mktemp("models"))
