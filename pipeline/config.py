@@ -90,6 +90,8 @@ class TrainParams(Section):
     lr: float = Field(0.01, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0, lt=1)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: lr decays to 0 over the epochs, batch by batch (a calm last epoch)")
     seed: int = SEED
 
 

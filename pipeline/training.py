@@ -104,6 +104,17 @@ def seg_weight(epoch: int, params: GuidedParams) -> float:
     return params.seg_weight * (1.0 - epoch / params.epochs)
 
 
+def learning_rate(epoch: float, params: TrainParams) -> float:
+    """The learning rate at ``epoch`` (0-based, fractional within an epoch) of ``params.epochs``.
+
+    A function of the position alone, with no scheduler state: a run resumed from a checkpoint
+    takes the same rates as an uninterrupted one.
+    """
+    if params.lr_schedule == "constant":
+        return params.lr
+    return params.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / params.epochs))
+
+
 def build_model(config: dict, deployed: bool = True) -> nn.Module:
     """The network a saved config describes: as deployed (what inference needs) or as trained."""
     if config["kind"] != "guided":
@@ -338,6 +349,8 @@ def train(
                     f"fold {fold}: loss is {values[0].item()} at epoch {epoch + 1}, batch {batch_number + 1}; "
                     "lower the learning rate or check the input images. No model was written."
                 )
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(epoch + batch_number / len(global_batches), params)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -348,7 +361,7 @@ def train(
             raise TrainingDiverged(f"fold {fold}: the weights are not finite after epoch {epoch + 1}; "
                                    "lower the learning rate. No model was written.")
 
-        record = {"fold": fold, "epoch": epoch + 1, "seg_weight": weight,
+        record = {"fold": fold, "epoch": epoch + 1, "lr": learning_rate(epoch, params), "seg_weight": weight,
                   **{name: total / len(order) for name, total in totals.items()}}
         record["test_ap"] = math.nan
         if ranks.main:

@@ -34,8 +34,8 @@ from pipeline.config import ConfigError, GuidedParams, ModelParams, TrainParams,
 from pipeline.data import PreparedData
 from pipeline.datasets import DataError, read_gray
 from pipeline.tracking import FAST_CHECK, TrackingError, _environment_defaults, connect
-from pipeline.training import (Guidance, TrainingDiverged, _resumable_state, save_model, summarize, train,
-                               train_folds)
+from pipeline.training import (Guidance, TrainingDiverged, _resumable_state, learning_rate, save_model, summarize,
+                               train, train_folds)
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 MODEL = ModelParams(device="cpu")
@@ -81,14 +81,16 @@ def test_same_seed_gives_identical_metrics_and_weights(data: PreparedData, refer
     assert without_timings(other_seed) != without_timings(history)
 
 
-@pytest.mark.parametrize("guided", [False, True], ids=["baseline", "guided"])
+@pytest.mark.parametrize("guided, lr_schedule", [(False, "constant"), (True, "constant"), (False, "cosine")],
+                         ids=["baseline", "guided", "baseline-cosine-lr"])
 def test_run_interrupted_mid_training_resumes_to_the_uninterrupted_result(
-    guided: bool, data: PreparedData, reference, tmp_path: Path, capsys: pytest.CaptureFixture
+    guided: bool, lr_schedule: str, data: PreparedData, reference, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    params, guidance = PARAMS, None
+    params, guidance = PARAMS.model_copy(update={"lr_schedule": lr_schedule}), None
     if guided:
         priors = torch.from_numpy(np.random.default_rng(1).random(data.images.shape, dtype=np.float32))
-        params, guidance = GuidedParams(**PARAMS.model_dump()), Guidance(priors, (priors > 0.8).float())
+        params, guidance = GuidedParams(**params.model_dump()), Guidance(priors, (priors > 0.8).float())
+    if guided or lr_schedule != PARAMS.lr_schedule:
         uninterrupted, _, uninterrupted_history = train(data, 0, MODEL, params, guidance)
         reference = (uninterrupted, uninterrupted_history)
     checkpoint = tmp_path / "fold0.pt"
@@ -107,6 +109,18 @@ def test_run_interrupted_mid_training_resumes_to_the_uninterrupted_result(
     assert without_timings(history) == without_timings(reference[1])
     assert same_weights(model.state_dict(), reference[0].state_dict())  # momentum and BatchNorm state restored
     assert logged == history  # the resumed run logs every epoch, the restored ones included
+
+
+def test_cosine_learning_rate_decays_to_zero_batch_by_batch_and_changes_training(data: PreparedData, reference) -> None:
+    cosine = PARAMS.model_copy(update={"epochs": 4, "lr": 0.2, "lr_schedule": "cosine"})
+    assert [learning_rate(t, cosine) for t in (0, 1, 2, 3, 3.5, 4)] == pytest.approx(
+        [0.2, 0.2 * (1 + 2 ** -0.5) / 2, 0.1, 0.2 * (1 - 2 ** -0.5) / 2, 0.2 * (1 - np.cos(np.pi / 8)) / 2, 0.0])
+    assert [learning_rate(t, PARAMS) for t in (0, 1.5, 3)] == [PARAMS.lr] * 3
+    model, _, history = train(data, 0, MODEL, PARAMS.model_copy(update={"lr_schedule": "cosine"}))
+    assert [record["lr"] for record in history] == pytest.approx([PARAMS.lr, PARAMS.lr * 0.75, PARAMS.lr * 0.25])
+    assert [record["lr"] for record in reference[1]] == [PARAMS.lr] * 3
+    assert history[1]["loss"] != reference[1][1]["loss"]
+    assert not same_weights(model.state_dict(), reference[0].state_dict())
 
 
 def test_checkpoint_of_other_params_or_unreadable_is_not_resumed(
