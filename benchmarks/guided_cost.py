@@ -35,10 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.models import BACKBONES, VARIANTS, Classifier, GuidedClassifier  # noqa: E402
-from pipeline.saliency import METHODS, create_saliency  # noqa: E402
-from pipeline.training import auxiliary_loss  # noqa: E402
 from timing import time_rounds  # noqa: E402  (benchmarks/timing.py)
+
+from pipeline.losses import AUXILIARY_LOSSES  # noqa: E402
+from pipeline.models import BACKBONES, Classifier, GuidedClassifier  # noqa: E402
+from pipeline.saliency import METHODS, create_saliency  # noqa: E402
+from pipeline.variants import SALIENCY_MAPS, VARIANTS  # noqa: E402
 
 TRAIN_GOAL, INFERENCE_GOAL = 1.3, 1.05
 
@@ -61,10 +63,12 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prior: torch.
             loss = F.binary_cross_entropy_with_logits(model(x), y)
         else:
             model_prior = prior
-            if model.variant == "none":
+            if model.variant.drops_prior:
                 model_prior = prior * (torch.rand(len(x), 1, 1, 1, device=x.device) >= prior_dropout)
             logits, aux = model(x, model_prior)
-            loss = F.binary_cross_entropy_with_logits(logits, y) + auxiliary_loss(model, aux, prior, mask, y)
+            target = prior if model.variant.target == SALIENCY_MAPS else mask
+            loss = F.binary_cross_entropy_with_logits(logits, y) + AUXILIARY_LOSSES[model.variant.target](
+                aux, target, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -3,7 +3,7 @@
 Prints one JSON line per (device, variant, stage) on the CPU, and on the GPU too where
 ``torch.cuda.is_available()``:
 
-* ``score``: the model's forward on a batch (``pipeline.training.predict``); for the teacher
+* ``score``: the model's forward on a batch (``pipeline.inference.predict``); for the teacher
   variant with the baseline's saliency map first, which it reads as its prior.
 * ``predict``: what ``pipeline.predict`` computes per batch: resizing, the score and the model's
   own saliency map for the overlay (no file input and output).
@@ -35,16 +35,20 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import time_rounds  # noqa: E402  (benchmarks/timing.py)
+
 from pipeline.artifacts import write_image  # noqa: E402
 from pipeline.config import GuidedParams, ModelParams, TrainParams  # noqa: E402
-from pipeline.data import PreparedData  # noqa: E402
-from pipeline.models import takes_prior  # noqa: E402
+from pipeline.inference import predict  # noqa: E402
+from pipeline.model_files import needs_prior  # noqa: E402
+from pipeline.objectives import GuidedObjective, guidance_for  # noqa: E402
 from pipeline.predict import LoadedModel, Predictor, load_file, predict_files  # noqa: E402
+from pipeline.prepared import PreparedData  # noqa: E402
 from pipeline.pseudo_labels import pseudo_mask  # noqa: E402
 from pipeline.saliency import create_saliency, saliency_maps  # noqa: E402
 from pipeline.synthetic import generate  # noqa: E402
-from pipeline.training import Guidance, predict, train  # noqa: E402
-from timing import time_rounds  # noqa: E402  (benchmarks/timing.py)
+from pipeline.training import train  # noqa: E402
+from pipeline.variants import VARIANTS  # noqa: E402
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -64,11 +68,11 @@ def synthetic_models(height: int, width: int, variants: list[str]) -> tuple[dict
     baseline, config, _ = train(data, 0, model_params, TrainParams(epochs=1, batch_size=16))
     priors = saliency_maps(create_saliency("layercam", baseline), config, data.images)[0]
     masks = np.stack([pseudo_mask(p, label) for p, label in zip(priors, index["label"])])
-    guidance = Guidance(torch.from_numpy(priors), torch.from_numpy(masks).float())
     models = {"baseline": LoadedModel(baseline.eval(), config, "synthetic")}
     for variant in variants:
-        guided, guided_config, _ = train(data, 0, model_params, GuidedParams(epochs=1, batch_size=16, variant=variant),
-                                         guidance)
+        params = GuidedParams(epochs=1, batch_size=16, variant=variant)
+        guidance = guidance_for(VARIANTS[variant], torch.from_numpy(priors), torch.from_numpy(masks).float())
+        guided, guided_config, _ = train(data, 0, model_params, params, GuidedObjective(guidance, params))
         models[variant] = LoadedModel(guided.deployable().eval(), guided_config, "synthetic")
     return models, data.images
 
@@ -87,7 +91,7 @@ def stage_functions(models: dict[str, LoadedModel], images: torch.Tensor, device
     funcs = {}
     for name, loaded in models.items():
         loaded = LoadedModel(loaded.model.to(device), loaded.config, loaded.source)
-        predictor = Predictor(loaded, 0.5, teacher=teacher if takes_prior(loaded.config) else None)
+        predictor = Predictor(loaded, 0.5, teacher=teacher if needs_prior(loaded.config) else None)
         batch = images.to(device) if stage == "score" else images
         if stage == "score":
             def run(predictor: Predictor = predictor, batch: torch.Tensor = batch) -> object:
@@ -148,7 +152,7 @@ def main() -> None:
                         "images_per_s_guided": round(args.images / statistics.median(times[variant]), 1),
                         "time_ratio": round(statistics.median(
                             g / b for g, b in zip(times[variant], times["baseline"])), 3),
-                        "guided_includes": "baseline saliency prior" if takes_prior(config) else "nothing extra",
+                        "guided_includes": "baseline saliency prior" if needs_prior(config) else "nothing extra",
                     }), flush=True)
             for loaded in models.values():
                 loaded.model.to("cpu")

@@ -54,9 +54,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.models import Classifier  # noqa: E402
-from pipeline.saliency import DEFAULT_LAYERS, METHODS, create_saliency, defect_score  # noqa: E402
 from timing import time_rounds  # noqa: E402  (benchmarks/timing.py)
+
+from pipeline.models import (
+    BACKBONES,  # noqa: E402
+    Classifier,  # noqa: E402
+)
+from pipeline.saliency import METHODS, create_saliency, defect_score  # noqa: E402
 
 GOALS = {"gradcam": ("floor_b", 1.1), "layercam": ("floor_b", 1.1), "fullgrad": ("floor_a", 1.5)}
 PEER_GOALS = {"gradcam": 2.0, "layercam": 2.0, "fullgrad": 5.0}  # minimum speed-up over grad-cam
@@ -64,9 +68,9 @@ PEER_GOALS = {"gradcam": 2.0, "layercam": 2.0, "fullgrad": 5.0}  # minimum speed
 
 def variants(backbone: str, methods: list[str]) -> dict[str, tuple[str, list[str]]]:
     """What to measure, by key: method and target layers. LayerCAM also on its deepest layer alone."""
-    out = {method: (method, DEFAULT_LAYERS[backbone][method]) for method in methods}
+    out = {method: (method, BACKBONES[backbone].saliency_layers[method]) for method in methods}
     if "layercam" in methods:
-        out["layercam_1layer"] = ("layercam", DEFAULT_LAYERS[backbone]["layercam"][-1:])
+        out["layercam_1layer"] = ("layercam", BACKBONES[backbone].saliency_layers["layercam"][-1:])
     return out
 
 
@@ -227,7 +231,7 @@ def measure_memory(args: argparse.Namespace, backbone: str, size: str, device: s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbones", nargs="+", default=["resnet18", "vgg16"], choices=sorted(DEFAULT_LAYERS))
+    parser.add_argument("--backbones", nargs="+", default=["resnet18", "vgg16"], choices=sorted(BACKBONES))
     parser.add_argument("--sizes", nargs="+", default=["128x352", "224x640"], help="width x height")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batch", type=int, default=8)

@@ -6,6 +6,7 @@ on POSIX); whole output folders are built under a temporary name and swapped in 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -20,6 +21,8 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+
+from pipeline.errors import InputError, MissingInputError
 
 
 def _umask() -> int:
@@ -107,9 +110,21 @@ def write_csv(path: str | Path, frame: pd.DataFrame) -> None:
         frame.to_csv(temporary, index=False)
 
 
-def save_torch(path: str | Path, obj: Any) -> None:
+def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as temporary:
-        torch.save(obj, temporary)
+        temporary.write_bytes(data)
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save`` to ``path`` atomically; the same object always gives the same bytes.
+
+    Saved through a buffer: writing to a file, torch names the records of its zip archive after
+    that file, which here would be a random temporary name, so two saves of the same weights
+    would differ (and DVC would store every retrained model anew).
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load_torch(path: str | Path) -> Any:
@@ -117,7 +132,7 @@ def load_torch(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(
+        raise InputError(
             f"refusing to load {path}: it holds objects other than tensors and plain containers, "
             "which could run code when loaded; load only files written by this pipeline"
         ) from error
@@ -135,7 +150,7 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
 def read_image(path: str | Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
     image = cv2.imread(str(path), flags)
     if image is None:
-        raise FileNotFoundError(f"cannot read image {path}: missing or corrupt; rerun the stage that writes it")
+        raise MissingInputError(f"cannot read image {path}: missing or corrupt; rerun the stage that writes it")
     return image
 
 

@@ -8,15 +8,21 @@ that names the key and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from pipeline.datasets import SOURCE_KINDS
+from pipeline.errors import InputError
+from pipeline.models import BACKBONES
+from pipeline.saliency import METHODS
+from pipeline.variants import VARIANTS
+
 PARAMS_FILE = Path("params.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """params.yaml is unreadable, or a section has an unknown key or a bad value."""
 
 
@@ -43,7 +49,7 @@ class SyntheticParams(Section):
 
 
 class PrepareParams(Section):
-    dataset: Literal["synthetic", "kolektorsdd", "kolektorsdd2", "manifest", "folder"] = "synthetic"
+    dataset: Literal[("synthetic", *SOURCE_KINDS)] = "synthetic"  # type: ignore[valid-type]
     path: str | None = Field(None, description="data folder, zip file or manifest CSV (not for synthetic)")
     width: int = Field(128, ge=16, le=4096)
     height: int = Field(128, ge=16, le=4096)
@@ -64,7 +70,7 @@ class PrepareParams(Section):
 
 
 class ModelParams(Section):
-    backbone: Literal["resnet18", "vgg16"] = "resnet18"
+    backbone: Literal[tuple(BACKBONES)] = "resnet18"  # type: ignore[valid-type]
     in_channels: Literal[1, 3] = 1
     pretrained_weights: str | None = Field(None, description="local torchvision weights file; never downloaded")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -97,22 +103,22 @@ class TrainParams(Section):
 
 class GuidedParams(TrainParams):
     # Default chosen on KolektorSDD (README, "Guided variants"): best AP, no added inference cost.
-    variant: Literal["teacher", "none", "no_injection", "consistency"] = Field(
-        "consistency", description="how the baseline's knowledge is used; see pipeline/models.py and the README")
+    variant: Literal[tuple(VARIANTS)] = Field(  # type: ignore[valid-type]
+        "consistency", description="how the baseline's knowledge is used; see pipeline/variants.py and the README")
     seg_weight: float = Field(1.0, ge=0, description="λ at the first epoch: weight of the auxiliary loss")
     seg_weight_schedule: Literal["linear", "constant"] = "linear"
     prior_dropout: float = Field(0.5, ge=0, le=1, description="variant none: share of training images whose prior is zeroed")
 
     @model_validator(mode="after")
     def _none_needs_dropout(self) -> GuidedParams:
-        if self.variant == "none" and self.prior_dropout == 0:
-            raise ValueError("variant 'none' feeds a zero prior at inference, so it must train with "
+        if VARIANTS[self.variant].drops_prior and self.prior_dropout == 0:
+            raise ValueError(f"variant {self.variant!r} feeds a zero prior at inference, so it must train with "
                              "prior_dropout > 0 (e.g. 0.5)")
         return self
 
 
 class SaliencyParams(Section):
-    method: Literal["gradcam", "layercam", "fullgrad"] = "layercam"
+    method: Literal[tuple(METHODS)] = "layercam"  # type: ignore[valid-type]
     layers: list[str] | None = Field(None, description="layer names; null = the backbone's defaults")
     batch_size: int = Field(16, ge=1, le=1024)
     overlays: int = Field(6, ge=0, le=100)
@@ -144,9 +150,6 @@ SECTIONS: dict[str, type[Section]] = {
     "evaluate": EvaluateParams,
 }
 
-S = TypeVar("S", bound=Section)
-
-
 def read_params(path: Path = PARAMS_FILE) -> dict:
     try:
         params = yaml.safe_load(path.read_text())
@@ -162,6 +165,24 @@ def read_params(path: Path = PARAMS_FILE) -> dict:
             f"{path}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}"
         )
     return params
+
+
+# One overload per section, so that a stage's ``params = load_section("train_guided")`` is typed
+# ``GuidedParams`` for a type checker (``SECTIONS`` is what the code looks up).
+@overload
+def load_section(name: Literal["prepare"], path: Path = ...) -> PrepareParams: ...
+@overload
+def load_section(name: Literal["model"], path: Path = ...) -> ModelParams: ...
+@overload
+def load_section(name: Literal["train_baseline"], path: Path = ...) -> TrainParams: ...
+@overload
+def load_section(name: Literal["train_guided"], path: Path = ...) -> GuidedParams: ...
+@overload
+def load_section(name: Literal["saliency"], path: Path = ...) -> SaliencyParams: ...
+@overload
+def load_section(name: Literal["pseudo_labels"], path: Path = ...) -> PseudoLabelParams: ...
+@overload
+def load_section(name: Literal["evaluate"], path: Path = ...) -> EvaluateParams: ...
 
 
 def load_section(name: str, path: Path = PARAMS_FILE) -> Section:

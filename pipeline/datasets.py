@@ -28,11 +28,13 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import InputError
+
 ZIP_SEPARATOR = "::"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 50_000_000  # default of prepare.max_image_pixels: about 50 MB decoded as gray
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data; the message names the file and says what to do about it."""
 
 
@@ -488,16 +490,10 @@ def _manifest_fold(row: dict[str, str], where: str) -> int:
     return fold
 
 
-def load_manifest(csv_path: str | Path, folds: int = 3, seed: int = 0) -> SourceSet:
-    """A manifest CSV: one row per image, paths relative to the CSV's folder.
-
-    Folds come from a ``split`` or ``fold`` column; without either, grouped K-fold assignment
-    (byte-identical copies merged into one group first).
-    """
-    csv_path = Path(csv_path)
+def _manifest_rows(csv_path: Path) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
+    """The manifest's lower-case column names and its non-empty rows, each with where it is."""
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path} does not exist; expected {_MANIFEST_EXPECTED}")
-    root = csv_path.parent
     rows: list[tuple[str, dict[str, str]]] = []
     try:
         # utf-8-sig: spreadsheet programs write a byte-order mark before the header.
@@ -511,6 +507,18 @@ def load_manifest(csv_path: str | Path, folds: int = 3, seed: int = 0) -> Source
                     rows.append((f"{csv_path} line {reader.line_num}", cells))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot parse manifest {csv_path} ({exc}); expected {_MANIFEST_EXPECTED}") from exc
+    return columns, rows
+
+
+def load_manifest(csv_path: str | Path, folds: int = 3, seed: int = 0) -> SourceSet:
+    """A manifest CSV: one row per image, paths relative to the CSV's folder.
+
+    Folds come from a ``split`` or ``fold`` column; without either, grouped K-fold assignment
+    (byte-identical copies merged into one group first).
+    """
+    csv_path = Path(csv_path)
+    root = csv_path.parent
+    columns, rows = _manifest_rows(csv_path)
     missing = [c for c in ("image", "label") if c not in columns]
     if missing:
         raise DataError(f"manifest {csv_path} lacks column(s) {', '.join(missing)}; expected {_MANIFEST_EXPECTED}")

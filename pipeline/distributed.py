@@ -28,13 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_gather
 
+from pipeline.errors import InputError, SetupError
+
 # Its suggested replacement (torch.distributed._functional_collectives) is private API; this one
 # is public, differentiable and works with gloo and NCCL alike.
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated",
                         category=FutureWarning)
 
 
-class DistributedError(RuntimeError):
+class DistributedError(SetupError):
     """A training process launched by torchrun failed (its own message comes before this one)."""
 
 
@@ -65,7 +67,7 @@ def current() -> Ranks:
 def check_batch_split(batch_size: int, processes: int, key: str) -> None:
     """Every process takes batch_size / N images of each batch: N must divide it."""
     if batch_size % processes:
-        raise ValueError(f"{key} {batch_size} does not split over model.nproc_per_node = "
+        raise InputError(f"{key} {batch_size} does not split over model.nproc_per_node = "
                          f"{processes} processes; choose a multiple of {processes}, so that each process "
                          "takes the same share of every batch")
 
@@ -77,10 +79,10 @@ def launch(module: str, processes: int, batch_size: int, key: str, device: torch
     if processes == 1 or in_torchrun():
         return False
     if device.type == "cuda" and torch.cuda.device_count() < processes:
-        raise ValueError(f"model.nproc_per_node is {processes}, one process per GPU, but torch finds "
+        raise SetupError(f"model.nproc_per_node is {processes}, one process per GPU, but torch finds "
                          f"{torch.cuda.device_count()} CUDA GPU(s) here")
     if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"model.nproc_per_node > 1 needs CUDA GPUs or the CPU, not {device.type}")
+        raise SetupError(f"model.nproc_per_node > 1 needs CUDA GPUs or the CPU, not {device.type}")
     print(f"  launching {processes} training processes (torchrun)", flush=True)
     # --standalone: a rendezvous on a free local port, so parallel stages or runs never collide.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
@@ -104,7 +106,7 @@ def process_group(device: torch.device) -> Iterator[Ranks]:
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise ValueError(f"model.nproc_per_node > 1 needs CUDA GPUs or the CPU, not {device.type}")
+        raise SetupError(f"model.nproc_per_node > 1 needs CUDA GPUs or the CPU, not {device.type}")
     dist.init_process_group(backend)
     try:
         yield current()
@@ -213,3 +215,19 @@ def all_sum(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values)
     return values
+
+
+def for_processes(model: nn.Module, ranks: Ranks) -> nn.Module:
+    """The model with BatchNorm synchronised across the processes (unchanged in one process)."""
+    return sync_batchnorm(model) if ranks.world > 1 else model
+
+
+def data_parallel(model: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module:
+    """The network a training step runs: DistributedDataParallel over the processes, which copies
+    rank 0's weights to every process when it wraps; the model itself in one process."""
+    if ranks.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [torch.cuda.current_device()] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)

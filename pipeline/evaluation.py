@@ -26,10 +26,14 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from pipeline.metrics import (MetricsError, mask_iou, pointing_game_hit, saliency_mass_inside,
-                              summarize_folds)
-from pipeline.visualisation import (heatmap_overlay, mark_mask, overlay_grid, plot_training_curves,
-                                    results_table_markdown)
+from pipeline.metrics import MetricsError, mask_iou, pointing_game_hit, saliency_mass_inside, summarize_folds
+from pipeline.visualisation import (
+    heatmap_overlay,
+    mark_mask,
+    overlay_grid,
+    plot_training_curves,
+    results_table_markdown,
+)
 
 MODELS = ("baseline", "guided")
 # Maps scored against the true mask; all are at the prepared image size.
@@ -229,22 +233,21 @@ def plot_training(history_csv: str | Path, path: str | Path, title: str) -> None
     plot_training_curves(history[keep], path, title)
 
 
-def results_markdown(title: str, metrics: Mapping[str, Any], method: str, device: str = "") -> str:
+def results_markdown(title: str, metrics: Mapping[str, Any], method: str) -> str:
     """The results in the paper's format (method, label type, pixel masks, AP) and the
-    localization against the true masks, as Markdown; ``device`` is where times were taken."""
+    localization against the true masks, as Markdown (no timings: identical runs write identical
+    files; the evaluation's ``timing.json`` has them)."""
     rows = [{"Method": "baseline" if m == "baseline" else f"guided ({method} prior)",
              "Label type": "image-level", "Pixel masks": 0, "AP": metrics[m]["ap"],
              "AP std (folds)": metrics[m]["ap_std"], "AUROC": metrics[m]["auroc"],
              "F1 (best)": metrics[m]["f1_best"],
              "False alarms at 100% recall": metrics[m]["false_alarms_at_full_recall"],
-             "Missed at 0 false alarms": metrics[m]["missed_at_zero_false_alarms"],
-             "ms per image": metrics[m]["inference_ms_per_image"]} for m in MODELS]
+             "Missed at 0 false alarms": metrics[m]["missed_at_zero_false_alarms"]} for m in MODELS]
     data = metrics["data"]
     text = [f"# {title}\n", results_table_markdown(rows, list(rows[0])),
             f"Test images: {data['test_images']:.0f} ({data['test_defective']:.0f} defective) in "
             f"{data['folds']:.0f} fold(s). AP, AUROC, F1 and counts are means over folds; false alarms "
-            "and misses are images of one fold, each fold's model at its own threshold. Times"
-            f"{' on ' + device if device else ''}" + _prior_cost_note(metrics["guided"], method) + ".\n"]
+            "and misses are images of one fold, each fold's model at its own threshold.\n"]
     loc = metrics.get("localization")
     if loc:
         names = {"baseline_saliency": f"baseline {method}", "guided_saliency": f"guided {method}",
@@ -260,13 +263,6 @@ def results_markdown(title: str, metrics: Mapping[str, Any], method: str, device
         text += ["## Localization against the true masks\n", results_table_markdown(rows, columns),
                  f"Over {loc['n_images']:.0f} defective test images with a true mask, each counted once.\n"]
     return "\n".join(text)
-
-
-def _prior_cost_note(guided: Mapping[str, float], method: str) -> str:
-    if "teacher_prior_ms_per_image" not in guided:  # the variants that read no prior at inference
-        return ""
-    return (f"; the guided model's excludes its prior: the teacher's {method} map adds "
-            f"{guided['teacher_prior_ms_per_image']:.2f} ms per image")
 
 
 def combine_runs(score_csvs: Sequence[str | Path], threshold: float = 0.5) -> pd.DataFrame:

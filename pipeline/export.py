@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from pipeline.artifacts import atomic_path
-from pipeline.models import GuidedClassifier, takes_prior
+from pipeline.errors import InputError
+from pipeline.model_files import needs_prior
+from pipeline.models import GuidedClassifier
 from pipeline.predict import decision_threshold, load_any
 
 FORMATS = ("onnx", "torchscript")
@@ -51,7 +53,7 @@ def example_inputs(config: dict, batch: int = 2, seed: int = 0) -> tuple[torch.T
     """A random batch of what the exported model reads: images, and the prior where it takes one."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, config["in_channels"], config["height"], config["width"], generator=generator)
-    if not takes_prior(config):
+    if not needs_prior(config):
         return (images,)
     return images, torch.rand(batch, 1, config["height"], config["width"], generator=generator)
 
@@ -60,8 +62,8 @@ def export(model: nn.Module, config: dict, fmt: str, out: str | Path, threshold:
     """Write ``model`` (deployed, on the CPU) to ``out``; return the largest logit difference
     against PyTorch on a random batch of 3 (a batch size other than the traced one)."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    wrapped = LogitOnly(model.cpu().eval(), takes_prior(config)).eval()
+        raise InputError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    wrapped = LogitOnly(model.cpu().eval(), needs_prior(config)).eval()
     inputs = example_inputs(config)
     names = ["images", "prior"][: len(inputs)]
     metadata = {"pipeline_config": json.dumps(config, sort_keys=True), "threshold": json.dumps(threshold)}

@@ -24,8 +24,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from pipeline.errors import InputError
 
-class MetricsError(ValueError):
+
+class MetricsError(InputError):
     """Input for which a metric is undefined or malformed."""
 
 

@@ -9,6 +9,8 @@ global average pooling and a linear layer giving one defect logit per image.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,12 +19,8 @@ from torch import nn
 from torchvision import models as tv_models
 
 from pipeline.distributed import SyncedBatchNorm
-
-BACKBONES = ("resnet18", "vgg16")
-
-# Index in ``features`` where the stride-16 part ends: the guided model's segmentation head reads
-# the stride-16 features, because stride 32 is too coarse for thin scratches.
-_STRIDE16_SPLIT = {"resnet18": 7, "vgg16": 24}
+from pipeline.errors import InputError, MissingInputError
+from pipeline.variants import LEGACY_VARIANT, VARIANTS, Variant
 
 
 def _resnet18_features(in_channels: int) -> tuple[nn.Sequential, int]:
@@ -48,13 +46,38 @@ def _vgg16_features(in_channels: int) -> tuple[nn.Sequential, int]:
     return nn.Sequential(*layers), 512
 
 
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    build: Callable[[int], tuple[nn.Sequential, int]]  # in_channels -> (features, output channels)
+    # Index in ``features`` where the stride-16 part ends: the guided model's segmentation head
+    # reads the stride-16 features, because stride 32 is too coarse for thin scratches.
+    stride16_split: int
+    # Default saliency layers per method (``saliency.layers: null``), named as in ``features``;
+    # FullGrad needs none: it uses every layer with a bias.
+    saliency_layers: dict[str, list[str]]
+    # Where torchvision's weights file keeps the layers of ``features``: resnet18's at the top
+    # level (``layer1.0.conv1.weight``, with fc beside them), vgg16's under ``features.``.
+    torchvision_prefix: str = ""
+
+
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (
+    Backbone("resnet18", _resnet18_features, stride16_split=7,
+             saliency_layers={"gradcam": ["features.layer4"], "fullgrad": [],
+                              "layercam": ["features.layer2", "features.layer3", "features.layer4"]}),
+    # The paper's network: convolutional part only, LeakyReLU; LayerCAM on conv3_3, conv4_3, conv5_3.
+    Backbone("vgg16", _vgg16_features, stride16_split=24,
+             saliency_layers={"gradcam": ["features.29"], "fullgrad": [],
+                              "layercam": ["features.15", "features.22", "features.29"]},
+             torchvision_prefix="features."),
+)}
+
+
 def build_features(backbone: str, in_channels: int) -> tuple[nn.Sequential, int]:
     """Return the backbone's convolutional stages and their output channel count."""
-    if backbone == "resnet18":
-        return _resnet18_features(in_channels)
-    if backbone == "vgg16":
-        return _vgg16_features(in_channels)
-    raise ValueError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if backbone not in BACKBONES:
+        raise InputError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[backbone].build(in_channels)
 
 
 class Classifier(nn.Module):
@@ -71,24 +94,6 @@ class Classifier(nn.Module):
         return self.fc(self.features(images).mean(dim=(2, 3))).squeeze(1)
 
 
-# How the guided model uses the baseline's knowledge (params: train_guided.variant).
-#   teacher:      the prior H joins the features at training and inference (the paper); at
-#                 inference H is the baseline's saliency map, one more forward and backward.
-#   none:         as teacher, but trained with the prior dropped at random, and fed zeros at
-#                 inference: no baseline at inference.
-#   no_injection: no prior channel; the segmentation head reads F alone and only adds a loss.
-#                 At inference exactly the baseline's graph (the head is dropped).
-#   consistency:  no prior channel, no head: the model's own Grad-CAM is pulled towards H.
-#                 At inference exactly the baseline's graph.
-VARIANTS = ("teacher", "none", "no_injection", "consistency")
-_INJECTS_PRIOR = ("teacher", "none")
-
-
-def takes_prior(config: dict) -> bool:
-    """Whether a saved model's inference needs the baseline's saliency map as input."""
-    return config["kind"] == "guided" and config.get("variant", "teacher") == "teacher"
-
-
 class GuidedClassifier(nn.Module):
     """The knowledge-guided model, as trained; ``deployable()`` gives what inference needs.
 
@@ -103,20 +108,20 @@ class GuidedClassifier(nn.Module):
     Grad-CAM of its last layer, differentiable (see ``class_activation_map``).
     """
 
-    def __init__(self, backbone: str = "resnet18", in_channels: int = 1, variant: str = "teacher",
+    def __init__(self, backbone: str = "resnet18", in_channels: int = 1, variant: str = LEGACY_VARIANT,
                  seg_channels: int = 64) -> None:
         super().__init__()
         if variant not in VARIANTS:
-            raise ValueError(f"unknown guided variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+            raise InputError(f"unknown guided variant {variant!r}: choose one of {', '.join(VARIANTS)}")
         self.backbone_name = backbone
         self.in_channels = in_channels
-        self.variant = variant
-        self.injects_prior = variant in _INJECTS_PRIOR
+        self.variant: Variant = VARIANTS[variant]
+        self.injects_prior = self.variant.injects_prior
         self.features, self.feature_dim = build_features(backbone, in_channels)
-        self.split = _STRIDE16_SPLIT[backbone]
+        self.split = BACKBONES[backbone].stride16_split
         stem_channels = _output_channels(self.features[: self.split])
         self.seg_head = None
-        if variant != "consistency":
+        if self.variant.has_head:
             self.seg_head = _segmentation_head(stem_channels + self.injects_prior, seg_channels)
         # Injecting variants: max and mean of S (2) and of each channel of F' (2 per channel).
         extra = 2 + 2 * (stem_channels + 1) if self.injects_prior else 0
@@ -135,12 +140,12 @@ class GuidedClassifier(nn.Module):
         deep = deep_map.mean(dim=(2, 3))
         if not self.injects_prior:
             logit = self.fc(deep).squeeze(1)
-            if self.variant == "consistency":
+            if self.seg_head is None:  # the auxiliary map is its own Grad-CAM
                 return logit, class_activation_map(deep_map, self.fc)
             return logit, self.seg_head(stem)
         if prior is None:
-            if self.variant == "teacher":
-                raise ValueError("the teacher variant needs the baseline's saliency map as prior at inference")
+            if self.variant.prior_at_inference:
+                raise InputError("the teacher variant needs the baseline's saliency map as prior at inference")
             prior = stem.new_zeros(stem.shape[0], 1, *stem.shape[-2:])
         joined = torch.cat([stem, F.adaptive_avg_pool2d(prior, stem.shape[-2:])], dim=1)  # F'
         seg_logits = self.seg_head(joined)
@@ -159,7 +164,7 @@ class GuidedClassifier(nn.Module):
     def deployable(self) -> nn.Module:
         """The network inference needs: itself where the classifier reads S; otherwise a
         ``Classifier`` sharing the backbone and the linear layer (the baseline's graph)."""
-        if self.injects_prior:
+        if not self.variant.deploys_baseline_graph:
             return self
         with torch.device("meta"):  # no allocation: the tensors are assigned just below
             deployed = Classifier(self.backbone_name, self.in_channels)
@@ -214,26 +219,25 @@ def load_pretrained_features(model: nn.Module, weights_path: str | Path) -> None
     """
     path = Path(weights_path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"pretrained weights {path} not found: download the torchvision weights file for "
             f"{model.backbone_name} on a machine with internet access and place it at that path, "
             "or set pretrained_weights to null to train from scratch"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     own = model.features.state_dict()
-    if model.backbone_name == "resnet18":
-        renamed = {k: v for k, v in state.items() if k.split(".")[0] in own_prefixes(own)}
-    else:
-        renamed = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    prefix = BACKBONES[model.backbone_name].torchvision_prefix
+    renamed = {k.removeprefix(prefix): v for k, v in state.items()
+               if k.startswith(prefix) and k.removeprefix(prefix).split(".")[0] in own_prefixes(own)}
     mismatched = [k for k, v in renamed.items() if k in own and own[k].shape != v.shape]
     if mismatched:
-        raise ValueError(
+        raise InputError(
             f"weights in {path} do not fit {model.backbone_name} with {model.in_channels} input "
             f"channel(s) (first mismatch: {mismatched[0]}); ImageNet weights need in_channels: 3"
         )
     missing = [k for k in own if k not in renamed]
     if missing:
-        raise ValueError(f"weights in {path} lack {len(missing)} backbone tensors, e.g. {missing[0]}")
+        raise InputError(f"weights in {path} lack {len(missing)} backbone tensors, e.g. {missing[0]}")
     model.features.load_state_dict(renamed)
 
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import tempfile
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,22 +31,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline.artifacts import load_torch, read_json, write_csv
+from pipeline.artifacts import read_json, write_csv
+from pipeline.config import EvaluateParams
 from pipeline.datasets import DataError, read_gray
-from pipeline.models import BACKBONES, GuidedClassifier, PriorAsChannel, takes_prior
+from pipeline.devices import pick_device
+from pipeline.errors import MissingInputError
+from pipeline.inference import predict
+from pipeline.model_files import ModelError, load_model, model_from, needs_prior
+from pipeline.models import GuidedClassifier, PriorAsChannel
 from pipeline.saliency import METHODS, create_saliency, saliency_maps
-from pipeline.training import build_model, pick_device, predict
 from pipeline.visualisation import heatmap_overlay, save_png
 
-DEFAULT_THRESHOLD = 0.5  # evaluate.threshold's default in params.yaml
-EXPECTED = ("a model file written by the training stages (data/baseline/fold<k>.pt or data/guided/fold<k>.pt: "
-            "a dict of config and state_dict) or a registered MLflow model, models:/<name>[/<version>|@<alias>]")
-CONFIG_KEYS = ("kind", "backbone", "in_channels", "mean", "std", "height", "width")
-TRAINING_STAGE = {"baseline": "train_baseline", "guided": "train_guided"}
-
-
-class ModelError(ValueError):
-    """The model cannot be used: the message names it and says what was expected."""
+# evaluate.threshold's default: the threshold of a model that no evaluate run has scored.
+DEFAULT_THRESHOLD: float = EvaluateParams.model_fields["threshold"].default
 
 
 @dataclass
@@ -68,48 +64,14 @@ def load_any(spec: str, device: torch.device | str = "cpu") -> LoadedModel:
     """Load a model from a file path or a ``models:/`` URI; ``ModelError`` names what is wrong."""
     if spec.startswith("models:/"):
         return load_registered(spec, device)
-    path = Path(spec)
-    if path.is_dir():
-        raise ModelError(f"{path} is a folder; expected {EXPECTED}")
-    if not path.is_file():
-        raise ModelError(f"model {spec} not found; expected {EXPECTED}")
-    return load_file(path, device)
+    return load_file(Path(spec), device)
 
 
 def load_file(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a model file written by ``training.save_model``, with its training run where known."""
-    # torch.save has written zip archives since torch 1.6; anything else (a text file, an image)
-    # would reach the unpickler and fail with a message about pickling, not about the file.
-    if not zipfile.is_zipfile(path):
-        raise ModelError(f"{path} is not a PyTorch file; expected {EXPECTED}")
-    try:
-        checkpoint = load_torch(path)
-    except (ValueError, RuntimeError, OSError, EOFError) as error:
-        raise ModelError(f"{path} cannot be loaded ({error}); expected {EXPECTED}") from error
-    if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
-        what = f"a dict with keys {sorted(map(str, checkpoint))[:6]}" if isinstance(checkpoint, dict) \
-            else f"a {type(checkpoint).__name__}"
-        raise ModelError(f"{path} holds {what}, not a model of this pipeline; expected {EXPECTED}")
-    model = _build(checkpoint["config"], checkpoint["state_dict"], str(path))
+    """Load a model file written by the training stages, with its training run where known."""
+    model, config = load_model(path, device)
     run_id, uri = _lineage(path.parent)
-    return LoadedModel(model.to(device).eval(), checkpoint["config"], str(path), run_id, uri)
-
-
-def _build(config: object, state_dict: dict, source: str) -> nn.Module:
-    if not isinstance(config, dict) or (missing := [k for k in CONFIG_KEYS if k not in config]):
-        raise ModelError(f"{source}: its config lacks {missing if isinstance(config, dict) else CONFIG_KEYS}; "
-                         f"expected {EXPECTED}")
-    if config["kind"] not in TRAINING_STAGE or config["backbone"] not in BACKBONES:
-        raise ModelError(f"{source}: unknown model kind {config['kind']!r} or backbone {config['backbone']!r}; "
-                         f"expected {EXPECTED}")
-    model = build_model(config)
-    try:
-        model.load_state_dict(state_dict)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        first = str(error).splitlines()[1:2] or [str(error)]
-        raise ModelError(f"{source}: its weights do not fit its config ({first[0].strip()}); "
-                         f"expected {EXPECTED}") from error
-    return model
+    return LoadedModel(model, config, str(path), run_id, uri)
 
 
 def _lineage(folder: Path) -> tuple[str | None, str | None]:
@@ -141,11 +103,11 @@ def load_registered(uri: str, device: torch.device | str = "cpu") -> LoadedModel
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import FAST_CHECK, _environment_defaults, tracking_uri
+    from pipeline.tracking import FAST_CHECK, environment_defaults, tracking_uri
 
     store = tracking_uri()
     client = _client(store)
-    with _environment_defaults(FAST_CHECK):
+    with environment_defaults(FAST_CHECK):
         try:
             version = _resolve_version(client, uri)
             with tempfile.TemporaryDirectory() as folder:
@@ -165,7 +127,7 @@ def load_registered(uri: str, device: torch.device | str = "cpu") -> LoadedModel
         raise ModelError(f"{source} has no {'pipeline_config metadata' if program else 'pt2 graph'}: it was "
                          "registered before predict existed or by other code; rerun its training stage "
                          "(dvc repro -f train_guided) or give the model file data/<kind>/fold<k>.pt")
-    model = _build(config, {**program.state_dict, **program.constants}, source)
+    model = model_from(config, {**program.state_dict, **program.constants}, source)
     return LoadedModel(model.to(device).eval(), config, source, version.run_id, store)
 
 
@@ -197,11 +159,11 @@ def decision_threshold(loaded: LoadedModel, override: float | None = None) -> tu
     if override is not None:
         return override, "--threshold"
     if loaded.run_id and loaded.tracking_uri:
-        from pipeline.tracking import FAST_CHECK, _environment_defaults
+        from pipeline.tracking import FAST_CHECK, environment_defaults
 
-        stage = TRAINING_STAGE[loaded.config["kind"]]
+        stage = f"train_{loaded.config['kind']}"
         try:
-            with _environment_defaults(FAST_CHECK):
+            with environment_defaults(FAST_CHECK):
                 client = _client(loaded.tracking_uri)
                 experiment = client.get_run(loaded.run_id).info.experiment_id
                 runs = client.search_runs(
@@ -240,7 +202,7 @@ class Predictor:
         self.loaded, self.config, self.threshold = loaded, loaded.config, threshold
         self.height, self.width = int(self.config["height"]), int(self.config["width"])
         self.teacher = None
-        if takes_prior(self.config):
+        if needs_prior(self.config):
             if teacher is None:
                 raise ModelError(f"{loaded.source} is a guided model of variant teacher: it reads the baseline's "
                                  "saliency map at inference; pass --teacher with the baseline of the same fold "
@@ -380,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     predictor = Predictor(loaded, threshold, args.saliency, teacher, args.teacher_saliency)
     files = collect_inputs(args.inputs, exclude=args.out)
     if not files:
-        raise FileNotFoundError(f"no files in {' '.join(args.inputs)}")
+        raise MissingInputError(f"no files in {' '.join(args.inputs)}")
     config = loaded.config
     print(f"model {loaded.source}: {config['kind']} {config.get('variant', '')} {config['backbone']} "
           f"{config['width']}x{config['height']}; threshold {threshold} ({origin}); {len(files)} files",

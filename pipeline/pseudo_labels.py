@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import cv2
 import numpy as np
-import torch
-
-# In the pseudo-mask folder: per fold, the ids whose target is a true mask (mixed supervision).
-TRUE_MASKS = "true_masks.json"
 
 
 def otsu_mask(saliency: np.ndarray, blur: int = 0) -> np.ndarray:
@@ -30,17 +24,3 @@ def pseudo_mask(saliency: np.ndarray, label: int, blur: int = 0) -> np.ndarray:
     if label == 0:
         return np.zeros(saliency.shape, dtype=bool)
     return otsu_mask(saliency, blur)
-
-
-def consistency_targets(priors: torch.Tensor, targets: torch.Tensor, true_mask_rows: Sequence[int]) -> torch.Tensor:
-    """The maps the ``consistency`` loss pulls the guided model's Grad-CAM toward.
-
-    That loss reads the baseline's saliency, not the pseudo-masks, so under mixed supervision
-    the true mask must replace the saliency of its image there too, or Na would change nothing.
-    """
-    rows = torch.as_tensor(np.asarray(true_mask_rows, dtype=np.int64))
-    if len(rows) == 0:
-        return priors
-    mixed = priors.clone()
-    mixed[rows] = targets[rows]
-    return mixed

@@ -9,18 +9,15 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.config import ConfigError
-
-# Errors whose message already tells the user what to do: print it without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
+from pipeline.errors import PipelineError
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
-    """Run a stage's main function; exit 1 with a one-line message on bad input."""
-    from pipeline.distributed import DistributedError
-    from pipeline.tracking import TrackingError
-    from pipeline.training import TrainingDiverged
+    """Run a stage's main function; exit 1 with a one-line message on bad input.
 
+    Only the pipeline's own errors are bad input (their message says what to do); anything else
+    is a bug and keeps its traceback.
+    """
     torch.set_num_threads(_threads())
     started = time.perf_counter()
     # Under torchrun (model.nproc_per_node > 1) the launching process reports; its workers only
@@ -30,7 +27,7 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         print(f"[{name}] started", flush=True)
     try:
         main()
-    except (*USER_ERRORS, TrackingError, TrainingDiverged, DistributedError) as error:
+    except PipelineError as error:
         where = f"{name}, rank {worker}" if worker is not None else name
         print(f"[{where}] error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)

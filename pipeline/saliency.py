@@ -22,15 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from pipeline.data import batches, to_input
-
-# FullGrad needs no layers: it uses every layer with a bias. vgg16: conv3_3, conv4_3, conv5_3 activations.
-DEFAULT_LAYERS: dict[str, dict[str, list[str]]] = {
-    "resnet18": {"gradcam": ["features.layer4"], "fullgrad": [],
-                 "layercam": ["features.layer2", "features.layer3", "features.layer4"]},
-    "vgg16": {"gradcam": ["features.29"], "fullgrad": [],
-              "layercam": ["features.15", "features.22", "features.29"]},
-}  # fmt: skip
+from pipeline.errors import InputError
+from pipeline.models import BACKBONES
+from pipeline.training_data import batches, to_input
 
 
 @dataclass
@@ -123,7 +117,7 @@ class SaliencyMethod:
         modules = dict(model.named_modules())
         unknown = [name for name in self.layers if not name or name not in modules]
         if unknown:
-            raise ValueError(f"unknown layer(s) {', '.join(map(repr, unknown))} in {type(model).__name__}; "
+            raise InputError(f"unknown layer(s) {', '.join(map(repr, unknown))} in {type(model).__name__}; "
                              f"its layers are {_layer_summary(model)}")  # fmt: skip
         self._targets = [(name, modules[name]) for name in self.layers]
 
@@ -190,7 +184,7 @@ class GradCAM(_CAM):
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None) -> None:
         super().__init__(model, layers)
         if len(self.layers) != 1:
-            raise ValueError(f"Grad-CAM takes exactly one layer, got {self.layers}")
+            raise InputError(f"Grad-CAM takes exactly one layer, got {self.layers}")
 
     def _combine(self, x, captured, grads, input_grad) -> torch.Tensor:
         ((act, grad),) = self._pairs(captured, grads)
@@ -284,14 +278,14 @@ METHODS: dict[str, type[SaliencyMethod]] = {"gradcam": GradCAM, "layercam": Laye
 
 
 def create_saliency(method: str, model: nn.Module, layers: Sequence[str] | None = None) -> SaliencyMethod:
-    """Build a saliency method by name; ``layers=None`` uses ``DEFAULT_LAYERS`` for the backbone."""
+    """Build a saliency method by name; ``layers=None`` uses the backbone's default layers."""
     if method not in METHODS:
-        raise ValueError(f"unknown saliency method {method!r}: choose one of {', '.join(METHODS)}")
+        raise InputError(f"unknown saliency method {method!r}: choose one of {', '.join(METHODS)}")
     if layers is None and method != "fullgrad":
         backbone = getattr(model, "backbone_name", None)
-        if backbone not in DEFAULT_LAYERS:
-            raise ValueError(f"no default {method} layers for backbone {backbone!r}: pass layers")
-        layers = _within(model, DEFAULT_LAYERS[backbone][method])
+        if backbone not in BACKBONES:
+            raise InputError(f"no default {method} layers for backbone {backbone!r}: pass layers")
+        layers = _within(model, BACKBONES[backbone].saliency_layers[method])
     return METHODS[method](model, layers)
 
 

@@ -27,6 +27,7 @@ import yaml
 
 from pipeline.artifacts import output_dir, read_json, write_csv
 from pipeline.config import PARAMS_FILE, parse_section
+from pipeline.errors import MissingInputError
 from pipeline.evaluation import MODELS
 from pipeline.presets import exp_run_command
 from pipeline.visualisation import plot_metric_vs_count, results_table_markdown
@@ -106,7 +107,7 @@ def collect(param: str, out: Path) -> pd.DataFrame:
             row[f"{model}_pointing_game"] = localization.get(f"{model}_saliency", {}).get("pointing_game", np.nan)
         rows.append(row)
     if not rows:
-        raise FileNotFoundError(f"no finished sweep point under {out / 'runs'}: run the sweep first")
+        raise MissingInputError(f"no finished sweep point under {out / 'runs'}: run the sweep first")
     return pd.DataFrame(rows)
 
 

@@ -25,12 +25,13 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from pipeline.artifacts import read_json, write_json  # noqa: E402
+from pipeline.errors import SetupError
 
 DEFAULT_EXPERIMENT = "knowledge-guided"
 LINEAGE_FILE = "run.json"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(SetupError):
     """The MLflow tracking store cannot be reached or used."""
 
 
@@ -91,7 +92,7 @@ FAST_CHECK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKO
 
 
 @contextmanager
-def _environment_defaults(defaults: Mapping[str, str]) -> Iterator[None]:
+def environment_defaults(defaults: Mapping[str, str]) -> Iterator[None]:
     """Set the variables that the user has not set, for the duration of the block."""
     added = {name: value for name, value in defaults.items() if name not in os.environ}
     os.environ.update(added)
@@ -112,7 +113,7 @@ def connect() -> MlflowClient:
             raise TrackingError(f"MLflow tracking store {uri!r}: folder {folder} does not exist; "
                                 "create it or fix MLFLOW_TRACKING_URI")
     try:
-        with _environment_defaults(FAST_CHECK):
+        with environment_defaults(FAST_CHECK):
             client = MlflowClient(uri)
             if client.get_experiment_by_name(experiment_name()) is None:
                 location = None

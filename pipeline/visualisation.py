@@ -13,8 +13,6 @@ from __future__ import annotations
 import io
 import math
 import numbers
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,6 +20,8 @@ import cv2
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from pipeline.artifacts import write_bytes
 
 _DPI = 100
 # Figure sizes in inches; at _DPI the PNG is 100 pixels per inch.
@@ -212,34 +212,20 @@ def overlay_grid(
     return canvas
 
 
-def _write_atomic(path: str | Path, data: bytes) -> None:
-    """Write bytes to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_png(path: str | Path, image_rgb: np.ndarray) -> None:
     """Save an RGB (or gray) image as PNG atomically, creating parent folders."""
     rgb = _to_rgb_uint8(image_rgb)
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"OpenCV could not encode a PNG for {path}")
-    _write_atomic(path, encoded.tobytes())
+    write_bytes(path, encoded.tobytes())
 
 
 def _save_figure(figure: Figure, path: str | Path) -> None:
     buffer = io.BytesIO()
     # No bbox_inches="tight": the PNG keeps the exact figure size, which tests and reports rely on.
     figure.savefig(buffer, format="png", dpi=_DPI)
-    _write_atomic(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def _curve_ap(curve: pd.DataFrame) -> float:

@@ -10,30 +10,39 @@ data/metrics/evaluate.json; data/plots/pr_{baseline,guided}.csv.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import layout
 from pipeline.artifacts import output_dir, read_json, write_csv, write_json
 from pipeline.config import EvaluateParams, SaliencyParams, load_section
-from pipeline.data import PreparedData
-from pipeline.evaluation import (MODELS, SALIENCY_MAPS, check_test_folds, classification_summary,
-                                 hardest_images, localization_table, overlay_picture, plot_training,
-                                 results_markdown, summarize_localization, timed_per_image)
+from pipeline.devices import pick_device
+from pipeline.evaluation import (
+    MODELS,
+    SALIENCY_MAPS,
+    check_test_folds,
+    classification_summary,
+    hardest_images,
+    localization_table,
+    overlay_picture,
+    plot_training,
+    results_markdown,
+    summarize_localization,
+    timed_per_image,
+)
+from pipeline.inference import predict, segment
 from pipeline.metrics import pr_curve
+from pipeline.model_files import inference_priors, load_model
 from pipeline.models import GuidedClassifier, PriorAsChannel
+from pipeline.prepared import PreparedData
 from pipeline.runner import run_stage
 from pipeline.saliency import create_saliency, saliency_maps
 from pipeline.tracking import stage_run
-from pipeline.training import inference_priors, load_model, pick_device, predict, segment
 from pipeline.visualisation import plot_pr_curves, save_png
 
-PREPARED, BASELINE, GUIDED = Path("data/prepared"), Path("data/baseline"), Path("data/guided")
-SALIENCY, PSEUDO_MASKS = Path("data/saliency"), Path("data/pseudo_masks")
-OUT, METRICS, PLOTS = Path("data/evaluation"), Path("data/metrics/evaluate.json"), Path("data/plots")
-SALIENCY_BATCH = 16
+PREPARED, BASELINE, GUIDED = layout.PREPARED, layout.BASELINE, layout.GUIDED
+SALIENCY, PSEUDO_MASKS, OUT = layout.SALIENCY, layout.PSEUDO_MASKS, layout.EVALUATION
 
 
 def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, device: torch.device,
@@ -44,7 +53,7 @@ def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, devic
     priors = data.load_maps(SALIENCY / f"fold{fold}", test)
     baseline, baseline_config = load_model(BASELINE / f"fold{fold}.pt", device)
     guided, guided_config = load_model(GUIDED / f"fold{fold}.pt", device)
-    # The teacher variant reads the baseline's maps at inference; the others read no prior.
+    # A variant that reads a prior at inference reads the baseline's maps; the others read none.
     guided_priors = inference_priors(guided_config, priors)
     seconds = {}
     baseline_scores, seconds["baseline"] = timed_per_image(
@@ -55,12 +64,12 @@ def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, devic
         # The prior the guided model needs at inference: the baseline's saliency, timed as a line would pay it.
         teacher = create_saliency(saliency.method, baseline, saliency.layers)
         _, seconds["teacher_prior"] = timed_per_image(
-            lambda rows: saliency_maps(teacher, baseline_config, images[rows], SALIENCY_BATCH), len(test))
+            lambda rows: saliency_maps(teacher, baseline_config, images[rows], saliency.batch_size), len(test))
     # The guided model's own saliency, with its prior (if any) fed as an extra input channel.
     layers = saliency.layers and [f"guided.{name}" for name in saliency.layers]
     explainer = create_saliency(saliency.method, PriorAsChannel(guided, guided_priors is not None), layers)
     maps = {"baseline_saliency": priors.numpy(),
-            "guided_saliency": saliency_maps(explainer, guided_config, images, SALIENCY_BATCH, guided_priors)[0],
+            "guided_saliency": saliency_maps(explainer, guided_config, images, saliency.batch_size, guided_priors)[0],
             "pseudo_mask": data.load_masks(PSEUDO_MASKS / f"fold{fold}", test).numpy() > 0}
     if isinstance(guided, GuidedClassifier):  # variants deployed without the head have no S
         maps["guided_segmentation"] = segment(guided, guided_config, images, guided_priors)
@@ -76,40 +85,51 @@ def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, devic
     return scores, located, panels, seconds
 
 
+def inference_timing(fold_seconds: tuple[dict[str, float], ...], where: str) -> dict:
+    """Milliseconds per image of each model, mean over folds (the guided model's without its
+    prior; a teacher's prior costs the baseline's saliency on top)."""
+    ms = {name: 1000 * float(np.mean([s[name] for s in fold_seconds])) for name in fold_seconds[0]}
+    timing: dict = {"where": where, **{model: {"inference_ms_per_image": ms[model]} for model in MODELS}}
+    if "teacher_prior" in ms:  # only a variant reading a prior at inference pays for the baseline's saliency
+        timing["guided"]["teacher_prior_ms_per_image"] = ms["teacher_prior"]
+        timing["guided"]["inference_ms_per_image_with_teacher_prior"] = ms["guided"] + ms["teacher_prior"]
+    return timing
+
+
+def timing_note(timing: dict) -> str:
+    costs = ", ".join(f"{model} {timing[model]['inference_ms_per_image']:.2f}" for model in MODELS)
+    prior = timing["guided"].get("teacher_prior_ms_per_image")
+    return f"Inference ms per image on {timing['where']}: {costs}" + (f" (+ {prior:.2f} for the prior)" if prior else "")
+
+
 def _rows(priors: torch.Tensor | None, rows) -> torch.Tensor | None:
     return None if priors is None else priors[rows]
 
 
 def main() -> None:
-    params: EvaluateParams = load_section("evaluate")
-    saliency: SaliencyParams = load_section("saliency")
+    params = load_section("evaluate")
+    saliency = load_section("saliency")
     device = pick_device(load_section("model").device)
     data = PreparedData.load(PREPARED)
     check_test_folds(data.index, PREPARED / "index.csv")
     dataset = read_json(PREPARED / "report.json")["dataset"]
-    sections = {"evaluate": params, "saliency.method": saliency.method, "saliency.layers": saliency.layers}
+    sections = {"evaluate": params, "saliency.method": saliency.method, "saliency.layers": saliency.layers,
+                "saliency.batch_size": saliency.batch_size}
     with stage_run("evaluate", sections, dataset) as run:
-        links = run.link_upstream(PREPARED, BASELINE, SALIENCY, PSEUDO_MASKS, GUIDED)
+        run.link_upstream(PREPARED, BASELINE, SALIENCY, PSEUDO_MASKS, GUIDED)
         fold_scores, fold_located, fold_panels, fold_seconds = zip(
             *[evaluate_fold(data, fold, saliency, device, params) for fold in data.folds])
         scores = pd.concat(fold_scores, ignore_index=True)
         located = pd.concat([t for t in fold_located if not t.empty] or [pd.DataFrame()], ignore_index=True)
         panels = {image_id: panel for found in fold_panels for image_id, panel in found.items()}
-        ms = {name: 1000 * float(np.mean([s[name] for s in fold_seconds])) for name in fold_seconds[0]}
-
+        timing = inference_timing(fold_seconds, f"{device} ({torch.get_num_threads()} threads)")
         metrics, per_fold = classification_summary(scores, params.threshold)
-        for model in MODELS:
-            metrics[model]["inference_ms_per_image"] = ms[model]
-        if "teacher_prior" in ms:  # only the teacher variant pays for the baseline's saliency at inference
-            metrics["guided"]["teacher_prior_ms_per_image"] = ms["teacher_prior"]
-            metrics["guided"]["inference_ms_per_image_with_teacher_prior"] = ms["guided"] + ms["teacher_prior"]
         metrics["data"] = {"folds": float(len(data.folds)), "test_images": float(len(scores)),
                            "test_defective": float(scores["label"].sum())}
         metrics["localization"], located_per_fold = summarize_localization(located)
         if located.empty:
             print("  no defective test image has a true mask: localization is not scored")
-        results = results_markdown(f"{dataset}: baseline against guided", metrics, saliency.method,
-                                   f"{device} ({torch.get_num_threads()} threads)")
+        results = results_markdown(f"{dataset}: baseline against guided", metrics, saliency.method)
 
         with output_dir(OUT) as out:
             write_csv(out / "scores.csv", scores)
@@ -121,7 +141,7 @@ def main() -> None:
             for model in MODELS:
                 curves[model] = pr_curve(scores["label"].to_numpy(), scores[model].to_numpy())
                 curves[model].attrs["ap"] = metrics[model]["ap"]  # the legend shows the fold-mean AP
-                write_csv(PLOTS / f"pr_{model}.csv", curves[model])
+                write_csv(layout.plot_file(f"pr_{model}"), curves[model])
             pooled = f"\n{len(data.folds)} folds pooled; legend: AP mean over folds" * (len(data.folds) > 1)
             plot_pr_curves(curves, out / "pr_curves.png",
                            title=f"{dataset}: precision-recall, {len(scores)} test images{pooled}")
@@ -129,15 +149,15 @@ def main() -> None:
                 picked = hardest_images(scores[scores["id"].isin(panels)], params.overlays)
                 save_png(out / "overlays.png", overlay_picture(picked, panels, saliency.method))
             for model in MODELS:
-                plot_training(PLOTS / f"train_{model}.csv", out / f"training_{model}.png",
+                plot_training(layout.plot_file(f"train_{model}"), out / f"training_{model}.png",
                               f"{dataset}: {model} training, per epoch")
-            write_json(out / "summary.json",
-                       {"metrics": metrics, "device": str(device), "upstream_runs": links})
+            write_json(out / "summary.json", {"metrics": metrics, "device": str(device)})
+            write_json(out / layout.TIMING, timing)
             run.write_lineage(out)
             run.log_artifact(out)
-        write_json(METRICS, metrics)
-        run.log_metrics(metrics)
-        print(results)
+        write_json(layout.metrics_file("evaluate"), metrics)
+        run.log_metrics({**metrics, "timing": timing})
+        print(results + "\n" + timing_note(timing))
 
 
 if __name__ == "__main__":

@@ -6,18 +6,17 @@ Outputs: data/prepared/{images,masks}/<id>.png, index.csv, report.json, training
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
-from pipeline import datasets, synthetic
+from pipeline import datasets, layout, synthetic
 from pipeline.artifacts import output_dir, write_csv, write_json
 from pipeline.config import PrepareParams, load_section
-from pipeline.data import SUBSETS_FILE, RawImage, count_table, defective_subsets, write_prepared
+from pipeline.prepared import SUBSETS_FILE, RawImage, count_table, defective_subsets, write_prepared
 from pipeline.runner import run_stage
 from pipeline.tracking import stage_run
 
-OUT = Path("data/prepared")
-METRICS = Path("data/metrics/prepare.json")
+OUT = layout.PREPARED
 
 
 def synthetic_images(params: PrepareParams) -> tuple[Iterator[RawImage], dict]:
@@ -29,7 +28,7 @@ def synthetic_images(params: PrepareParams) -> tuple[Iterator[RawImage], dict]:
     kinds = {g.id: g.kind for g in generated}
     images = (RawImage(g.id, g.label, g.group, _split(fold, params), g.image, g.mask)
               for g, fold in zip(generated, folds))
-    return images, {"duplicates": [], "excluded": {}, "defect_kinds": _count(kinds.values())}
+    return images, {"duplicates": [], "excluded": {}, "defect_kinds": dict(Counter(kinds.values()))}
 
 
 def source_images(params: PrepareParams) -> tuple[Iterator[RawImage], dict]:
@@ -51,15 +50,8 @@ def _split(fold: int, params: PrepareParams) -> int:
     return -1 if params.split == "holdout" and fold != 0 else fold
 
 
-def _count(values) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return counts
-
-
 def main() -> None:
-    params: PrepareParams = load_section("prepare")
+    params = load_section("prepare")
     with stage_run("prepare", {"prepare": params}, dataset=params.dataset) as run:
         images, extra = synthetic_images(params) if params.dataset == "synthetic" else source_images(params)
         with output_dir(OUT) as out:
@@ -83,7 +75,7 @@ def main() -> None:
             run.log_artifact(out / "index.csv")
         run.log_metrics({"images": counts["images"], "defective": counts["defective"],
                          "groups": counts["groups"], "duplicate_sets": len(extra["duplicates"])})
-        write_json(METRICS, {"images": counts["images"], "defective": counts["defective"],
+        write_json(layout.metrics_file("prepare"), {"images": counts["images"], "defective": counts["defective"],
                              "defect_free": counts["defect_free"], "test_folds": len(set(index["fold"]) - {-1}),
                              "defective_training_images": trained_on})
         print(f"  {counts['images']} images, {counts['defective']} defective, per fold {counts['per_fold']}; "

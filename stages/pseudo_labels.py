@@ -11,26 +11,22 @@ target is a true mask) and run.json; data/metrics/pseudo_labels.json.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
+from pipeline import layout
 from pipeline.artifacts import output_dir, read_json, write_image, write_json
-from pipeline.config import PseudoLabelParams, load_section
-from pipeline.data import PreparedData
+from pipeline.config import load_section
 from pipeline.metrics import mask_iou, mean_over_folds
-from pipeline.pseudo_labels import TRUE_MASKS, pseudo_mask
+from pipeline.prepared import PreparedData
+from pipeline.pseudo_labels import pseudo_mask
 from pipeline.runner import run_stage
 from pipeline.tracking import stage_run
 
-PREPARED = Path("data/prepared")
-SALIENCY = Path("data/saliency")
-OUT = Path("data/pseudo_masks")
-METRICS = Path("data/metrics/pseudo_labels.json")
+PREPARED, SALIENCY, OUT = layout.PREPARED, layout.SALIENCY, layout.PSEUDO_MASKS
 
 
 def main() -> None:
-    params: PseudoLabelParams = load_section("pseudo_labels")
+    params = load_section("pseudo_labels")
     data = PreparedData.load(PREPARED)
     dataset = read_json(PREPARED / "report.json")["dataset"]
     labels = data.index["label"].to_numpy()
@@ -51,10 +47,10 @@ def main() -> None:
                     write_image(out / f"fold{fold}" / f"{image_id}.png", mask.astype(np.uint8) * 255)
                 summary[f"fold{fold}"] = {**_score(data, fold, masks, defective), "true_masks": len(true_rows)}
                 true_mask_ids[f"fold{fold}"] = data.index["id"].iloc[true_rows].tolist()
-            write_json(out / TRUE_MASKS, true_mask_ids)
+            write_json(out / layout.TRUE_MASKS, true_mask_ids)
             run.write_lineage(out)
         means = mean_over_folds(summary)
-        write_json(METRICS, {"per_fold": summary, **means})
+        write_json(layout.metrics_file("pseudo_labels"), {"per_fold": summary, **means})
         run.log_metrics(means)
         for name, value in means.items():
             print(f"  {name}: {value:.4f}")

@@ -9,35 +9,33 @@ data/metrics/saliency.json (localization against true masks, where there are any
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
+from pipeline import layout
 from pipeline.artifacts import output_dir, read_json, write_json, write_map
-from pipeline.config import ModelParams, SaliencyParams, load_section
-from pipeline.data import PreparedData
+from pipeline.config import load_section
+from pipeline.devices import pick_device
 from pipeline.metrics import localization_metrics, mean_over_folds
+from pipeline.model_files import load_model
+from pipeline.prepared import PreparedData
 from pipeline.runner import run_stage
 from pipeline.saliency import create_saliency, saliency_maps
 from pipeline.tracking import stage_run
-from pipeline.training import load_model, pick_device
 from pipeline.visualisation import heatmap_overlay, mask_outline, overlay_grid, save_png
 
-PREPARED = Path("data/prepared")
-BASELINE = Path("data/baseline")
-OUT = Path("data/saliency")
-METRICS = Path("data/metrics/saliency.json")
+PREPARED, BASELINE, OUT = layout.PREPARED, layout.BASELINE, layout.SALIENCY
 
 
 def main() -> None:
-    model_params: ModelParams = load_section("model")
-    params: SaliencyParams = load_section("saliency")
+    model_params = load_section("model")
+    params = load_section("saliency")
     device = pick_device(model_params.device)
     data = PreparedData.load(PREPARED)
     dataset = read_json(PREPARED / "report.json")["dataset"]
     with stage_run("saliency", {"saliency": params, "model.device": model_params.device}, dataset) as run:
         run.link_upstream(PREPARED, BASELINE)
-        report: dict = {"method": params.method, "invalid_maps": {}, "images_per_second": {}}
+        report: dict = {"method": params.method, "invalid_maps": {}}
+        images_per_second: dict[str, float] = {}
         localization: dict[str, dict] = {}
         overlay_rows = []
         with output_dir(OUT) as out:
@@ -49,7 +47,7 @@ def main() -> None:
                     write_map(out / f"fold{fold}" / f"{image_id}.png", saliency)
                 invalid = data.index["id"][~valid].tolist()
                 report["invalid_maps"][f"fold{fold}"] = invalid
-                report["images_per_second"][f"fold{fold}"] = len(maps) / seconds
+                images_per_second[f"fold{fold}"] = len(maps) / seconds
                 if invalid:
                     print(f"  fold {fold}: {len(invalid)} all-zero maps (reported in report.json): {invalid[:5]}")
                 _, test_rows = data.split(fold)
@@ -60,13 +58,15 @@ def main() -> None:
                 save_png(out / "overlays.png", overlay_grid(rows, titles, ["image + true mask", params.method]))
                 run.log_artifact(out / "overlays.png")
             write_json(out / "report.json", report)
+            speed = float(np.mean(list(images_per_second.values())))
+            write_json(out / layout.TIMING, {"images_per_second": speed, "per_fold": images_per_second})
             run.write_lineage(out)
-        metrics = {"per_fold": localization, "images_per_second": float(np.mean(list(report["images_per_second"].values())))}
+        metrics = {"per_fold": localization}
         means = mean_over_folds(localization, keys=("mass_inside", "pointing_game"))
         metrics.update(means)
-        write_json(METRICS, metrics)
-        run.log_metrics({k: v for k, v in metrics.items() if k != "per_fold"})
-        print(f"  {metrics['images_per_second']:.1f} images/s; localization on test images: {means}")
+        write_json(layout.metrics_file("saliency"), metrics)
+        run.log_metrics({**means, "images_per_second": speed})
+        print(f"  {speed:.1f} images/s; localization on test images: {means}")
 
 
 def _localization(data: PreparedData, maps: np.ndarray, rows: np.ndarray) -> dict:

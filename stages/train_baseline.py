@@ -6,43 +6,20 @@ data/plots/train_baseline.csv (per-epoch losses and test AP).
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
-from pipeline import distributed
-from pipeline.artifacts import output_dir, read_json
-from pipeline.config import ModelParams, TrainParams, load_section
-from pipeline.data import PreparedData
+from pipeline import layout
+from pipeline.config import load_section
+from pipeline.objectives import Objective
 from pipeline.runner import run_stage
-from pipeline.tracking import stage_run
-from pipeline.training import fingerprint_of, pick_device, publish, train_folds
+from pipeline.training import TrainingStage, run_training_stage
 
-PREPARED = Path("data/prepared")
-OUT = Path("data/baseline")
+STAGE = TrainingStage("train_baseline", "baseline", layout.PREPARED, upstream=(layout.PREPARED,),
+                      out=layout.BASELINE, metrics=layout.metrics_file("train_baseline"),
+                      plot=layout.plot_file("train_baseline"), checkpoints=layout.checkpoints("train_baseline"))
 
 
 def main() -> None:
-    model_params: ModelParams = load_section("model")
-    params: TrainParams = load_section("train_baseline")
-    device = pick_device(model_params.device)
-    if distributed.launch("stages.train_baseline", model_params.nproc_per_node, params.batch_size,
-                          "train_baseline.batch_size", device):
-        return
-    data = PreparedData.load(PREPARED)
-    dataset = read_json(PREPARED / "report.json")["dataset"]
-    sections = {"model": model_params, "train_baseline": params}
-    fingerprint = fingerprint_of(sections, PREPARED / "run.json")
-    with distributed.process_group(device) as ranks:
-        if not ranks.main:  # trains alongside rank 0, which alone tracks and writes
-            train_folds("train_baseline", data, model_params, params, None, None, fingerprint=fingerprint)
-            return
-        with stage_run("train_baseline", sections, dataset=dataset) as run:
-            run.link_upstream(PREPARED)
-            with output_dir(OUT) as out:
-                history = train_folds("train_baseline", data, model_params, params, run, out,
-                                      fingerprint=fingerprint)
-                run.write_lineage(out)
-            publish(run, "train_baseline", "baseline", history, OUT, dataset)
+    run_training_stage(STAGE, load_section("model"), load_section("train_baseline"),
+                       objective_for=lambda data, fold: Objective())
 
 
 if __name__ == "__main__":

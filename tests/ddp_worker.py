@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distributed, training
-from pipeline.training import TrainingDiverged, predict, train
+from pipeline import distributed, losses
+from pipeline.inference import predict
+from pipeline.training import TrainingDiverged, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import noise_data  # noqa: E402
@@ -23,9 +24,9 @@ def main(out: Path) -> None:
     with distributed.process_group(torch.device("cpu")) as ranks:
         results = {}
         for name in CASES:
-            params, guidance = case(name, data)
-            model, config, history = train(data, 0, MODEL, params, guidance)
-            priors = guidance.priors[test_rows] if guidance is not None and name == "teacher" else None
+            params, objective = case(name, data)
+            model, config, history = train(data, 0, MODEL, params, objective)
+            priors = objective.inference_priors(test_rows)
             results[name] = {"state": model.state_dict(), "history": history,
                              "scores": predict(model, config, data.images[test_rows], priors)}
         # Resuming: the first epoch's checkpoint, then a second run that resumes and trains epoch 2.
@@ -37,7 +38,7 @@ def main(out: Path) -> None:
         results["resumed"] = {"state": model.state_dict(), "history": history}
         # A non-finite loss in one process only stops every process, at the same batch.
         if ranks.rank == 1:
-            training.BatchShare.mean = lambda self, *args, **kwargs: torch.tensor(float("nan"))
+            losses.BatchShare.mean = lambda self, *args, **kwargs: torch.tensor(float("nan"))
         try:
             train(data, 0, MODEL, params)
         except TrainingDiverged as error:

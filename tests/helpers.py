@@ -15,7 +15,7 @@ import yaml
 if TYPE_CHECKING:  # annotations only: the helpers import torch lazily, where it is needed
     import torch
 
-    from pipeline.data import PreparedData
+    from pipeline.prepared import PreparedData
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore"]
@@ -77,29 +77,49 @@ def train_tiny_models(folder: Path, size: int = 32, n: int = 8) -> tuple[dict[st
     """Baseline and guided models (consistency, teacher) trained one epoch on ``n`` random
     ``size``-pixel images, saved with ``save_model`` as ``folder/<name>.pt``; returns the paths
     and the images (uint8 (n, size, size)). Seconds on one CPU thread."""
-    import pandas as pd
     import torch
 
     from pipeline.config import GuidedParams, ModelParams, TrainParams
-    from pipeline.data import PreparedData
-    from pipeline.training import Guidance, save_model, train
+    from pipeline.model_files import save_model
+    from pipeline.training import train
+
+    data = tiny_data(size, n)
+    images = data.images
+    generator = torch.Generator().manual_seed(2)
+    priors = torch.rand(n, size, size, generator=generator)
+    masks = (torch.rand(n, size, size, generator=generator) > 0.8).float()
+    model_params = ModelParams(backbone="resnet18", device="cpu")
+    paths = {}
+    for name, params in (("baseline", TrainParams(epochs=1, batch_size=n)),
+                         ("consistency", GuidedParams(epochs=1, batch_size=n, variant="consistency")),
+                         ("teacher", GuidedParams(epochs=1, batch_size=n, variant="teacher"))):
+        objective = guided(params, priors, masks) if isinstance(params, GuidedParams) else None
+        model, config, _ = train(data, 0, model_params, params, objective)
+        paths[name] = folder / f"{name}.pt"
+        save_model(paths[name], model, config)
+    return paths, images
+
+
+def tiny_data(size: int = 64, n: int = 8) -> PreparedData:
+    """``n`` random ``size``-pixel images, every other one defective; fold 0 (2 images) is the test set."""
+    import pandas as pd
+    import torch
+
+    from pipeline.prepared import PreparedData
 
     generator = torch.Generator().manual_seed(1)
     index = pd.DataFrame({"id": [f"i{k}" for k in range(n)], "label": [1, 0] * (n // 2),
                           "group": [f"g{k}" for k in range(n)], "fold": [0, 0] + [1] * (n - 2), "has_mask": False})
     images = torch.randint(0, 256, (n, size, size), dtype=torch.uint8, generator=generator)
-    data = PreparedData(Path("."), index, images)
-    guidance = Guidance(priors=torch.rand(n, size, size, generator=generator),
-                        pseudo_masks=(torch.rand(n, size, size, generator=generator) > 0.8).float())
-    model_params = ModelParams(backbone="resnet18", device="cpu")
-    paths = {}
-    for name, params, given in (("baseline", TrainParams(epochs=1, batch_size=n), None),
-                                ("consistency", GuidedParams(epochs=1, batch_size=n, variant="consistency"), guidance),
-                                ("teacher", GuidedParams(epochs=1, batch_size=n, variant="teacher"), guidance)):
-        model, config, _ = train(data, 0, model_params, params, given)
-        paths[name] = folder / f"{name}.pt"
-        save_model(paths[name], model, config)
-    return paths, images
+    return PreparedData(Path("."), index, images)
+
+
+def guided(params, priors: torch.Tensor, pseudo_masks: torch.Tensor):
+    """The guided objective of ``params`` (GuidedParams) for saliency maps and pseudo-masks of every row."""
+    from pipeline.objectives import GuidedObjective, guidance_for
+    from pipeline.variants import VARIANTS
+
+    return GuidedObjective(guidance_for(VARIANTS[params.variant], priors, pseudo_masks), params)
 
 
 def noise_data() -> PreparedData:
@@ -108,7 +128,7 @@ def noise_data() -> PreparedData:
     import pandas as pd
     import torch
 
-    from pipeline.data import PreparedData
+    from pipeline.prepared import PreparedData
 
     n = 24
     index = pd.DataFrame({"id": [f"im{i}" for i in range(n)], "label": [int(i % 4 == 0) for i in range(n)],

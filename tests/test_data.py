@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import BalancedEpochs, random_flips, to_input
+from pipeline.training_data import BalancedEpochs, flip_flags, random_flips, to_input
 
 
 def test_balanced_epoch_holds_every_defect_and_as_many_defect_free_images():
@@ -29,12 +29,17 @@ def test_training_without_one_class_is_refused():
 
 
 def test_flips_move_image_prior_and_mask_together():
-    image = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).view(2, 1, 4, 5)
-    flipped_image, flipped_copy = random_flips(torch.Generator().manual_seed(1), image, image.clone())
-    assert torch.equal(flipped_image, flipped_copy)
-    for sample in range(2):
-        candidates = [image[sample], image[sample].flip(-1), image[sample].flip(-2), image[sample].flip(-1, -2)]
-        assert any(torch.equal(flipped_image[sample], c) for c in candidates)
+    image = torch.arange(64 * 1 * 4 * 5, dtype=torch.float32).view(64, 1, 4, 5)
+    mask = image * 2 + 1  # another tensor with the same layout: it must flip exactly as the image
+    flip_w, flip_h = flip_flags(torch.Generator().manual_seed(1), len(image))
+    assert 0 < flip_w.sum() < len(image) and 0 < flip_h.sum() < len(image)  # some flip, some do not
+    flipped_image, flipped_mask = random_flips(torch.Generator().manual_seed(1), image, mask)
+    assert torch.equal(flipped_mask, flipped_image * 2 + 1)
+    for sample in range(len(image)):
+        expected = image[sample]
+        expected = expected.flip(-1) if flip_w[sample] else expected
+        expected = expected.flip(-2) if flip_h[sample] else expected
+        assert torch.equal(flipped_image[sample], expected), sample
 
 
 def test_to_input_normalises_and_replicates_gray_for_three_channel_models():

@@ -10,8 +10,10 @@ import yaml
 
 from pipeline.artifacts import read_image, read_json, write_json, write_map
 from pipeline.config import ConfigError, parse_section
-from pipeline.data import PreparedData, SubsetError, defective_subsets
-from pipeline.pseudo_labels import TRUE_MASKS, consistency_targets, otsu_mask
+from pipeline.layout import TRUE_MASKS
+from pipeline.objectives import consistency_targets
+from pipeline.prepared import PreparedData, SubsetError, defective_subsets
+from pipeline.pseudo_labels import otsu_mask
 from stages import prepare, pseudo_labels, train_guided
 
 

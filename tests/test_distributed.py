@@ -14,14 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SHRUNK, dvc, make_shrunk_project, merge, noise_data, project_env
+from helpers import SHRUNK, dvc, guided, make_shrunk_project, merge, noise_data, project_env
 from mlflow.tracking import MlflowClient
 
 from pipeline import distributed
 from pipeline.config import ConfigError, GuidedParams, ModelParams, TrainParams, parse_section
-from pipeline.data import PreparedData
+from pipeline.devices import autocast_dtype, pick_device
 from pipeline.distributed import Ranks, shard
-from pipeline.training import Guidance, autocast_dtype, build_model, pick_device, predict, train
+from pipeline.errors import InputError, SetupError
+from pipeline.inference import predict
+from pipeline.model_files import build_model
+from pipeline.objectives import Objective
+from pipeline.prepared import PreparedData
+from pipeline.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ModelParams(device="cpu")
@@ -35,11 +40,15 @@ CASES = ("baseline", "consistency", "teacher")
 TOLERANCE = {"atol": 2e-6, "rtol": 1e-4}
 
 
-def case(name: str, data: PreparedData) -> tuple[TrainParams, Guidance | None]:
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
+
+
+def case(name: str, data: PreparedData) -> tuple[TrainParams, Objective]:
     if name == "baseline":
-        return PARAMS, None
+        return PARAMS, Objective()
     priors = torch.from_numpy(np.random.default_rng(1).random(data.images.shape, dtype=np.float32))
-    return GuidedParams(**PARAMS.model_dump(), variant=name), Guidance(priors, (priors > 0.8).float())
+    params = GuidedParams(**PARAMS.model_dump(), variant=name)
+    return params, guided(params, priors, (priors > 0.8).float())
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +70,9 @@ def single_process() -> dict[str, dict]:
     _, test_rows = data.split(0)
     results = {}
     for name in CASES:
-        params, guidance = case(name, data)
-        model, config, history = train(data, 0, MODEL, params, guidance)
-        priors = guidance.priors[test_rows] if name == "teacher" else None
+        params, objective = case(name, data)
+        model, config, history = train(data, 0, MODEL, params, objective)
+        priors = objective.inference_priors(test_rows)
         results[name] = {"state": model.state_dict(), "history": history,
                          "scores": predict(model, config, data.images[test_rows], priors)}
     torch.set_num_threads(threads)
@@ -122,12 +131,15 @@ def test_shards_cover_the_batch_like_distributed_sampler(size: int, world: int) 
 
 
 def test_batch_size_must_split_over_the_processes() -> None:
-    with pytest.raises(ValueError, match="train_guided.batch_size 6 does not split over model.nproc_per_node = 4"):
+    with pytest.raises(InputError, match="train_guided.batch_size 6 does not split over model.nproc_per_node = 4"):
         distributed.launch("stages.train_guided", 4, 6, "train_guided.batch_size", torch.device("cpu"))
     assert distributed.launch("stages.train_guided", 1, 6, "train_guided.batch_size", torch.device("cpu")) is False
-    if torch.cuda.device_count() < 64:
-        with pytest.raises(ValueError, match="model.nproc_per_node is 64, one process per GPU"):
-            distributed.launch("stages.train_guided", 64, 64, "train_guided.batch_size", torch.device("cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 64, reason="this machine has 64 CUDA GPUs: the error cannot occur")
+def test_more_processes_than_gpus_is_refused() -> None:
+    with pytest.raises(SetupError, match="model.nproc_per_node is 64, one process per GPU"):
+        distributed.launch("stages.train_guided", 64, 64, "train_guided.batch_size", torch.device("cuda"))
 
 
 def test_compute_params_are_validated() -> None:
@@ -146,10 +158,13 @@ def test_device_and_precision_choice() -> None:
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
     assert autocast_dtype("fp32", cpu) is None
     assert pick_device("cpu") == cpu
-    if not torch.cuda.is_available():
-        assert pick_device("auto").type in ("mps", "cpu")
-        with pytest.raises(ValueError, match="model.device is cuda, but torch finds no CUDA GPU"):
-            pick_device("cuda")
+
+
+@NO_CUDA
+def test_a_missing_cuda_device_is_refused_and_auto_falls_back() -> None:
+    assert pick_device("auto").type in ("mps", "cpu")
+    with pytest.raises(SetupError, match="model.device is cuda, but torch finds no CUDA GPU"):
+        pick_device("cuda")
 
 
 def test_bf16_on_the_cpu_trains_close_to_fp32_and_workers_change_nothing() -> None:

@@ -10,10 +10,10 @@ import onnx
 import pytest
 import torch
 
-from pipeline.data import to_input
 from pipeline.export import example_inputs, export, main, run_exported
+from pipeline.model_files import load_model
 from pipeline.saliency import create_saliency, saliency_maps
-from pipeline.training import load_model
+from pipeline.training_data import to_input
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

@@ -5,17 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import guided, tiny_data
 
 from pipeline.config import ConfigError, GuidedParams, ModelParams, parse_section
-from pipeline.data import PreparedData
-from pipeline.models import (VARIANTS, Classifier, GuidedClassifier, PriorAsChannel, class_activation_map,
-                             load_pretrained_features)
-from pipeline.training import (Guidance, consistency_loss, inference_priors, load_model, predict, save_model,
-                               seg_weight, segment, train)
+from pipeline.inference import predict, segment
+from pipeline.losses import consistency_loss
+from pipeline.model_files import inference_priors, load_model, save_model
+from pipeline.models import (
+    Classifier,
+    GuidedClassifier,
+    PriorAsChannel,
+    class_activation_map,
+    load_pretrained_features,
+)
+from pipeline.objectives import seg_weight
+from pipeline.training import train
+from pipeline.variants import VARIANTS
 
 BACKBONES = ("resnet18", "vgg16")
 
@@ -68,36 +76,28 @@ def test_lambda_follows_its_schedule(schedule: str) -> None:
     assert [seg_weight(t, params) for t in range(4)] == pytest.approx(expected)
 
 
-def _tiny_data(size: int = 64, n: int = 8) -> PreparedData:
-    generator = torch.Generator().manual_seed(1)
-    index = pd.DataFrame({"id": [f"i{k}" for k in range(n)], "label": [1, 0] * (n // 2),
-                          "group": [f"g{k}" for k in range(n)], "fold": [0, 0] + [1] * (n - 2),
-                          "has_mask": False})
-    images = torch.randint(0, 256, (n, size, size), dtype=torch.uint8, generator=generator)
-    return PreparedData(Path("."), index, images)
-
-
 @pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_trains_a_step_deploys_and_predicts(variant: str, backbone: str, tmp_path: Path) -> None:
-    data = _tiny_data()
+    data = tiny_data()
     size = data.images.shape[1:]
-    guidance = Guidance(priors=torch.rand(len(data.images), *size), pseudo_masks=(torch.rand(8, *size) > 0.8).float())
+    priors = torch.rand(len(data.images), *size)
     params = GuidedParams(epochs=1, batch_size=8, variant=variant)
-    model, config, history = train(data, 0, ModelParams(backbone=backbone, device="cpu"), params, guidance)
+    objective = guided(params, priors, (torch.rand(8, *size) > 0.8).float())
+    model, config, history = train(data, 0, ModelParams(backbone=backbone, device="cpu"), params, objective)
     assert len(history) == 1 and np.isfinite(history[0]["loss"]) and history[0]["seg_loss"] > 0
     assert config["variant"] == variant
 
     save_model(tmp_path / "model.pt", model, config)
     saved = torch.load(tmp_path / "model.pt", weights_only=True)
     assert set(saved) == {"config", "state_dict"}
-    injects = variant in ("teacher", "none")
+    injects = VARIANTS[variant].injects_prior
     assert any(k.startswith("seg_head.") for k in saved["state_dict"]) == injects
     deployed, deployed_config = load_model(tmp_path / "model.pt")
     assert isinstance(deployed, GuidedClassifier if injects else Classifier)
 
     test_images = data.images[:3]
-    priors = inference_priors(deployed_config, guidance.priors[:3])
+    priors = inference_priors(deployed_config, priors[:3])
     assert (priors is not None) == (variant == "teacher")
     scores = predict(deployed, deployed_config, test_images, priors)
     assert scores.shape == (3,) and ((scores >= 0) & (scores <= 1)).all()
@@ -194,5 +194,5 @@ def test_missing_pretrained_weights_say_where_to_put_the_file(tmp_path: Path) ->
     with pytest.raises(FileNotFoundError, match=r"place it at that path.*pretrained_weights to null"):
         load_pretrained_features(Classifier("resnet18", 3), missing)
     with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth"):
-        train(_tiny_data(), 0, ModelParams(pretrained_weights=str(missing), in_channels=3, device="cpu"),
+        train(tiny_data(), 0, ModelParams(pretrained_weights=str(missing), in_channels=3, device="cpu"),
               GuidedParams(epochs=1))

@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from helpers import ROOT
+
 from pipeline.artifacts import write_image
+from pipeline.inference import predict
+from pipeline.model_files import load_model
 from pipeline.predict import ModelError, decision_threshold, load_any, main
 from pipeline.saliency import create_saliency, saliency_maps
-from pipeline.training import load_model, predict, register_models
-
+from pipeline.training import register_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,18 +24,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import SHRUNK, dvc, make_shrunk_project, merge, noise_data, project_env, stages_run
+from helpers import SHRUNK, dvc, guided, make_shrunk_project, merge, noise_data, project_env, stages_run
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 from pipeline import datasets, training
 from pipeline.artifacts import atomic_path, load_torch, output_dir, read_json, save_torch
 from pipeline.config import ConfigError, GuidedParams, ModelParams, TrainParams, load_section
-from pipeline.data import PreparedData
 from pipeline.datasets import DataError, read_gray
-from pipeline.tracking import FAST_CHECK, TrackingError, _environment_defaults, connect
-from pipeline.training import (Guidance, TrainingDiverged, _resumable_state, learning_rate, save_model, summarize,
-                               train, train_folds)
+from pipeline.model_files import save_model
+from pipeline.objectives import Objective
+from pipeline.prepared import PreparedData
+from pipeline.tracking import FAST_CHECK, TrackingError, connect, environment_defaults
+from pipeline.training import TrainingDiverged, _resumable_state, learning_rate, summarize, train, train_folds
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 MODEL = ModelParams(device="cpu")
@@ -81,16 +82,17 @@ def test_same_seed_gives_identical_metrics_and_weights(data: PreparedData, refer
     assert without_timings(other_seed) != without_timings(history)
 
 
-@pytest.mark.parametrize("guided, lr_schedule", [(False, "constant"), (True, "constant"), (False, "cosine")],
+@pytest.mark.parametrize("is_guided, lr_schedule", [(False, "constant"), (True, "constant"), (False, "cosine")],
                          ids=["baseline", "guided", "baseline-cosine-lr"])
 def test_run_interrupted_mid_training_resumes_to_the_uninterrupted_result(
-    guided: bool, lr_schedule: str, data: PreparedData, reference, tmp_path: Path, capsys: pytest.CaptureFixture
+    is_guided: bool, lr_schedule: str, data: PreparedData, reference, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     params, guidance = PARAMS.model_copy(update={"lr_schedule": lr_schedule}), None
-    if guided:
+    if is_guided:
         priors = torch.from_numpy(np.random.default_rng(1).random(data.images.shape, dtype=np.float32))
-        params, guidance = GuidedParams(**params.model_dump()), Guidance(priors, (priors > 0.8).float())
-    if guided or lr_schedule != PARAMS.lr_schedule:
+        params = GuidedParams(**params.model_dump())
+        guidance = guided(params, priors, (priors > 0.8).float())
+    if is_guided or lr_schedule != PARAMS.lr_schedule:
         uninterrupted, _, uninterrupted_history = train(data, 0, MODEL, params, guidance)
         reference = (uninterrupted, uninterrupted_history)
     checkpoint = tmp_path / "fold0.pt"
@@ -158,6 +160,31 @@ def test_checkpoints_and_models_load_with_weights_only(data: PreparedData, refer
         load_torch(tmp_path / "pickled.pt")
 
 
+def test_the_same_training_saves_byte_identical_model_and_checkpoint_files(data: PreparedData, tmp_path: Path) -> None:
+    params = PARAMS.model_copy(update={"epochs": 1})
+    models = []
+    for run in ("first", "second"):
+        model, config, _ = train(data, 0, MODEL, params, checkpoint=tmp_path / run / "checkpoint.pt")
+        save_model(tmp_path / run / "fold0.pt", model, config)
+        models.append((tmp_path / run / "fold0.pt").read_bytes())
+    assert models[0] == models[1]  # DVC recognises a retrained model as the one it stored
+    # A checkpoint's history holds each epoch's seconds; the same state gives the same bytes.
+    state = load_torch(tmp_path / "first" / "checkpoint.pt")
+    save_torch(tmp_path / "again.pt", state)
+    assert (tmp_path / "again.pt").read_bytes() == (tmp_path / "first" / "checkpoint.pt").read_bytes()
+
+
+def test_no_temporary_name_leaks_into_a_saved_file(tmp_path: Path) -> None:
+    path = tmp_path / "fold0.pt"
+    save_torch(path, {"weights": torch.ones(3)})
+    content = path.read_bytes()
+    assert b".tmp-" not in content and b"fold0" not in content
+    # torch names the records of its zip archive; the names must not depend on where it was written.
+    save_torch(tmp_path / "elsewhere.pt", {"weights": torch.ones(3)})
+    assert (tmp_path / "elsewhere.pt").read_bytes() == content
+    assert leftovers(tmp_path) == []
+
+
 # --- non-finite loss ----------------------------------------------------------------------------
 
 
@@ -200,7 +227,8 @@ def test_non_finite_loss_or_weights_stop_training_naming_where_and_write_no_mode
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TrainingDiverged, match=message):
         with output_dir(tmp_path / "baseline") as out:
-            train_folds("train_baseline", data, MODEL, PARAMS, NoTracking(), out)
+            train_folds(data, MODEL, PARAMS, lambda data, fold: Objective(), tmp_path / "checkpoints",
+                        run=NoTracking(), out=out)
     assert not (tmp_path / "baseline").exists()
     assert leftovers(tmp_path) == []
 
@@ -282,7 +310,7 @@ def test_fast_check_settings_leave_the_users_own_alone(monkeypatch: pytest.Monke
     for name in FAST_CHECK:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
-    with _environment_defaults(FAST_CHECK):
+    with environment_defaults(FAST_CHECK):
         assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
         assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == FAST_CHECK["MLFLOW_HTTP_REQUEST_TIMEOUT"]
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"

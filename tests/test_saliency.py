@@ -8,10 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data import to_input
-from pipeline.models import Classifier, GuidedClassifier, PriorAsChannel
+from pipeline.models import BACKBONES, Classifier, GuidedClassifier, PriorAsChannel
 from pipeline.saliency import (
-    DEFAULT_LAYERS,
     FullGrad,
     GradCAM,
     LayerCAM,
@@ -20,6 +18,7 @@ from pipeline.saliency import (
     normalise,
     saliency_maps,
 )
+from pipeline.training_data import to_input
 
 METHOD_NAMES = ("gradcam", "layercam", "fullgrad")
 
@@ -227,9 +226,13 @@ def test_batch_result_equals_per_image_results(method: str, resnet: Classifier) 
     torch.manual_seed(7)
     x = torch.randn(3, 1, 48, 40)
     saliency = create_saliency(method, resnet)
-    batch = saliency(x)
-    single = [saliency(x[i : i + 1]) for i in range(3)]
-    torch.testing.assert_close(batch.maps, torch.cat([s.maps for s in single]), atol=1e-4, rtol=1e-4)
+    # On CPUs with AVX-512/AMX, oneDNN picks its convolution kernel by batch size, and the two
+    # kernels' rounding differs by up to 3e-4 after LayerCAM's normalisation; what is tested here
+    # is that the images of a batch do not interact, so torch's reference kernels are used.
+    with torch.backends.mkldnn.flags(enabled=False):
+        batch = saliency(x)
+        single = [saliency(x[i : i + 1]) for i in range(3)]
+    torch.testing.assert_close(batch.maps, torch.cat([s.maps for s in single]), atol=1e-5, rtol=1e-5)
     assert batch.valid.tolist() == [bool(s.valid) for s in single]
     assert ((batch.maps >= 0) & (batch.maps <= 1)).all()
     assert batch.maps.grad_fn is None and not batch.maps.requires_grad  # holds no autograd graph
@@ -247,7 +250,7 @@ def test_works_under_no_grad_and_inference_mode(resnet: Classifier) -> None:
 
 def test_default_layers_and_layer_name_errors(resnet: Classifier) -> None:
     assert create_saliency("gradcam", resnet).layers == ["features.layer4"]
-    assert create_saliency("layercam", resnet).layers == DEFAULT_LAYERS["resnet18"]["layercam"]
+    assert create_saliency("layercam", resnet).layers == BACKBONES["resnet18"].saliency_layers["layercam"]
     with pytest.raises(ValueError, match=r"features\.layer9.*features\.\{conv1,bn1.*layer4\}, fc"):
         create_saliency("gradcam", resnet, ["features.layer9"])
     with pytest.raises(ValueError, match="unknown saliency method"):
@@ -313,7 +316,7 @@ def test_saliency_maps_batches_uint8_images_and_priors(resnet: Classifier) -> No
     np.testing.assert_allclose(maps, expected.maps.numpy(), atol=1e-4)
     assert valid.tolist() == expected.valid.tolist()
     guided = PriorAsChannel(GuidedClassifier("resnet18").eval())
-    assert create_saliency("layercam", guided).layers == [f"guided.{n}" for n in DEFAULT_LAYERS["resnet18"]["layercam"]]
+    assert create_saliency("layercam", guided).layers == [f"guided.{n}" for n in BACKBONES["resnet18"].saliency_layers["layercam"]]
     explainer = create_saliency("layercam", guided, ["guided.features.layer3", "guided.features.layer4"])
     priors = torch.rand(5, 48, 32, generator=generator)
     maps, valid, _ = saliency_maps(explainer, config, images, 4, priors)

@@ -1,0 +1,150 @@
+"""What the training loop feeds on: balanced epochs, batches, random flips and the DataLoader.
+
+Everything here is deterministic for a seed and an epoch number, so that a resumed run and a run
+on several processes draw what an uninterrupted single-process run draws. ``to_input`` (the
+images' normalisation) serves inference too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.errors import InputError
+
+
+def to_input(images: torch.Tensor, in_channels: int, mean: float, std: float) -> torch.Tensor:
+    """uint8 (B, H, W) -> normalised float (B, C, H, W); gray is replicated for 3-channel models."""
+    x = (images.float() / 255.0 - mean) / std
+    return x.unsqueeze(1).expand(-1, in_channels, -1, -1).contiguous()
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of the training pixels, stored with each model."""
+    x = images.float() / 255.0
+    return float(x.mean()), float(x.std().clamp_min(1e-3))
+
+
+class BalancedEpochs:
+    """Epochs of all defective images plus as many defect-free ones, cycling through the latter.
+
+    Defects are rare, so a plain epoch would teach the model that everything is fine. Each epoch
+    shows every defective image once and a fresh slice of defect-free images, so all of them are
+    seen over the run. Deterministic for a seed; the state is the epoch number alone, which lets
+    an interrupted run resume with the same order.
+    """
+
+    def __init__(self, labels: np.ndarray, seed: int) -> None:
+        self.positives = np.flatnonzero(labels == 1)
+        self.negatives = np.flatnonzero(labels == 0)
+        if len(self.positives) == 0 or len(self.negatives) == 0:
+            raise InputError(
+                f"training needs both classes; got {len(self.positives)} defective and "
+                f"{len(self.negatives)} defect-free images: check the data set and its folds"
+            )
+        self.seed = seed
+
+    def epoch(self, number: int) -> np.ndarray:
+        per_epoch = min(len(self.positives), len(self.negatives))
+        start = number * per_epoch
+        cycle, offset = divmod(start, len(self.negatives))
+        order = np.random.default_rng([self.seed, cycle]).permutation(self.negatives)
+        if offset + per_epoch > len(order):
+            following = np.random.default_rng([self.seed, cycle + 1]).permutation(self.negatives)
+            order = np.concatenate([order, following])
+        chosen = np.concatenate([self.positives, order[offset : offset + per_epoch]])
+        return np.random.default_rng([self.seed, number, 7]).permutation(chosen)
+
+
+def batches(positions: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(positions), batch_size):
+        yield positions[start : start + batch_size]
+
+
+def random_flips(generator: torch.Generator, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Flip each sample horizontally and vertically at random, identically in every tensor.
+
+    Tensors are (B, ..., H, W); image, prior and pseudo-mask of one sample flip together.
+    """
+    return apply_flips(flip_flags(generator, tensors[0].shape[0]), *tensors)
+
+
+def flip_flags(generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which samples of a batch flip horizontally and which vertically.
+
+    Drawn for the whole global batch in every training process, so that the flips (and the
+    generator's state after them) do not depend on how many processes share the batch.
+    """
+    flip_w = torch.rand(batch, generator=generator) < 0.5
+    flip_h = torch.rand(batch, generator=generator) < 0.5
+    return flip_w, flip_h
+
+
+def apply_flips(flags: tuple[torch.Tensor, torch.Tensor], *tensors: torch.Tensor) -> list[torch.Tensor]:
+    flip_w, flip_h = flags
+    flipped = []
+    for tensor in tensors:
+        tensor = torch.where(_expand(flip_w, tensor), tensor.flip(-1), tensor)
+        tensor = torch.where(_expand(flip_h, tensor), tensor.flip(-2), tensor)
+        flipped.append(tensor)
+    return flipped
+
+
+class TrainingBatches(torch.utils.data.Dataset):
+    """The training tensors of one fold, fetched a whole batch of row positions at a time.
+
+    A ``torch.utils.data.DataLoader`` over it (``loader``) builds the normalised inputs in
+    ``model.num_workers`` worker processes and can pin them for the copy to a GPU. The random
+    flips stay in the training loop: they come from one generator whose sequence must not depend
+    on the workers, so results are the same for any number of them. ``extras`` are per-row maps
+    (N, H, W) a step needs beside the images (``objectives.Objective.step_tensors``).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, in_channels: int, mean: float, std: float,
+                 extras: dict[str, torch.Tensor] | None = None) -> None:
+        self.images, self.labels, self.extras = images, labels, extras or {}
+        self.in_channels, self.mean, self.std = in_channels, mean, std
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = {"x": to_input(self.images[positions], self.in_channels, self.mean, self.std),
+                 "y": self.labels[positions]}
+        for name, maps in self.extras.items():
+            batch[name] = maps[positions].unsqueeze(1)
+        return batch
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__(np.array([position])).items()}
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """The batches of row positions of the current epoch; the loop sets them before each epoch
+    (the sampler is iterated in the main process, so persistent workers see the new ones)."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _whole_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch  # ``__getitems__`` returns the batch already stacked
+
+
+def loader(dataset: TrainingBatches, num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding the batches its ``batch_sampler`` (an ``EpochBatches``) holds."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=EpochBatches(), collate_fn=_whole_batch,
+                                       num_workers=num_workers, pin_memory=pin_memory,
+                                       persistent_workers=num_workers > 0)
+
+
+def _expand(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return flags.view(-1, *([1] * (like.dim() - 1)))
