@@ -7,6 +7,7 @@ that names the key and what is allowed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -42,9 +43,25 @@ class SyntheticParams(Section):
     defect_contrast: float = Field(1.0, gt=0, description="defect contrast in units of the texture's noise")
 
 
+class LabelmeParams(Section):
+    """Dataset labelme (docs/datasets.md): images with labelme JSON annotations."""
+
+    images: str = Field(".", description="folder of the images, relative to prepare.path")
+    annotations: str | None = Field(
+        None, description="folder of the JSON files, relative to prepare.path; null = beside the images")
+    defect_labels: Annotated[list[str], Field(min_length=1)] | None = Field(
+        None, description="shape labels that count as defect; null = every label")
+    # labelme's own defaults (labelme.utils.shape_to_mask), in pixels of the source image.
+    line_width: int = Field(10, ge=1, le=1000, description="width of line and linestrip shapes")
+    point_radius: int = Field(5, ge=1, le=1000, description="radius of point shapes")
+
+
 class PrepareParams(Section):
-    dataset: Literal["synthetic", "kolektorsdd", "kolektorsdd2", "manifest", "folder"] = "synthetic"
+    dataset: Literal["synthetic", "kolektorsdd", "kolektorsdd2", "manifest", "folder", "labelme"] = "synthetic"
     path: str | None = Field(None, description="data folder, zip file or manifest CSV (not for synthetic)")
+    group_pattern: str | None = Field(
+        None, description="regular expression searched in each image's file name: its group 'item', else the "
+        "whole match, is the physical item; null = the data set's own groups (docs/datasets.md)")
     width: int = Field(128, ge=16, le=4096)
     height: int = Field(128, ge=16, le=4096)
     split: Literal["cv", "holdout"] = "cv"
@@ -55,11 +72,25 @@ class PrepareParams(Section):
         "all", description="defective images each model trains on (data efficiency); defect-free ones all kept")
     subset_seed: int = Field(0, ge=0, le=2**32 - 1, description="which defective images are kept; folds do not change")
     synthetic: SyntheticParams = SyntheticParams()
+    labelme: LabelmeParams = LabelmeParams()
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"not a valid regular expression ({error})") from None
+        return pattern
 
     @model_validator(mode="after")
     def _path_for_real_data(self) -> PrepareParams:
         if self.dataset != "synthetic" and not self.path:
             raise ValueError(f"prepare.path is required for dataset {self.dataset!r}")
+        if self.dataset == "synthetic" and self.group_pattern is not None:
+            raise ValueError("prepare.group_pattern does not apply to dataset 'synthetic', whose items are "
+                             "generated; remove it")
         return self
 
 
