@@ -364,9 +364,9 @@ def groups_from_names(pattern: str, refs: Sequence[str]) -> list[str]:
         match = compiled.search(name)
         group = None if match is None else match.groupdict().get("item") or match.group(0)
         if not group:
-            found = "matches it in an empty string" if match else "does not match it"
+            found = "matches only an empty string in its name" if match else "does not match its name"
             raise DataError(
-                f"{ref}: prepare.group_pattern {pattern!r} {found}, so the image's item is unknown; widen the "
+                f"{ref}: prepare.group_pattern '{pattern}' {found}, so the image's item is unknown; widen the "
                 "pattern (ending it in '|.*' makes such an image its own group) or rename the file"
             )
         groups.append(group)

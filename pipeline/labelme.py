@@ -24,7 +24,7 @@ from pipeline.datasets import DataError
 
 SHAPE_TYPES = ("polygon", "rectangle", "circle", "line", "linestrip", "point", "mask")
 # Points each shape type needs: (fewest, most); None = no upper bound.
-_POINTS = {"polygon": (3, None), "rectangle": (2, 2), "circle": (2, 2), "line": (2, 2),
+_POINTS: dict[str, tuple[int, int | None]] = {"polygon": (3, None), "rectangle": (2, 2), "circle": (2, 2), "line": (2, 2),
            "linestrip": (2, None), "point": (1, 1), "mask": (2, 2)}
 # labelme's canvas keeps points on the pixel grid 0..W-1 (pixel centres); half a pixel more on each
 # side is the image's own edge, where other tools put rectangle corners.
@@ -108,8 +108,9 @@ def _shape(raw: object, number: int, width: int, height: int, path: str | Path) 
     points = _points(raw.get("points"), where)
     fewest, most = _POINTS[kind]
     if len(points) < fewest or (most is not None and len(points) > most):
-        wanted = f"at least {fewest}" if most is None else f"exactly {fewest}" if fewest == most else f"{fewest}-{most}"
-        raise DataError(f"{where}: a {kind} needs {wanted} points, it has {len(points)}; redraw it in labelme")
+        wanted = f"at least {fewest}" if most is None else f"exactly {fewest}"
+        plural = "" if fewest == 1 else "s"
+        raise DataError(f"{where}: a {kind} needs {wanted} point{plural}, it has {len(points)}; redraw it in labelme")
     for x, y in points:
         if not (-POINT_TOLERANCE <= x <= width - 1 + POINT_TOLERANCE
                 and -POINT_TOLERANCE <= y <= height - 1 + POINT_TOLERANCE):
@@ -222,9 +223,11 @@ class LabelmeMask:
     def __str__(self) -> str:
         return self.annotation.file
 
+    def is_defect(self, shape: Shape) -> bool:
+        return self.defect_labels is None or shape.label in self.defect_labels
+
     def defect_shapes(self) -> list[Shape]:
-        labels = self.defect_labels
-        return [shape for shape in self.annotation.shapes if labels is None or shape.label in labels]
+        return [shape for shape in self.annotation.shapes if self.is_defect(shape)]
 
     def draw(self, shape: tuple[int, int], image: str | None = None) -> np.ndarray:
         """The mask as bool ``shape`` (height, width), which must be the annotation's image size."""
@@ -236,7 +239,9 @@ class LabelmeMask:
             )
         canvas = Image.new("L", (annotation.width, annotation.height), 0)
         pen = ImageDraw.Draw(canvas)
-        for number, item in enumerate(self.defect_shapes()):
+        for number, item in enumerate(annotation.shapes):  # numbered in the file's order, as messages say
+            if not self.is_defect(item):
+                continue
             if item.kind == "mask":
                 _paste_mask(canvas, item, f"{annotation.file}: mask shape {number} ({item.label!r})")
             else:
