@@ -530,12 +530,25 @@ def _manifest_fold(row: dict[str, str], where: str) -> int:
     return fold
 
 
+def _check_manifest_columns(csv_path: Path, columns: list[str], group_pattern: str | None) -> None:
+    missing = [c for c in ("image", "label") if c not in columns]
+    if missing:
+        raise DataError(f"manifest {csv_path} lacks column(s) {', '.join(missing)}; expected {_MANIFEST_EXPECTED}")
+    if "split" in columns and "fold" in columns:
+        raise DataError(f"manifest {csv_path} has both a split and a fold column; keep one of them")
+    given = [column for column in ("group", "split", "fold") if column in columns]
+    if group_pattern and given:
+        raise DataError(
+            f"manifest {csv_path} has a {given[0]} column, so prepare.group_pattern cannot set its groups and "
+            "folds; remove the column or prepare.group_pattern"
+        )
+
+
 def load_manifest(csv_path: str | Path, folds: int = 3, seed: int = 0, group_pattern: str | None = None) -> SourceSet:
     """A manifest CSV: one row per image, paths relative to the CSV's folder.
 
     Folds come from a ``split`` or ``fold`` column; without either, grouped K-fold assignment
-    (byte-identical copies merged into one group first). ``group_pattern`` (groups from the image
-    file names) needs a manifest without group, split and fold columns.
+    (byte-identical copies merged first) on a ``group`` column or else ``group_pattern``.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -554,19 +567,8 @@ def load_manifest(csv_path: str | Path, folds: int = 3, seed: int = 0, group_pat
                     rows.append((f"{csv_path} line {reader.line_num}", cells))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot parse manifest {csv_path} ({exc}); expected {_MANIFEST_EXPECTED}") from exc
-    missing = [c for c in ("image", "label") if c not in columns]
-    if missing:
-        raise DataError(f"manifest {csv_path} lacks column(s) {', '.join(missing)}; expected {_MANIFEST_EXPECTED}")
-    if "split" in columns and "fold" in columns:
-        raise DataError(f"manifest {csv_path} has both a split and a fold column; keep one of them")
-
+    _check_manifest_columns(csv_path, columns, group_pattern)
     fixed_folds = "split" in columns or "fold" in columns
-    given = [column for column in ("group", "split", "fold") if column in columns]
-    if group_pattern and given:
-        raise DataError(
-            f"manifest {csv_path} has a {given[0]} column, so prepare.group_pattern cannot set its groups and "
-            "folds; remove the column or prepare.group_pattern"
-        )
     ids: list[str] = []
     labels: list[int] = []
     groups: list[str] = []
@@ -746,7 +748,8 @@ def load_source(
         raise DataError(f"data set kind {kind!r} needs a path (prepare.path in params.yaml): see docs/datasets.md")
     if options.group_pattern and kind in _OWN_GROUPS:
         raise DataError(
-            f"prepare.group_pattern does not apply to dataset {kind!r}: {_OWN_GROUPS[kind]}; remove prepare.group_pattern"
+            f"prepare.group_pattern does not apply to dataset {kind!r}: {_OWN_GROUPS[kind]}; "
+            "remove prepare.group_pattern"
         )
     return _LOADERS[kind](path, folds, seed, options)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shlex
+import shutil
 import typing
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -495,3 +497,15 @@ def test_real_bsdata_masks_match_their_images(real_bsdata: SourceSet) -> None:
     assert sizes.most_common(2)[0][0] in {(1130, 460), (1540, 645)}
     first = read_gray(real_bsdata.images[0].image)  # RGB on disk, gray here
     assert first.ndim == 2 and first.dtype == np.uint8
+
+
+def test_cpu_bsdata_preset_survives_dvc_exp_run_set_params(tmp_path: Path) -> None:
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` does to params.yaml
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(Path(__file__).parents[1] / "params.yaml", params)
+    command = shlex.split(presets.exp_run_command("cpu-bsdata", params_path=params))
+    apply_overrides(str(params), [arg for arg in command[5:] if arg != "-S"])
+    prepared = yaml.safe_load(params.read_text())["prepare"]
+    assert prepared["group_pattern"] == presets.load_preset("cpu-bsdata")["prepare"]["group_pattern"]
+    assert prepared["labelme"]["annotations"] == "label" and (prepared["width"], prepared["height"]) == (320, 128)
