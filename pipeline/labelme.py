@@ -86,7 +86,7 @@ def _check_image_data(image_data: object, width: int, height: int, path: str | P
     try:
         with Image.open(io.BytesIO(base64.b64decode(str(image_data), validate=True))) as embedded:
             size = embedded.size
-    except (binascii.Error, OSError, ValueError) as exc:
+    except (binascii.Error, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(
             f"{path}: imageData is not a base64 image ({exc}); re-save the annotation in labelme, "
             "or set imageData to null"
