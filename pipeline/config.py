@@ -77,6 +77,8 @@ class PrepareParams(Section):
     @field_validator("group_pattern")
     @classmethod
     def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern == "":
+            raise ValueError("is empty; use null for the data set's own groups")
         if pattern is not None:
             try:
                 re.compile(pattern)

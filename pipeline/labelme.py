@@ -22,14 +22,14 @@ from PIL import Image, ImageDraw
 
 from pipeline.datasets import DataError
 
-SHAPE_TYPES = ("polygon", "rectangle", "circle", "line", "linestrip", "point", "mask")
-# Points each shape type needs: (fewest, most); None = no upper bound.
+# The shape types and the points each needs: (fewest, most); None = no upper bound.
 _POINTS: dict[str, tuple[int, int | None]] = {
     "polygon": (3, None), "rectangle": (2, 2), "circle": (2, 2), "line": (2, 2), "linestrip": (2, None),
     "point": (1, 1), "mask": (2, 2),
 }
-# labelme's canvas keeps points on the pixel grid 0..W-1 (pixel centres); half a pixel more on each
-# side is the image's own edge, where other tools put rectangle corners.
+SHAPE_TYPES = tuple(_POINTS)
+# labelme's canvas keeps points on 0..W-1 (pixel centres at integers); half a pixel more on each side
+# is the outer edge of the border pixels, where converters from other tools put box corners.
 POINT_TOLERANCE = 0.5
 
 

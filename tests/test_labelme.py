@@ -397,6 +397,8 @@ def test_group_pattern_is_refused_where_the_layout_gives_groups(tmp_path: Path) 
 def test_group_pattern_params_are_checked() -> None:
     with pytest.raises(ConfigError, match="prepare.group_pattern: .*not a valid regular expression"):
         parse_section("prepare", {"dataset": "labelme", "path": "x", "group_pattern": "(unclosed"})
+    with pytest.raises(ConfigError, match="prepare.group_pattern: is empty; use null"):
+        parse_section("prepare", {"dataset": "folder", "path": "x", "group_pattern": ""})
     with pytest.raises(ConfigError, match="does not apply to dataset 'synthetic'"):
         parse_section("prepare", {"group_pattern": ".*"})
     with pytest.raises(ConfigError, match="prepare.labelme.defect_labels"):
