@@ -7,16 +7,19 @@ that names the key and what is allowed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, overload
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipeline.datasets import SOURCE_KINDS
 from pipeline.errors import InputError
+from pipeline.labelme import LabelmeParams
 from pipeline.models import BACKBONES
 from pipeline.saliency import METHODS
+from pipeline.sections import SEED, Section
 from pipeline.variants import VARIANTS
 
 PARAMS_FILE = Path("params.yaml")
@@ -24,21 +27,6 @@ PARAMS_FILE = Path("params.yaml")
 
 class ConfigError(InputError):
     """params.yaml is unreadable, or a section has an unknown key or a bad value."""
-
-
-SEED = Field(0, ge=0, le=2**32 - 1)  # the per-epoch generator seeds derived from it must fit in 64 bits
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans_for_numbers(cls, value: object, info: ValidationInfo) -> object:
-        # YAML reads yes/no/on/off as booleans, and pydantic would silently take them as 1 and 0.
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
-            raise ValueError("expected a number or text, not a boolean (YAML reads yes/no/on/off/true/false as one)")
-        return value
 
 
 class SyntheticParams(Section):
@@ -51,6 +39,9 @@ class SyntheticParams(Section):
 class PrepareParams(Section):
     dataset: Literal[("synthetic", *SOURCE_KINDS)] = "synthetic"  # type: ignore[valid-type]
     path: str | None = Field(None, description="data folder, zip file or manifest CSV (not for synthetic)")
+    group_pattern: str | None = Field(
+        None, description="regular expression searched in each image's file name: its group 'item', else the "
+        "whole match, is the physical item; null = the data set's own groups (docs/datasets.md)")
     width: int = Field(128, ge=16, le=4096)
     height: int = Field(128, ge=16, le=4096)
     split: Literal["cv", "holdout"] = "cv"
@@ -61,11 +52,27 @@ class PrepareParams(Section):
         "all", description="defective images each model trains on (data efficiency); defect-free ones all kept")
     subset_seed: int = Field(0, ge=0, le=2**32 - 1, description="which defective images are kept; folds do not change")
     synthetic: SyntheticParams = SyntheticParams()
+    labelme: LabelmeParams = LabelmeParams()
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern == "":
+            raise ValueError("is empty; use null for the data set's own groups")
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"not a valid regular expression ({error})") from None
+        return pattern
 
     @model_validator(mode="after")
     def _path_for_real_data(self) -> PrepareParams:
         if self.dataset != "synthetic" and not self.path:
             raise ValueError(f"prepare.path is required for dataset {self.dataset!r}")
+        if self.dataset == "synthetic" and self.group_pattern is not None:
+            raise ValueError("prepare.group_pattern does not apply to dataset 'synthetic', whose items are "
+                             "generated; remove it")
         return self
 
 

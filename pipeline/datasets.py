@@ -1,10 +1,12 @@
 """Source data sets: which images exist, their labels, masks, groups and folds.
 
 The ``prepare`` stage calls :func:`load_source` and :func:`validate`, then reads each image with
-:func:`read_gray` and its mask with :func:`read_mask`. Four layouts are supported (see
+:func:`read_gray` and its mask with :func:`read_mask`. Five layouts are supported (see
 ``docs/datasets.md``): KolektorSDD (unpacked folder or the official zip), KolektorSDD2, a manifest
-CSV and a ``good/`` + ``defect/`` folder convention. Loading decodes nothing but the KolektorSDD(2)
-masks, which give the labels, so it stays fast; images are checked when they are read.
+CSV, a ``good/`` + ``defect/`` folder convention and images annotated in labelme (the JSON format
+is ``pipeline/labelme.py``). Loading decodes nothing but the KolektorSDD(2) masks, which give the
+labels, so it stays fast; images are checked when they are read. Where a data set has no item
+column, ``prepare.group_pattern`` derives each image's group from its file name.
 
 A file is referred to by its path, or by ``"<zip path>::<member name>"`` for a member of a zip
 archive, so the official archives can be used without unpacking them.
@@ -23,19 +25,26 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
+from typing import Protocol
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import InputError
+from pipeline import labelme
+from pipeline.errors import DataError
+from pipeline.labelme import LabelmeParams
 
 ZIP_SEPARATOR = "::"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 50_000_000  # default of prepare.max_image_pixels: about 50 MB decoded as gray
 
-class DataError(InputError):
-    """Bad input data; the message names the file and says what to do about it."""
+class MaskSource(Protocol):
+    """A true mask drawn from annotations instead of stored as an image (``labelme.LabelmeMask``)."""
+
+    def draw(self, shape: tuple[int, int], image: str | None = None) -> np.ndarray:
+        """The mask as bool ``shape`` (height, width, its image's size); ``image`` names it in errors."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -47,14 +56,14 @@ class SourceImage:
     group: str  # physical item: all images of a group always land in the same fold
     fold: int  # fold in which the image is a test image; -1 = training only
     image: str  # path, or "<zip path>::<member>"
-    mask: str | None  # same form; None when the image has no mask
+    mask: str | MaskSource | None  # same form, or drawn from annotations; None when the image has no mask
 
 
 @dataclass
 class SourceSet:
     """The images of one data set with the facts ``prepare`` reports about it."""
 
-    name: str  # "kolektorsdd", "kolektorsdd2", "manifest", "folder"
+    name: str  # the kind: "kolektorsdd", "kolektorsdd2", "manifest", "folder", "labelme"
     images: list[SourceImage]
     duplicates: list[list[str]] = field(default_factory=list)  # ids with identical image bytes
     excluded: dict[str, str] = field(default_factory=dict)  # id -> why it was left out
@@ -170,12 +179,14 @@ def read_gray(ref: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
 
 
 def read_mask(
-    ref: str, shape: tuple[int, int], image: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+    ref: str | MaskSource, shape: tuple[int, int], image: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> np.ndarray:
-    """Read a mask as bool H x W (non-zero = defect); it must have ``shape``, its image's size.
+    """Read (or draw) a mask as bool H x W (non-zero = defect); it must have ``shape``, its image's size.
 
     ``image`` (the image's ref) is only used to name the image in the error message.
     """
+    if not isinstance(ref, str):
+        return ref.draw(tuple(shape), image)
     mask = read_gray(ref, max_pixels)
     if mask.shape != tuple(shape):
         of = f"its image {image}" if image else "its image"
@@ -336,6 +347,33 @@ def _grouped_folds(
     """(merged groups, folds): grouped K-fold with byte-identical copies in one group."""
     merged = _merge_duplicate_groups(ids, groups, duplicates)
     return merged, assign_group_folds(merged, labels, folds, seed)
+
+
+def groups_from_names(pattern: str, refs: Sequence[str]) -> list[str]:
+    """Each image's group from its file name (prepare.group_pattern): the named group ``item`` of the
+    pattern's first match in the name, or the whole match where the pattern has no such group or it
+    took no part. A name the pattern does not match is an error: a silent fallback would split an
+    item's near-copies across folds. Ending the pattern in ``|.*`` makes such an image its own group.
+    """
+    compiled = re.compile(pattern)
+    groups = []
+    for ref in refs:
+        name = PurePath(_split_ref(ref)[1] or ref).name
+        match = compiled.search(name)
+        group = None if match is None else match.groupdict().get("item") or match.group(0)
+        if not group:
+            found = "matches only an empty string in its name" if match else "does not match its name"
+            raise DataError(
+                f"{ref}: prepare.group_pattern '{pattern}' {found}, so the image's item is unknown; widen the "
+                "pattern (ending it in '|.*' makes such an image its own group) or rename the file"
+            )
+        groups.append(group)
+    return groups
+
+
+def _image_groups(pattern: str | None, ids: Sequence[str], refs: Sequence[str]) -> list[str]:
+    """Groups of a layout without item information: from the names, else each image its own."""
+    return groups_from_names(pattern, refs) if pattern else list(ids)
 
 
 # --- loaders ------------------------------------------------------------------------------------
@@ -510,21 +548,30 @@ def _manifest_rows(csv_path: Path) -> tuple[list[str], list[tuple[str, dict[str,
     return columns, rows
 
 
-def load_manifest(csv_path: str | Path, folds: int = 3, seed: int = 0) -> SourceSet:
-    """A manifest CSV: one row per image, paths relative to the CSV's folder.
-
-    Folds come from a ``split`` or ``fold`` column; without either, grouped K-fold assignment
-    (byte-identical copies merged into one group first).
-    """
-    csv_path = Path(csv_path)
-    root = csv_path.parent
-    columns, rows = _manifest_rows(csv_path)
+def _check_manifest_columns(csv_path: Path, columns: list[str], group_pattern: str | None) -> None:
     missing = [c for c in ("image", "label") if c not in columns]
     if missing:
         raise DataError(f"manifest {csv_path} lacks column(s) {', '.join(missing)}; expected {_MANIFEST_EXPECTED}")
     if "split" in columns and "fold" in columns:
         raise DataError(f"manifest {csv_path} has both a split and a fold column; keep one of them")
+    given = [column for column in ("group", "split", "fold") if column in columns]
+    if group_pattern and given:
+        raise DataError(
+            f"manifest {csv_path} has a {given[0]} column, so prepare.group_pattern cannot set its groups and "
+            "folds; remove the column or prepare.group_pattern"
+        )
 
+
+def load_manifest(csv_path: str | Path, folds: int = 3, seed: int = 0, group_pattern: str | None = None) -> SourceSet:
+    """A manifest CSV: one row per image, paths relative to the CSV's folder.
+
+    Folds come from a ``split`` or ``fold`` column; without either, grouped K-fold assignment
+    (byte-identical copies merged first) on a ``group`` column or else ``group_pattern``.
+    """
+    csv_path = Path(csv_path)
+    root = csv_path.parent
+    columns, rows = _manifest_rows(csv_path)
+    _check_manifest_columns(csv_path, columns, group_pattern)
     fixed_folds = "split" in columns or "fold" in columns
     ids: list[str] = []
     labels: list[int] = []
@@ -546,6 +593,8 @@ def load_manifest(csv_path: str | Path, folds: int = 3, seed: int = 0) -> Source
         mask_refs.append(_manifest_file(root, row["mask"], where, "mask")[1] if row.get("mask") else None)
 
     duplicates = find_duplicates(dict(zip(ids, image_refs, strict=True)))
+    if group_pattern:
+        groups = groups_from_names(group_pattern, image_refs)
     if not fixed_folds:
         groups, fold_of = _grouped_folds(ids, groups, labels, duplicates, folds, seed)
     source = SourceSet(
@@ -567,10 +616,11 @@ _FOLDER_FILE = re.compile(r"(?P<label>good|defect)/(?P<name>[^/]+)")
 _MASK_SUFFIX = "_mask.png"
 
 
-def load_folder(path: str | Path, folds: int = 3, seed: int = 0) -> SourceSet:
+def load_folder(path: str | Path, folds: int = 3, seed: int = 0, group_pattern: str | None = None) -> SourceSet:
     """The folder convention: ``good/`` and ``defect/`` images, masks ``<stem>_mask.png`` beside them.
 
-    Each image is its own group (byte-identical copies merged); grouped K-fold assignment.
+    Each image is its own group, or its group comes from its file name (``group_pattern``);
+    byte-identical copies merged; grouped K-fold assignment.
     """
     tree = _Tree(path, _FOLDER_EXPECTED)
     entries: list[tuple[str, int, str]] = []  # (id, label, ref); a list, so validate sees repeated ids
@@ -588,7 +638,8 @@ def load_folder(path: str | Path, folds: int = 3, seed: int = 0) -> SourceSet:
 
     labels = [label for _, label, _ in entries]
     duplicates = find_duplicates({id_: ref for id_, _, ref in entries})
-    groups, fold_of = _grouped_folds(ids, ids, labels, duplicates, folds, seed)
+    items = _image_groups(group_pattern, ids, [ref for _, _, ref in entries])
+    groups, fold_of = _grouped_folds(ids, items, labels, duplicates, folds, seed)
     source = SourceSet(
         name="folder",
         images=[
@@ -602,22 +653,108 @@ def load_folder(path: str | Path, folds: int = 3, seed: int = 0) -> SourceSet:
     return source
 
 
-_LOADERS: dict[str, Callable[[str | Path, int, int], SourceSet]] = {
-    "kolektorsdd": load_kolektorsdd,
-    "kolektorsdd2": lambda path, folds, seed: load_kolektorsdd2(path),  # a fixed split: no folds, no seed
-    "manifest": load_manifest,
-    "folder": load_folder,
+_LABELME_EXPECTED = (
+    f"images ({', '.join(IMAGE_EXTENSIONS)}) with labelme JSON files of the same base name beside them "
+    "or in the folder prepare.labelme.annotations"
+)
+
+
+def _labelme_folder(root: Path, relative: str, key: str) -> Path:
+    folder = root / relative
+    if not folder.is_dir():
+        raise DataError(
+            f"{folder} is not a folder: prepare.{key} ({relative!r}) is relative to prepare.path {root}; "
+            f"expected {_LABELME_EXPECTED}"
+        )
+    return folder
+
+
+def load_labelme(
+    path: str | Path, folds: int = 3, seed: int = 0, group_pattern: str | None = None,
+    options: LabelmeParams | None = None,
+) -> SourceSet:
+    """Images annotated in labelme: the images directly in ``options.images`` (subfolders are not
+    read), each with at most one JSON annotation beside it or in ``options.annotations``.
+
+    An image is defective when its annotation has a shape of a defect label; without an annotation
+    or such a shape it is defect-free. Masks are drawn from the shapes when the image is read. Each
+    image is its own group unless ``group_pattern`` derives groups from the names; grouped K-fold.
+    """
+
+    options = options or LabelmeParams()
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; expected {_LABELME_EXPECTED} in it")
+    image_folder = _labelme_folder(root, options.images, "labelme.images")
+    annotation_folder = image_folder
+    if options.annotations is not None:
+        annotation_folder = _labelme_folder(root, options.annotations, "labelme.annotations")
+    images = sorted((file for file in image_folder.iterdir() if file.is_file()
+                     and file.suffix.lower() in IMAGE_EXTENSIONS), key=lambda file: _natural_key(file.name))
+    if not images:
+        raise DataError(f"found no images in {image_folder}; expected {_LABELME_EXPECTED}")
+    annotated = labelme.annotations_by_image(annotation_folder, image_folder, images)
+    defect_labels = labelme.defect_label_set(options.defect_labels, list(annotated.values()), annotation_folder)
+    masks = {image: labelme.LabelmeMask(annotation, defect_labels, options.line_width, options.point_radius)
+             for image, annotation in annotated.items()}
+    refs = [str(image) for image in images]
+    ids = [_id_from_path(image.name) for image in images]
+    labels = [int(ref in masks and bool(masks[ref].defect_shapes())) for ref in refs]
+    duplicates = find_duplicates(dict(zip(ids, refs, strict=True)))
+    groups, fold_of = _grouped_folds(ids, _image_groups(group_pattern, ids, refs), labels, duplicates, folds, seed)
+    source = SourceSet(
+        name="labelme",
+        images=[
+            SourceImage(id_, label, group, fold, ref, masks.get(ref))
+            for id_, label, group, fold, ref in zip(ids, labels, groups, fold_of, refs, strict=True)
+        ],
+        duplicates=duplicates,
+        root=str(image_folder),
+    )
+    validate(source)
+    return source
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What a loader may need beyond path, folds and seed (prepare's params)."""
+
+    group_pattern: str | None = None
+    labelme: LabelmeParams = field(default_factory=LabelmeParams)
+
+
+_LOADERS: dict[str, Callable[[str | Path, int, int, LoadOptions], SourceSet]] = {
+    "kolektorsdd": lambda path, folds, seed, options: load_kolektorsdd(path, folds, seed),
+    # A fixed split: no folds, no seed.
+    "kolektorsdd2": lambda path, folds, seed, options: load_kolektorsdd2(path),
+    "manifest": lambda path, folds, seed, options: load_manifest(path, folds, seed, options.group_pattern),
+    "folder": lambda path, folds, seed, options: load_folder(path, folds, seed, options.group_pattern),
+    "labelme": lambda path, folds, seed, options: load_labelme(
+        path, folds, seed, options.group_pattern, options.labelme),
 }
 SOURCE_KINDS = tuple(_LOADERS)
+# Kinds whose groups the layout itself gives, so prepare.group_pattern would contradict it.
+_OWN_GROUPS = {
+    "kolektorsdd": "its items are the kosNN folders",
+    "kolektorsdd2": "its official split fixes the folds",
+}
 
 
-def load_source(kind: str, path: str | Path | None, folds: int, seed: int) -> SourceSet:
+def load_source(
+    kind: str, path: str | Path | None, folds: int, seed: int, options: LoadOptions | None = None
+) -> SourceSet:
     """Load a data set of the given kind (one of :data:`SOURCE_KINDS`)."""
+    options = options or LoadOptions()
     if kind not in _LOADERS:
         raise DataError(f"unknown data set kind {kind!r}; choose one of {', '.join(SOURCE_KINDS)}")
     if not path:
         raise DataError(f"data set kind {kind!r} needs a path (prepare.path in params.yaml): see docs/datasets.md")
-    return _LOADERS[kind](path, folds, seed)
+    if options.group_pattern and kind in _OWN_GROUPS:
+        raise DataError(
+            f"prepare.group_pattern does not apply to dataset {kind!r}: {_OWN_GROUPS[kind]}; "
+            "remove prepare.group_pattern"
+        )
+    return _LOADERS[kind](path, folds, seed, options)
 
 
 # --- validation ---------------------------------------------------------------------------------

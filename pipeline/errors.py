@@ -16,6 +16,10 @@ class InputError(PipelineError, ValueError):
     """Bad input: a param, a data file, a model file or an option (also a ``ValueError``)."""
 
 
+class DataError(InputError):
+    """A source data set (its files, layout or annotations) cannot be used as given."""
+
+
 class MissingInputError(PipelineError, FileNotFoundError):
     """A file or folder the step needs is missing; the message names it and what writes it."""
 

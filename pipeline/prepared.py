@@ -191,3 +191,9 @@ def count_table(index: pd.DataFrame) -> dict:
         "groups": int(index["group"].nunique()),
         "per_fold": {str(f): {k: int(v) for k, v in row.items()} for f, row in per_fold.iterrows()},
     }
+
+
+def group_table(index: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Per group (physical item): its images, defective images and fold, as the data report lists them."""
+    table = index.groupby("group").agg(images=("label", "size"), defective=("label", "sum"), fold=("fold", "first"))
+    return {str(group): {k: int(v) for k, v in row.items()} for group, row in table.iterrows()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -70,12 +71,22 @@ def exp_run_command(name: str, folder: Path = PRESETS, params_path: Path = PARAM
     """The ``dvc exp run`` line that runs the preset as an experiment, params.yaml untouched."""
     overrides = load_preset(name, folder)
     validate(yaml.safe_load(params_path.read_text()) or {}, overrides, f"preset {name}")
-    sets = [f"-S {shlex.quote(f'{key}={_yaml_scalar(value)}')}" for key, value in flat_overrides(overrides).items()]
+    sets = [f"-S {shlex.quote(f'{key}={_override_value(value)}')}" for key, value in flat_overrides(overrides).items()]
     return " ".join(["dvc exp run -n", shlex.quote(name), *sets])
 
 
 def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def _override_value(value: Any) -> str:
+    """The value as ``dvc exp run -S`` (Hydra's override grammar) reads it back."""
+    if isinstance(value, str) and not re.fullmatch(r"[\w./-]*", value):
+        # Unquoted, Hydra reads parentheses, braces, brackets and more as syntax (e.g. in a regular
+        # expression); quoted, a backslash escapes only a quote, or the backslashes before one.
+        escaped = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), value)
+        return f"'{escaped}'"
+    return _yaml_scalar(value)
 
 
 def apply(name: str, folder: Path = PRESETS, params_path: Path = PARAMS_FILE) -> list[str]:

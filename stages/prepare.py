@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pipeline import datasets, layout, synthetic
 from pipeline.artifacts import output_dir, write_csv, write_json
 from pipeline.config import PrepareParams, load_section
-from pipeline.prepared import SUBSETS_FILE, RawImage, count_table, defective_subsets, write_prepared
+from pipeline.prepared import SUBSETS_FILE, RawImage, count_table, defective_subsets, group_table, write_prepared
 from pipeline.runner import run_stage
 from pipeline.tracking import stage_run
 
@@ -32,7 +32,8 @@ def synthetic_images(params: PrepareParams) -> tuple[Iterator[RawImage], dict]:
 
 
 def source_images(params: PrepareParams) -> tuple[Iterator[RawImage], dict]:
-    source = datasets.load_source(params.dataset, params.path, params.folds, params.seed)  # validated
+    options = datasets.LoadOptions(params.group_pattern, params.labelme)
+    source = datasets.load_source(params.dataset, params.path, params.folds, params.seed, options)  # validated
 
     def read() -> Iterator[RawImage]:
         for item in source.images:
@@ -65,7 +66,8 @@ def main() -> None:
             kept = defective_subsets(index, params.defective_images, params.subset_seed)
             trained_on = {str(fold): len(ids) for fold, ids in kept.items()}
             report = {"dataset": params.dataset, "split": params.split, "counts": counts,
-                      "defective_training_images": trained_on, "sizes": size_stats, **extra}
+                      "defective_training_images": trained_on, "sizes": size_stats,
+                      "groups": group_table(index), **extra}
             write_json(out / SUBSETS_FILE, {"defective_images": params.defective_images,
                                             "subset_seed": params.subset_seed, "kept": kept})
             write_csv(out / "index.csv", index)
@@ -78,7 +80,8 @@ def main() -> None:
         write_json(layout.metrics_file("prepare"), {"images": counts["images"], "defective": counts["defective"],
                              "defect_free": counts["defect_free"], "test_folds": len(set(index["fold"]) - {-1}),
                              "defective_training_images": trained_on})
-        print(f"  {counts['images']} images, {counts['defective']} defective, per fold {counts['per_fold']}; "
+        print(f"  {counts['images']} images, {counts['defective']} defective, {counts['groups']} groups, "
+              f"per fold {counts['per_fold']}; "
               f"defective images trained on, per fold: {trained_on}")
 
 

@@ -13,9 +13,11 @@ from pipeline import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-# pipeline/config.py imports these only for the allowed values of its params: a stage that merely
-# validates them does not run their code, so they are not its deps (dvc.yaml's header says so).
-VALIDATION_ONLY = {"pipeline.datasets", "pipeline.models", "pipeline.saliency", "pipeline.variants"}
+# pipeline/config.py imports these only for the allowed values of its params (and labelme for the
+# options it defines): a stage that merely validates them does not run their code, so they are
+# not its deps (dvc.yaml's header says so).
+VALIDATION_ONLY = {"pipeline.datasets", "pipeline.labelme", "pipeline.models", "pipeline.saliency",
+                   "pipeline.variants"}
 
 
 def _imports(module: str) -> set[str]:
