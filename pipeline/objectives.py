@@ -71,9 +71,11 @@ def load_guidance(data: PreparedData, fold: int, variant: Variant, saliency: Pat
 class Objective:
     """The baseline's: the image alone, the classification loss alone."""
 
+    kind = "baseline"  # the saved model's config["kind"]
+
     def config(self) -> dict:
-        """What the saved model's config records about the objective."""
-        return {"kind": "baseline"}
+        """What else the saved model's config records about the objective."""
+        return {}
 
     def step_tensors(self) -> dict[str, torch.Tensor]:
         """Per-row tensors (N, H, W) each step fetches beside the images, flipped with them."""
@@ -103,12 +105,14 @@ class Objective:
 class GuidedObjective(Objective):
     """The guided model's: its variant's inputs and auxiliary loss, weighted by λ(t)."""
 
+    kind = "guided"
+
     def __init__(self, guidance: Guidance, params: GuidedParams) -> None:
         self.guidance, self.params = guidance, params
         self.variant = VARIANTS[params.variant]
 
     def config(self) -> dict:
-        return {"kind": "guided", "variant": self.variant.name}
+        return {"variant": self.variant.name}
 
     def step_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"target": self.guidance.loss_target}

@@ -126,8 +126,9 @@ def set_up(data: PreparedData, fold: int, model_params: ModelParams, params: Tra
     distributed.check_batch_split(params.batch_size, ranks.world, "batch_size")
     train_rows, test_rows = data.split(fold)
     mean, std = pixel_stats(data.images[train_rows])
-    config = {**objective.config(), "backbone": model_params.backbone, "in_channels": model_params.in_channels,
-              "mean": mean, "std": std, "height": int(data.images.shape[1]), "width": int(data.images.shape[2])}
+    config = {"kind": objective.kind, "backbone": model_params.backbone, "in_channels": model_params.in_channels,
+              "mean": mean, "std": std, "height": int(data.images.shape[1]), "width": int(data.images.shape[2]),
+              **objective.config()}
     torch.manual_seed(params.seed)
     model = build_model(config, deployed=False)
     if model_params.pretrained_weights:
