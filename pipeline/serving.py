@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import version as package_version
@@ -101,7 +102,10 @@ def score_images(predictor: Predictor, values: Iterable[object], heatmap: bool =
                 row["error"] = str(error)
         if readable:
             _score(predictor, readable, heatmap)
-    return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+    # Object dtype keeps None for unreadable images: JSON null, where a float column would send NaN.
+    table["score"] = pd.Series([row["score"] for row in rows], dtype=object)
+    return table
 
 
 def _chunks(values: list, size: int) -> Iterable[tuple[int, list]]:
@@ -151,15 +155,22 @@ def log_scoring_model(model_file: str | Path, threshold: float, operating_point:
         artifacts = {"model": shutil.copyfile(model_file, Path(folder) / SCORING_MODEL_FILE)}
         if teacher_file is not None and needs_prior(loaded.config):
             artifacts["teacher"] = shutil.copyfile(teacher_file, Path(folder) / TEACHER_FILE)
-        info = mlflow.pyfunc.log_model(
-            name=name, python_model=ScoringModel(), artifacts={k: str(v) for k, v in artifacts.items()},
-            # The served process imports this package: it travels with the model (code/pipeline).
-            code_paths=[str(Path(__file__).parent)], model_config=settings, signature=scoring_signature(),
-            metadata={"pipeline_config": loaded.config, "threshold": settings["threshold"],
-                      "operating_point": settings["operating_point"]},
-            pip_requirements=[f"{package}=={package_version(package).split('+')[0]}" for package in REQUIREMENTS],
-            registered_model_name=registered_name)
+        with warnings.catch_warnings():
+            # An input example would be a whole image file in the MLmodel folder; the signature says it all.
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            info = _log(name, artifacts, settings, loaded.config, registered_name)
     return _tag_version(registered_name, str(info.registered_model_version), settings, tags or {}, aliases)
+
+
+def _log(name: str, artifacts: dict[str, Path], settings: dict, config: dict, registered_name: str):
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=ScoringModel(), artifacts={k: str(v) for k, v in artifacts.items()},
+        # The served process imports this package: it travels with the model (code/pipeline).
+        code_paths=[str(Path(__file__).parent)], model_config=settings, signature=scoring_signature(),
+        metadata={"pipeline_config": config, "threshold": settings["threshold"],
+                  "operating_point": settings["operating_point"]},
+        pip_requirements=[f"{package}=={package_version(package).split('+')[0]}" for package in REQUIREMENTS],
+        registered_model_name=registered_name)
 
 
 def scoring_signature():
@@ -197,3 +208,68 @@ def _tag_version(registered_name: str, number: str, settings: Mapping[str, Any],
     for alias in aliases:
         client.set_registered_model_alias(registered_name, alias, number)
     return client.get_model_version(registered_name, number)
+
+
+# --- the REST server ------------------------------------------------------------------------------
+
+
+def request_body(files: Iterable[bytes], heatmap: bool = False) -> bytes:
+    """The JSON body of ``POST /invocations`` for image files' bytes (see the module's docstring)."""
+    import json
+
+    data = [[base64.b64encode(content).decode("ascii")] for content in files]
+    return json.dumps({"dataframe_split": {"columns": [IMAGE_COLUMN], "data": data},
+                       "params": {"heatmap": heatmap}}).encode()
+
+
+@contextmanager
+def served(model_uri: str, port: int, workers: int = 1, start_timeout: float = 180.0) -> Iterator[str]:
+    """Run ``mlflow models serve`` for ``model_uri`` on 127.0.0.1:``port`` (this Python's environment);
+    yield its base URL once it answers ``/ping``, stop it on exit."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from pipeline.errors import SetupError
+
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                              start_new_session=True)  # its workers end with it (the process group)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-2000:]
+                raise SetupError(f"mlflow models serve -m {model_uri} did not answer on {url} within "
+                                 f"{start_timeout:.0f} s (exit code {server.poll()}); its output ends:\n{tail}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop(server)
+        log.close()
+
+
+def _stop(server) -> None:
+    import os
+    import signal
+    import subprocess
+
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
