@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -43,6 +43,10 @@ from pipeline.model_files import needs_prior
 from pipeline.predict import SCORING_MODEL_FILE, Predictor, decision, load_file, overlay_picture
 from pipeline.saliency import METHODS
 from pipeline.visualisation import png_bytes
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models import ModelSignature
 
 IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = ("score", "decision", "threshold", "operating_point", "heatmap", "error")
@@ -132,7 +136,7 @@ def _score(predictor: Predictor, readable: list[tuple[dict, np.ndarray]], heatma
 def log_scoring_model(model_file: str | Path, threshold: float, operating_point: str, registered_name: str, *,
                       teacher_file: str | Path | None = None, aliases: Iterable[str] = (),
                       tags: Mapping[str, str] | None = None, saliency: str = "gradcam",
-                      teacher_saliency: str = "layercam", name: str = "scoring_model"):
+                      teacher_saliency: str = "layercam", name: str = "scoring_model") -> ModelVersion:
     """Log ``model_file`` as a ``ScoringModel`` and register it as a new version of ``registered_name``.
 
     The threshold and operating point go into the logged model's metadata and model config, and
@@ -173,7 +177,7 @@ def _log(name: str, artifacts: dict[str, Path], settings: dict, config: dict, re
         registered_model_name=registered_name)
 
 
-def scoring_signature():
+def scoring_signature() -> ModelSignature:
     """Input: column ``image`` (binary); output: ``OUTPUT_COLUMNS``; param ``heatmap`` (default false)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -198,7 +202,7 @@ def _active_run(registered_name: str) -> Iterator[None]:
 
 
 def _tag_version(registered_name: str, number: str, settings: Mapping[str, Any], tags: Mapping[str, str],
-                 aliases: Iterable[str]):
+                 aliases: Iterable[str]) -> ModelVersion:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()  # the fluent API's store: the one the model was just registered in
