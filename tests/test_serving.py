@@ -141,3 +141,19 @@ def test_log_scoring_model_refuses_bad_input_naming_it(tiny, tmp_path: Path) -> 
         log_scoring_model(paths["teacher"], 0.5, "zero_misses", "x")
     with pytest.raises(ModelError, match="not found"):
         log_scoring_model(tmp_path / "missing.pt", 0.5, "zero_misses", "x")
+
+
+def test_every_kind_of_bad_value_gets_its_own_error_and_the_rest_is_scored(tiny, photos: dict[str, Path]) -> None:
+    from pipeline.predict import Predictor, load_file
+
+    paths, _ = tiny
+    predictor = Predictor(load_file(paths["baseline"]), 0.5)
+    good = photos["gray.png"].read_bytes()
+    values = [good, None, 42, "a", base64.b64encode(b"not an image").decode(), "", base64.b64encode(good).decode()]
+    table = score_images(predictor, values, operating_point="min_precision: 0.9")
+    errors = list(table["error"])
+    assert errors[0] == errors[-1] == "" and table["score"][0] == table["score"][6]
+    assert "is a NoneType" in errors[1] and "is a int" in errors[2] and "not base64" in errors[3]
+    assert "image 4 is not a readable image" in errors[4] and "image 5 is empty" in errors[5]
+    assert table["score"][1:6].isna().all() and (table["decision"][1:6] == "").all()
+    assert (table["operating_point"] == "min_precision: 0.9").all() and (table["threshold"] == 0.5).all()
