@@ -157,3 +157,17 @@ def test_every_kind_of_bad_value_gets_its_own_error_and_the_rest_is_scored(tiny,
     assert "image 4 is not a readable image" in errors[4] and "image 5 is empty" in errors[5]
     assert table["score"][1:6].isna().all() and (table["decision"][1:6] == "").all()
     assert (table["operating_point"] == "min_precision: 0.9").all() and (table["threshold"] == 0.5).all()
+
+
+@pytest.mark.slow  # logging a second scoring model: about 15 s
+def test_a_teacher_variant_model_carries_its_baseline(tiny, store: Path, photos: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    paths, _ = tiny
+    log_scoring_model(paths["teacher"], 0.2, "zero_misses", "tiny-teacher", teacher_file=paths["baseline"],
+                      teacher_saliency="layercam", aliases=["champion"])
+    model = mlflow.pyfunc.load_model("models:/tiny-teacher@champion")
+    answers = model.predict(pd.DataFrame({"image": [photos["colour.jpg"].read_bytes()]}))
+    expected = main(["--model", str(paths["teacher"]), "--teacher", str(paths["baseline"]), str(photos["colour.jpg"]),
+                     "--out", str(tmp_path / "out"), "--threshold", "0.2"])
+    assert answers["score"][0] == pytest.approx(expected["score"][0], abs=1e-6)
+    assert answers["decision"][0] == expected["decision"][0] and answers["threshold"][0] == 0.2
