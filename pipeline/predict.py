@@ -373,7 +373,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     version.add_argument("--model-alias", help="with --model-name, e.g. champion")
     parser.add_argument("inputs", nargs="+", help="image files and folders")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
-    parser.add_argument("--threshold", type=float, help="decision threshold (default: the registered version's tag threshold, else the model's evaluate run's)")
+    parser.add_argument("--threshold", type=float, help="decision threshold (default: the registered version's "
+                        "tag threshold, else the model's evaluate run's)")
     parser.add_argument("--saliency", default="gradcam", choices=list(METHODS), help="overlay heatmap method")
     parser.add_argument("--teacher", help="baseline model (file or models:/ URI) for a guided model of variant teacher")
     parser.add_argument("--teacher-saliency", default="layercam", choices=list(METHODS),
