@@ -146,7 +146,8 @@ def _check_size(width: int, height: int, ref: str, max_pixels: int) -> None:
         )
 
 
-def _decode_gray(data: bytes, ref: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def decode_gray(data: bytes, ref: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an image file's bytes as uint8 H x W gray; ``ref`` names it in errors (``DataError``)."""
     if not data:
         raise DataError(f"{ref} is empty (0 bytes); replace it with the original file")
     why = _truncation(data)
@@ -175,7 +176,7 @@ def read_gray(ref: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     An image of more than ``max_pixels`` pixels is refused, from its header where possible.
     """
     with _Reader() as reader:
-        return _decode_gray(reader.read(ref), ref, max_pixels)
+        return decode_gray(reader.read(ref), ref, max_pixels)
 
 
 def read_mask(
@@ -413,7 +414,7 @@ def _images_and_masks(
 
 def _labels_from_masks(ids: Sequence[str], masks: dict[str, str]) -> list[int]:
     with _Reader() as reader:
-        return [int(_decode_gray(reader.read(masks[id_]), masks[id_]).any()) for id_ in ids]
+        return [int(decode_gray(reader.read(masks[id_]), masks[id_]).any()) for id_ in ids]
 
 
 _KSDD_EXPECTED = "folders kos01..kos50 with PartN.jpg and PartN_label.bmp"

@@ -1,16 +1,22 @@
-"""Export a deployable model (baseline or guided) to ONNX or TorchScript, checked against PyTorch.
+"""Export a deployable model (baseline or guided) to ONNX or TorchScript that stands alone.
 
-    python -m pipeline.export data/guided/fold0.pt --format onnx --out guided.onnx
-    python -m pipeline.export models:/synthetic-baseline/1 --format torchscript --out baseline.pt
+    python -m pipeline.export data/guided/fold0.pt --format onnx --out guided.onnx --threshold 0.3
+    python -m pipeline.export models:/synthetic-release@champion --format onnx --out release.onnx \\
+        --prepared data/prepared --fold 0
 
-The exported network is what inference runs (``GuidedClassifier.deployable()``): input
-``images``, float (B, in_channels, height, width) normalised as ``(pixel / 255 - mean) / std``,
-plus ``prior`` (B, 1, height, width) in [0, 1] for a guided model of variant teacher; output
-``logit`` (B,), the defect probability being its sigmoid. The batch size is free. The config
-(size, mean, std, kind, variant) and the decision threshold travel in the file: ONNX metadata
-``pipeline_config`` and ``threshold``, TorchScript extra files ``pipeline_config.json`` and
-``threshold.json``. After writing, the file is run on a random batch and its logits compared with
-PyTorch's; a difference beyond ``TOLERANCE`` stops with an error.
+The exported graph reads ``images``, uint8 gray (N, height, width) at the model's input size
+(resize as ``prepare`` does first), plus ``prior`` (N, 1, height, width) in [0, 1] for a guided
+model of variant teacher; it normalises them with the config's mean and std, runs the network
+and returns ``score`` (N,), the defect probability, and ``decision`` (N,), true where
+``score >= threshold``. The batch size is free. The file's metadata (ONNX ``metadata_props``,
+TorchScript extra files ``<key>.json``) holds ``input_size`` ({"height", "width"}),
+``threshold``, ``threshold_from``, ``operating_point`` and ``pipeline_config``.
+
+The threshold is ``--threshold``, else the registered version's tag ``threshold`` (a release's),
+else predict's (``decision_threshold``); the operating point is ``--operating-point`` or the
+version's tag. After writing, the file is run on a random batch and, with ``--prepared``, on the
+test fold's prepared images: scores within ``TOLERANCE`` of PyTorch's, and there the same AP and
+decisions; otherwise it stops with an error and the file is not written.
 """
 
 from __future__ import annotations
@@ -27,86 +33,131 @@ import torch
 from torch import nn
 
 from pipeline.artifacts import atomic_path
-from pipeline.errors import InputError
+from pipeline.errors import InputError, SetupError
+from pipeline.inference import predict
+from pipeline.metrics import classification_metrics
 from pipeline.model_files import needs_prior
 from pipeline.models import GuidedClassifier
-from pipeline.predict import decision_threshold, load_any
+from pipeline.predict import Predictor, decision_threshold, load_any, operating_point
+from pipeline.training_data import to_input
 
 FORMATS = ("onnx", "torchscript")
-TOLERANCE = 1e-4  # absolute, on logits: float32 kernels differ between runtimes in the last bits
+TOLERANCE = 1e-4  # absolute, on scores: float32 kernels differ between runtimes in the last bits
+INPUTS = ("images", "prior")
+OUTPUTS = ("score", "decision")
 
 
-class LogitOnly(nn.Module):
-    """The deployed model with one output, the logit (a guided model also returns its map S)."""
+class ExportError(SetupError):
+    """The exported file does not score as PyTorch does in this environment."""
 
-    def __init__(self, model: nn.Module, with_prior: bool) -> None:
+
+class StandAlone(nn.Module):
+    """The deployed model from uint8 images to (score, decision): normalisation, network, sigmoid."""
+
+    def __init__(self, model: nn.Module, config: dict, threshold: float) -> None:
         super().__init__()
-        self.model, self.with_prior = model, with_prior
+        self.model, self.with_prior = model, needs_prior(config)
+        self.in_channels, self.mean, self.std = int(config["in_channels"]), float(config["mean"]), float(config["std"])
+        self.threshold = float(threshold)
 
-    def forward(self, images: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_input(images, self.in_channels, self.mean, self.std)  # as inference.predict normalises
         if isinstance(self.model, GuidedClassifier):
-            return self.model(images, prior if self.with_prior else None)[0]
-        return self.model(images)
+            logit = self.model(x, prior if self.with_prior else None)[0]
+        else:
+            logit = self.model(x)
+        score = torch.sigmoid(logit.float())
+        return score, score >= self.threshold
 
 
 def example_inputs(config: dict, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """A random batch of what the exported model reads: images, and the prior where it takes one."""
+    """A random batch of what the exported model reads: uint8 images, and the prior where it takes one."""
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, config["in_channels"], config["height"], config["width"], generator=generator)
+    images = torch.randint(0, 256, (batch, config["height"], config["width"]), dtype=torch.uint8,
+                           generator=generator)
     if not needs_prior(config):
         return (images,)
     return images, torch.rand(batch, 1, config["height"], config["width"], generator=generator)
 
 
-def export(model: nn.Module, config: dict, fmt: str, out: str | Path, threshold: float) -> float:
-    """Write ``model`` (deployed, on the CPU) to ``out``; return the largest logit difference
-    against PyTorch on a random batch of 3 (a batch size other than the traced one)."""
+def file_metadata(config: dict, threshold: float, threshold_from: str, point: str) -> dict[str, str]:
+    """What travels in the exported file, each value JSON text."""
+    return {"input_size": json.dumps({"height": config["height"], "width": config["width"]}),
+            "threshold": json.dumps(threshold), "threshold_from": json.dumps(threshold_from),
+            "operating_point": json.dumps(point), "pipeline_config": json.dumps(config, sort_keys=True)}
+
+
+def export(model: nn.Module, config: dict, fmt: str, out: str | Path, threshold: float,
+           metadata: dict[str, str] | None = None, check: Sequence[tuple[torch.Tensor, ...]] = ()) -> float:
+    """Write ``model`` (deployed, on the CPU) as a stand-alone graph to ``out``; return the largest
+    score difference against PyTorch over a random batch of 3 (not the traced size) and ``check``
+    (more input batches, e.g. real images). Beyond ``TOLERANCE``, or any decision different, the
+    file is not written (``ExportError``)."""
     if fmt not in FORMATS:
         raise InputError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    wrapped = LogitOnly(model.cpu().eval(), needs_prior(config)).eval()
+    wrapped = StandAlone(model.cpu().eval(), config, threshold).eval()
     inputs = example_inputs(config)
-    names = ["images", "prior"][: len(inputs)]
-    metadata = {"pipeline_config": json.dumps(config, sort_keys=True), "threshold": json.dumps(threshold)}
+    metadata = metadata or file_metadata(config, threshold, "given", "")
     with atomic_path(out) as temporary:
         if fmt == "onnx":
-            _export_onnx(wrapped, inputs, names, temporary, metadata)
+            _export_onnx(wrapped, inputs, temporary, metadata)
         else:
-            with _quiet_jit():
+            with _quiet_jit(), torch.no_grad():
                 traced = torch.jit.trace(wrapped, inputs)
                 torch.jit.save(traced, str(temporary), _extra_files={f"{k}.json": v for k, v in metadata.items()})
-        check = example_inputs(config, batch=3, seed=1)
-        difference = float(np.abs(run_exported(temporary, fmt, check) - wrapped(*check).detach().numpy()).max())
-        if not difference <= TOLERANCE:
-            raise RuntimeError(f"the exported {fmt} model's logits differ from PyTorch's by {difference:.3g} "
-                               f"(tolerance {TOLERANCE}); {out} was not written")
+        difference = 0.0
+        for batch in (example_inputs(config, batch=3, seed=1), *check):
+            with torch.no_grad():
+                expected, decided = (t.numpy() for t in wrapped(*batch))
+            scores, decisions = run_exported(temporary, fmt, batch)
+            difference = max(difference, float(np.abs(scores - expected).max()))
+            if not difference <= TOLERANCE or not np.array_equal(decisions, decided):
+                raise ExportError(f"the exported {fmt} model's scores differ from PyTorch's by {difference:.3g} "
+                                  f"(tolerance {TOLERANCE}) or its decisions differ; {out} was not written. "
+                                  "Check that onnxruntime/torch are the pinned versions of requirements.txt")
     return difference
 
 
-def _export_onnx(model: nn.Module, inputs: tuple, names: list[str], path: Path, metadata: dict[str, str]) -> None:
+def _export_onnx(model: nn.Module, inputs: tuple, path: Path, metadata: dict[str, str]) -> None:
     import onnx
 
     batch = torch.export.Dim("batch", min=1)
-    dynamic = {name: {0: batch} for name in ("images", "prior")[: len(inputs)]}
+    dynamic = {name: {0: batch} for name in INPUTS[: len(inputs)]}
     with warnings.catch_warnings():
         # One batch dimension shared by images and prior: the exporter says it keeps one name.
         warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
-        torch.onnx.export(model, inputs, str(path), dynamo=True, input_names=names, output_names=["logit"],
-                          dynamic_shapes=dynamic, external_data=False, verbose=False)
+        torch.onnx.export(model, inputs, str(path), dynamo=True, input_names=list(INPUTS[: len(inputs)]),
+                          output_names=list(OUTPUTS), dynamic_shapes=dynamic, external_data=False, verbose=False)
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, metadata)
     onnx.save(proto, str(path))
 
 
-def run_exported(path: str | Path, fmt: str, inputs: tuple[torch.Tensor, ...]) -> np.ndarray:
-    """Logits of an exported file for ``inputs`` (images[, prior]), with its own runtime."""
+def run_exported(path: str | Path, fmt: str, inputs: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, decisions) of an exported file for ``inputs`` (uint8 images[, prior]), with its own runtime."""
     if fmt == "onnx":
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feed = {arg.name: tensor.numpy() for arg, tensor in zip(session.get_inputs(), inputs)}
-        return session.run(None, feed)[0]
-    with _quiet_jit():
-        return torch.jit.load(str(path), map_location="cpu")(*inputs).detach().numpy()
+        scores, decisions = session.run(list(OUTPUTS), feed)
+        return scores, decisions
+    with _quiet_jit(), torch.no_grad():
+        scores, decisions = torch.jit.load(str(path), map_location="cpu")(*inputs)
+    return scores.numpy(), decisions.numpy()
+
+
+def parity(path: str | Path, fmt: str, predictor: Predictor, images: torch.Tensor, labels: np.ndarray) -> dict:
+    """Compare an exported file with ``pipeline.predict`` on real images (uint8 (N, H, W) at any
+    size, labels 0/1): the largest score difference, both APs, and how many decisions differ."""
+    batch, priors = predictor.inputs(list(images.numpy()))
+    expected = predict(predictor.loaded.model, predictor.config, batch, priors, 16)
+    inputs = (batch,) if priors is None else (batch, priors.unsqueeze(1))
+    scores, decisions = run_exported(path, fmt, inputs)
+    return {"images": len(labels), "max_score_difference": float(np.abs(scores - expected).max()),
+            "ap_pytorch": classification_metrics(labels, expected, predictor.threshold)["ap"],
+            "ap_exported": classification_metrics(labels, scores, predictor.threshold)["ap"],
+            "decisions_differing": int((decisions != (expected >= predictor.threshold)).sum())}
 
 
 @contextmanager
@@ -118,20 +169,60 @@ def _quiet_jit() -> Iterator[None]:
         yield
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def fold_images(prepared: Path, fold: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The prepared images and labels of ``fold``'s test set."""
+    from pipeline.prepared import PreparedData
+
+    data = PreparedData.load(prepared)
+    if fold not in data.folds:
+        raise InputError(f"--fold {fold}: {prepared} has test folds {data.folds}; choose one of them")
+    _, test = data.split(fold)
+    return data.images[test], data.index["label"].to_numpy()[test]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model file (data/guided/fold0.pt) or models:/<name>[/<version>|@<alias>]")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, type=Path, help="file to write (.onnx, .pt)")
-    parser.add_argument("--threshold", type=float, help="decision threshold stored with it (default: as predict)")
+    parser.add_argument("--threshold", type=float, help="decision threshold in the graph (default: the version's "
+                        "tag threshold, else as predict)")
+    parser.add_argument("--operating-point", help="what the threshold was chosen at (default: the version's tag)")
+    parser.add_argument("--prepared", type=Path, help="prepared data folder (data/prepared): check the export on "
+                        "the test images of --fold")
+    parser.add_argument("--fold", type=int, default=0, help="with --prepared: the test fold (default 0)")
+    parser.add_argument("--teacher", help="with --prepared, for variant teacher: the baseline of the same fold")
     args = parser.parse_args(argv)
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        parser.error(f"--threshold must be a probability in [0, 1], got {args.threshold}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
     loaded = load_any(args.model)
     threshold, origin = decision_threshold(loaded, args.threshold)
-    difference = export(loaded.model, loaded.config, args.format, args.out, threshold)
-    print(json.dumps({"model": loaded.source, "format": args.format, "out": str(args.out),
-                      "inputs": ["images", "prior"][: len(example_inputs(loaded.config))],
-                      "threshold": threshold, "threshold_from": origin, "max_logit_difference": difference}))
+    point = args.operating_point if args.operating_point is not None else operating_point(loaded)
+    metadata = file_metadata(loaded.config, threshold, origin, point)
+    report = {"model": loaded.source, "format": args.format, "out": str(args.out),
+              "inputs": list(INPUTS[: len(example_inputs(loaded.config))]), "threshold": threshold,
+              "threshold_from": origin, "operating_point": point}
+    if args.prepared is None:
+        report["max_score_difference"] = export(loaded.model, loaded.config, args.format, args.out, threshold, metadata)
+    else:
+        predictor = Predictor(loaded, threshold, teacher=load_any(args.teacher) if args.teacher else None)
+        images, labels = fold_images(args.prepared, args.fold)
+        batch, priors = predictor.inputs(list(images.numpy()))
+        check = [(batch,) if priors is None else (batch, priors.unsqueeze(1))]
+        export(loaded.model, loaded.config, args.format, args.out, threshold, metadata, check)
+        report["parity"] = parity(args.out, args.format, predictor, images, labels)
+        if report["parity"]["ap_exported"] != report["parity"]["ap_pytorch"]:
+            args.out.unlink()
+            raise ExportError(f"the exported {args.format} model's AP on fold {args.fold} of {args.prepared} "
+                              f"differs from PyTorch's ({report['parity']}); {args.out} was removed")
+    print(json.dumps(report))
+    return report
 
 
 if __name__ == "__main__":

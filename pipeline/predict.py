@@ -22,7 +22,7 @@ import json
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -55,6 +55,12 @@ class LoadedModel:
     source: str  # the file, or the models:/ URI with its resolved version
     run_id: str | None = None  # the MLflow run that trained it, where known
     tracking_uri: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)  # the registered version's tags (threshold, ...)
+
+
+# The trained model file inside a logged scoring model (``pipeline.serving``): MLflow copies each
+# artifact into ``artifacts/`` under its file name.
+SCORING_MODEL_FILE = "model.pt"
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -98,7 +104,9 @@ def load_registered(uri: str, device: torch.device | str = "cpu") -> LoadedModel
 
     Weights come from the logged exported graph, the config from the model's metadata
     (``pipeline_config``, written by ``training.register_models``); the network is rebuilt from
-    both, so saliency can hook its layers as on a model file.
+    both, so saliency can hook its layers as on a model file. A scoring model
+    (``pipeline.serving``) holds the model file itself. The threshold and operating point travel
+    as the version's tags, or in a scoring model's metadata where the version lacks the tags.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -115,20 +123,31 @@ def load_registered(uri: str, device: torch.device | str = "cpu") -> LoadedModel
                     artifact_uri=f"models:/{version.name}/{version.version}", dst_path=folder, tracking_uri=store,
                     registry_uri=store))
                 metadata = mlflow.models.Model.load(local / "MLmodel").metadata or {}
-                graphs = sorted(local.rglob("*.pt2"))
-                program = torch.export.load(graphs[0]) if graphs else None
+                source = f"models:/{version.name}/{version.version}"
+                model, config = _registered_network(local, metadata, source)
         except MlflowException as error:
             known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
             raise ModelError(f"cannot load {uri} from {store} ({str(error).splitlines()[0]}); "
                              f"registered models: {known}") from error
-    source = f"models:/{version.name}/{version.version}"
+    carried = {key: str(metadata[key]) for key in ("threshold", "operating_point") if key in metadata}
+    return LoadedModel(model.to(device).eval(), config, source, version.run_id, store,
+                       {**carried, **(version.tags or {})})
+
+
+def _registered_network(local: Path, metadata: dict, source: str) -> tuple[nn.Module, dict]:
+    """The network of a downloaded model version: a training stage's exported graph (pt2) with
+    its ``pipeline_config`` metadata, or the model file inside a scoring model (pipeline.serving)."""
+    scoring_file = local / "artifacts" / SCORING_MODEL_FILE
+    if scoring_file.is_file():
+        return load_model(scoring_file)
+    graphs = sorted(local.rglob("*.pt2"))
     config = metadata.get("pipeline_config")
-    if config is None or program is None:
-        raise ModelError(f"{source} has no {'pipeline_config metadata' if program else 'pt2 graph'}: it was "
+    if config is None or not graphs:
+        raise ModelError(f"{source} has no {'pipeline_config metadata' if graphs else 'pt2 graph'}: it was "
                          "registered before predict existed or by other code; rerun its training stage "
                          "(dvc repro -f train_guided) or give the model file data/<kind>/fold<k>.pt")
-    model = model_from(config, {**program.state_dict, **program.constants}, source)
-    return LoadedModel(model.to(device).eval(), config, source, version.run_id, store)
+    program = torch.export.load(graphs[0])
+    return model_from(config, {**program.state_dict, **program.constants}, source), config
 
 
 def _resolve_version(client, uri: str):
@@ -150,7 +169,8 @@ def _resolve_version(client, uri: str):
 def decision_threshold(loaded: LoadedModel, override: float | None = None) -> tuple[float, str]:
     """(threshold, where it came from).
 
-    ``override`` (``--threshold``) wins. Otherwise the threshold the model was evaluated at: the
+    ``override`` (``--threshold``) wins, then the registered version's tag ``threshold`` (a
+    release's, chosen at its operating point). Otherwise the threshold the model was evaluated at: the
     ``evaluate.threshold`` param of the latest ``evaluate`` run that consumed the model's training
     run (tag ``upstream.train_<kind>``; the run is known for registered models and for model files
     beside their stage's ``run.json``). The evaluation, not training, chooses the threshold, so it
@@ -158,6 +178,8 @@ def decision_threshold(loaded: LoadedModel, override: float | None = None) -> tu
     """
     if override is not None:
         return override, "--threshold"
+    if "threshold" in loaded.tags:
+        return _tag_threshold(loaded), f"tag threshold of {loaded.source}"
     if loaded.run_id and loaded.tracking_uri:
         from pipeline.tracking import FAST_CHECK, environment_defaults
 
@@ -174,6 +196,23 @@ def decision_threshold(loaded: LoadedModel, override: float | None = None) -> tu
         except Exception as error:  # noqa: BLE001 - the store is optional here: fall back, say why
             return DEFAULT_THRESHOLD, f"default (MLflow lookup failed: {type(error).__name__})"
     return DEFAULT_THRESHOLD, "default (no evaluate run of this model found)"
+
+
+def _tag_threshold(loaded: LoadedModel) -> float:
+    text = loaded.tags["threshold"]
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise ModelError(f"{loaded.source} has tag threshold={text!r}, not a probability in [0, 1]; set the "
+                         "version's tag to the release threshold or pass --threshold")
+    return value
+
+
+def operating_point(loaded: LoadedModel) -> str:
+    """The operating point the threshold was chosen at (the version's tag), or ``""`` where none was."""
+    return loaded.tags.get("operating_point", "")
 
 
 # --- predicting ---------------------------------------------------------------------------------
@@ -226,12 +265,22 @@ class Predictor:
         """As ``data.write_prepared`` resizes (area interpolation: thin scratches stay visible)."""
         return cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_AREA)
 
-    def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (N,), saliency maps (N, height, width) in [0, 1]) for gray uint8 images."""
+    def inputs(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the model reads for gray uint8 images of any size: the resized batch and its priors."""
         batch = torch.from_numpy(np.stack([self.resize(image) for image in images]))
         priors = None
         if self.teacher is not None:
             priors = torch.from_numpy(saliency_maps(self.teacher, self.teacher_config, batch, len(batch))[0])
+        return batch, priors
+
+    def scores(self, images: list[np.ndarray]) -> np.ndarray:
+        """Defect probabilities (N,) alone: no saliency backward (what serving does by default)."""
+        batch, priors = self.inputs(images)
+        return predict(self.loaded.model, self.config, batch, priors, len(batch))
+
+    def __call__(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (N,), saliency maps (N, height, width) in [0, 1]) for gray uint8 images."""
+        batch, priors = self.inputs(images)
         scores = predict(self.loaded.model, self.config, batch, priors, len(batch))
         maps = saliency_maps(self.explainer, self.config, batch, len(batch), priors)[0]
         return scores, maps
@@ -259,8 +308,8 @@ def predict_files(predictor: Predictor, files: Sequence[Path], out: Path, batch_
             scores, maps = predictor([image for _, image in readable])
             for (row, image), score, saliency in zip(readable, scores, maps):
                 overlay = out / "overlays" / _unique_name(Path(row["path"]), names)
-                save_png(overlay, _label(heatmap_overlay(image, saliency), score, predictor.threshold))
-                row.update(score=float(score), decision=_decision(score, predictor.threshold), overlay=str(overlay))
+                save_png(overlay, overlay_picture(image, saliency, score, predictor.threshold))
+                row.update(score=float(score), decision=decision(score, predictor.threshold), overlay=str(overlay))
         if progress:
             done = start + len(chunk)
             print(f"\rpredict: {done}/{len(files)} files, {skipped} skipped", end="", file=sys.stderr, flush=True)
@@ -271,8 +320,14 @@ def predict_files(predictor: Predictor, files: Sequence[Path], out: Path, batch_
     return table
 
 
-def _decision(score: float, threshold: float) -> str:
-    return "defect" if score >= threshold else "ok"  # as metrics.py decides
+def decision(score: float, threshold: float) -> str:
+    """``defect`` where ``score >= threshold``, else ``ok`` (as metrics.py decides)."""
+    return "defect" if score >= threshold else "ok"
+
+
+def overlay_picture(image: np.ndarray, saliency: np.ndarray, score: float, threshold: float) -> np.ndarray:
+    """The overlay predict writes: the saliency map over the image at its own size, labelled (RGB)."""
+    return _label(heatmap_overlay(image, saliency), score, threshold)
 
 
 def _unique_name(path: Path, taken: set[str]) -> str:
@@ -286,7 +341,7 @@ def _unique_name(path: Path, taken: set[str]) -> str:
 
 def _label(rgb: np.ndarray, score: float, threshold: float) -> np.ndarray:
     """The decision and score written in the corner, so an overlay is readable on its own."""
-    text = f"{_decision(score, threshold)} {score:.3f}"
+    text = f"{decision(score, threshold)} {score:.3f}"
     scale = max(0.35, min(rgb.shape[:2]) / 400)
     (width, height), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
     rgb = rgb.copy()
@@ -318,7 +373,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     version.add_argument("--model-alias", help="with --model-name, e.g. champion")
     parser.add_argument("inputs", nargs="+", help="image files and folders")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
-    parser.add_argument("--threshold", type=float, help="decision threshold (default: the model's evaluate run's)")
+    parser.add_argument("--threshold", type=float, help="decision threshold (default: the registered version's "
+                        "tag threshold, else the model's evaluate run's)")
     parser.add_argument("--saliency", default="gradcam", choices=list(METHODS), help="overlay heatmap method")
     parser.add_argument("--teacher", help="baseline model (file or models:/ URI) for a guided model of variant teacher")
     parser.add_argument("--teacher-saliency", default="layercam", choices=list(METHODS),

@@ -212,13 +212,18 @@ def overlay_grid(
     return canvas
 
 
-def save_png(path: str | Path, image_rgb: np.ndarray) -> None:
-    """Save an RGB (or gray) image as PNG atomically, creating parent folders."""
+def png_bytes(image_rgb: np.ndarray) -> bytes:
+    """An RGB (or gray) image encoded as a PNG file's bytes."""
     rgb = _to_rgb_uint8(image_rgb)
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
-        raise OSError(f"OpenCV could not encode a PNG for {path}")
-    write_bytes(path, encoded.tobytes())
+        raise OSError(f"OpenCV could not encode a PNG of an image of shape {rgb.shape}")
+    return encoded.tobytes()
+
+
+def save_png(path: str | Path, image_rgb: np.ndarray) -> None:
+    """Save an RGB (or gray) image as PNG atomically, creating parent folders."""
+    write_bytes(path, png_bytes(image_rgb))
 
 
 def _save_figure(figure: Figure, path: str | Path) -> None:
