@@ -21,7 +21,7 @@ import yaml
 from ruamel.yaml import YAML  # DVC's own YAML library (a dependency of dvc): keeps comments
 
 from pipeline.artifacts import atomic_path
-from pipeline.config import PARAMS_FILE, SECTIONS, ConfigError, parse_section
+from pipeline.config import PARAMS_FILE, SECTIONS, ConfigError, parse_section, section_values
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 
@@ -63,7 +63,7 @@ def validate(params: dict, overrides: dict, source: str) -> None:
     """Raise ConfigError unless every section the preset touches is valid once it is applied."""
     merged = _merged(params, overrides)
     for section in overrides:
-        parse_section(section, merged.get(section) or {}, source=source)
+        parse_section(section, section_values(section, merged, source), source=source)
 
 
 def exp_run_command(name: str, folder: Path = PRESETS, params_path: Path = PARAMS_FILE) -> str:
