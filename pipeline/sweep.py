@@ -131,7 +131,7 @@ def wait_for(names: list[str], jobs: int, poll: float = 10.0) -> dict[str, tuple
         for name in names:
             state = states.get(name, ("missing", ""))[0]
             if last.get(name) != state:
-                print(f"[sweep] {name}: {state}", flush=True)
+                print(f"[sweep] {name}: now {state}", flush=True)
                 last[name] = state
         pending = [name for name in names if last[name] in PENDING]
         if not pending:
