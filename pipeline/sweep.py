@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -82,33 +83,70 @@ def _dvc(*args: str) -> str:
     return result.stdout
 
 
-def experiment_states(shown: list[dict]) -> dict[str, tuple[str, str]]:
-    """Name -> (state, revision) of the experiments of the current commit, from ``dvc exp show --json``.
+class Experiment(NamedTuple):
+    state: str  # the queue's: queued, running, success, failed; "missing" where there is none
+    rev: str = ""  # its commit once it ran
+    params: dict = {}  # its params.yaml  # noqa: RUF012 - never mutated
 
-    The state is the queue's (queued, running, success, failed); an experiment run outside the
-    queue has none and counts as a success. The revision is the experiment's commit once it ran.
-    """
-    states: dict[str, tuple[str, str]] = {}
+
+MISSING = Experiment("missing")
+
+
+def experiment_states(shown: list[dict]) -> dict[str, Experiment]:
+    """The experiments of the current commit by name, from ``dvc exp show --json``; one run
+    outside the queue has no queue state and counts as a success."""
+    states: dict[str, Experiment] = {}
     for baseline in shown:
         if baseline.get("rev") == "workspace":
             continue
         for experiment in baseline.get("experiments") or []:
             executor = experiment.get("executor") or {}
-            revs = experiment.get("revs") or [{}]
-            states[experiment["name"]] = (executor.get("state") or "success", revs[0].get("rev", ""))
+            rev = (experiment.get("revs") or [{}])[0]
+            params = ((rev.get("data") or {}).get("params") or {}).get("params.yaml", {}).get("data") or {}
+            states[experiment["name"]] = Experiment(executor.get("state") or "success", rev.get("rev", ""), params)
         break  # the first entry after the workspace is HEAD: only its experiments share our code
     return states
 
 
-def _current_states() -> dict[str, tuple[str, str]]:
+def _current_states() -> dict[str, Experiment]:
     return experiment_states(json.loads(_dvc("exp", "show", "--json")))
 
 
-def queue_points(points: dict[str, list[str]], states: dict[str, tuple[str, str]]) -> list[str]:
-    """Queue the points that are neither finished, queued nor running; the names queued."""
+def has_overrides(params: dict, overrides: list[str]) -> bool:
+    """Whether a params mapping holds every ``key=value`` override (values read as YAML)."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node: object = params
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if not _same(node, value):
+            return False
+    return True
+
+
+def _same(found: object, written: str) -> bool:
+    if found == yaml.safe_load(written):
+        return True
+    # DVC reads `-S` values its own way: 1e-4 is a number to it, text to PyYAML.
+    try:
+        return not isinstance(found, bool) and isinstance(found, (int, float)) and float(written) == found
+    except ValueError:
+        return False
+
+
+def queue_points(points: dict[str, list[str]], states: dict[str, Experiment]) -> list[str]:
+    """Queue the points that are neither finished, queued nor running; the names queued.
+
+    A finished experiment of a point's name but other params (an earlier sweep with other
+    overrides, on this commit) is removed and its point run again."""
     queued = []
     for name, overrides in points.items():
-        state = states.get(name, ("", ""))[0]
+        found = states.get(name, MISSING)
+        state = found.state
+        if state == "success" and not has_overrides(found.params, overrides):
+            print(f"[sweep] {name}: finished before with other params, removed to run again", flush=True)
+            _dvc("exp", "remove", name)
+            state = "missing"
         if state == "success" or state in PENDING:
             print(f"[sweep] {name}: {state} before, not queued again", flush=True)
             continue
@@ -120,7 +158,7 @@ def queue_points(points: dict[str, list[str]], states: dict[str, tuple[str, str]
     return queued
 
 
-def wait_for(names: list[str], jobs: int, poll: float = 10.0) -> dict[str, tuple[str, str]]:
+def wait_for(names: list[str], jobs: int, poll: float = 10.0) -> dict[str, Experiment]:
     """Start ``jobs`` queue workers and wait until none of ``names`` is queued or running."""
     print(f"[sweep] running {len(names)} point(s) on {jobs} worker(s); watch with `dvc queue status` "
           "and `dvc queue logs -f <point>`", flush=True)
@@ -129,7 +167,7 @@ def wait_for(names: list[str], jobs: int, poll: float = 10.0) -> dict[str, tuple
     while True:
         states = _current_states()
         for name in names:
-            state = states.get(name, ("missing", ""))[0]
+            state = states.get(name, MISSING).state
             if last.get(name) != state:
                 print(f"[sweep] {name}: now {state}", flush=True)
                 last[name] = state
@@ -170,14 +208,14 @@ def run(param: str, values: list[str], seeds: list[int], out: Path, preset: str 
             todo[name] = overrides
     states = _current_states()
     queued = queue_points(todo, states)
-    waiting = [name for name in todo if name in queued or states.get(name, ("", ""))[0] in PENDING]
+    waiting = [name for name in todo if name in queued or states.get(name, MISSING).state in PENDING]
     if waiting:
         states = wait_for(waiting, jobs)
     failed = []
     for name in todo:
-        state, rev = states.get(name, ("missing", ""))
-        if state == "success":
-            save_point(out / "runs" / name, rev)
+        found = states.get(name, MISSING)
+        if found.state == "success":
+            save_point(out / "runs" / name, found.rev)
             print(f"[sweep] {name}: saved", flush=True)
         else:
             failed.append(name)

@@ -3,7 +3,8 @@
 import pandas as pd
 import pytest
 
-from pipeline.sweep import SweepError, check_seeds_follow, experiment_states, point_overrides, summary_table
+from pipeline.sweep import (Experiment, SweepError, check_seeds_follow, experiment_states, has_overrides,
+                            point_overrides, summary_table)
 
 
 def test_summary_averages_over_seeds_and_spreads_over_seeds_or_folds():
@@ -32,11 +33,21 @@ def test_a_sweep_refuses_a_derived_seed_set_on_its_own_which_its_seeds_would_not
 
 def test_experiment_states_come_from_the_current_commit_only():
     def experiment(name, state, rev):
-        return {"name": name, "revs": [{"rev": rev}], "executor": state and {"state": state}}
+        return {"name": name, "revs": [{"rev": rev, "data": {"params": {"params.yaml": {"data": {"seed": 1}}}}}],
+                "executor": state and {"state": state}}
 
     shown = [{"rev": "workspace", "experiments": None},
              {"rev": "head", "experiments": [experiment("a", "success", "r1"), experiment("b", "queued", "s2"),
                                              experiment("c", None, "r3"), experiment("d", "failed", "s4")]},
              {"rev": "older", "experiments": [experiment("e", "success", "r5")]}]
-    assert experiment_states(shown) == {"a": ("success", "r1"), "b": ("queued", "s2"), "c": ("success", "r3"),
-                                        "d": ("failed", "s4")}
+    states = experiment_states(shown)
+    assert states == {"a": Experiment("success", "r1", {"seed": 1}), "b": Experiment("queued", "s2", {"seed": 1}),
+                      "c": Experiment("success", "r3", {"seed": 1}), "d": Experiment("failed", "s4", {"seed": 1})}
+
+
+def test_a_finished_point_counts_only_with_the_params_its_overrides_name():
+    params = {"seed": 1, "evaluate": {"threshold": 0.3}, "prepare": {"defective_images": "all"}}
+    assert has_overrides(params, ["evaluate.threshold=0.3", "seed=1", "prepare.defective_images=all"])
+    assert not has_overrides(params, ["evaluate.threshold=0.3", "seed=2"])
+    assert not has_overrides(params, ["train_guided.variant=none"])  # absent from its params
+    assert has_overrides({"train_baseline": {"lr": 0.0001}}, ["train_baseline.lr=1e-4"])  # a number to DVC
