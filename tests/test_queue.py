@@ -212,6 +212,7 @@ def test_queued_experiments_log_every_stage_into_the_projects_mlflow_store(queue
     assert not list((queued / ".dvc" / "tmp").rglob("mlflow.db"))  # nothing left in, or lost with, a copy
 
 
+@pytest.mark.slow
 def test_a_seed_grid_queues_exactly_the_runs_it_names(tmp_path: Path) -> None:
     project = make_shrunk_project(tmp_path / "project")
     dvc(project, "exp", "run", "--queue", "-S", "seed=0,1,2")
