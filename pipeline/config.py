@@ -7,9 +7,10 @@ that names the key and what is allowed.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, overload
+from typing import Annotated, Literal, TypeVar, overload
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -157,6 +158,18 @@ SECTIONS: dict[str, type[Section]] = {
     "evaluate": EvaluateParams,
 }
 
+S = TypeVar("S", bound=Section)
+
+RUN_SEED = "seed"
+# The seeds that differ between repetitions of one setting: each takes the top-level `seed` unless
+# set on its own, so `-S seed=1` is a whole repetition. `prepare.seed` (the folds) is not among
+# them: every repetition is tested on the same folds.
+DERIVED_SEEDS: dict[str, str] = {"prepare": "subset_seed", "train_baseline": "seed", "train_guided": "seed",
+                                 "pseudo_labels": "seed"}
+# Paths in params that name files of the project (relative ones are meant from its root).
+PROJECT_PATHS: dict[str, str] = {"prepare": "path", "model": "pretrained_weights"}
+
+
 def read_params(path: Path = PARAMS_FILE) -> dict:
     try:
         params = yaml.safe_load(path.read_text())
@@ -166,12 +179,36 @@ def read_params(path: Path = PARAMS_FILE) -> dict:
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(params, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, found {type(params).__name__}")
-    unknown = sorted(set(params) - set(SECTIONS))
+    unknown = sorted(set(params) - set(SECTIONS) - {RUN_SEED})
     if unknown:
         raise ConfigError(
-            f"{path}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}"
+            f"{path}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)} and the top-level {RUN_SEED}"
         )
     return params
+
+
+def run_seed(params: dict, source: str = "params") -> int:
+    """The top-level ``seed`` of a params mapping; 0 where it is absent (files older than it)."""
+    value = params.get(RUN_SEED, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**32 - 1:
+        raise ConfigError(f"{source}: {RUN_SEED}: expected a whole number from 0 to {2**32 - 1} "
+                          f"(the seed of the whole run), got {value!r}")
+    return value
+
+
+def section_values(name: str, params: dict, source: str = "params") -> dict:
+    """A section's raw values as its stage sees them: a derived seed left unset (absent or null)
+    takes the top-level ``seed``."""
+    values = dict(params.get(name) or {})
+    key = DERIVED_SEEDS.get(name)
+    if key and values.get(key) is None:
+        values[key] = run_seed(params, source)
+    return values
+
+
+def parse_params(params: dict, source: str = "params") -> dict[str, Section]:
+    """Every section of a whole params mapping, validated, derived seeds filled in."""
+    return {name: parse_section(name, section_values(name, params, source), source) for name in SECTIONS}
 
 
 # One overload per section, so that a stage's ``params = load_section("train_guided")`` is typed
@@ -196,12 +233,47 @@ def load_section(name: str, path: Path = PARAMS_FILE) -> Section:
     """Validate and return one section of params.yaml (missing keys take their defaults).
 
     Every section in the file is validated, not only this one: a typo in a later stage's section
-    then stops ``dvc repro`` at its first stage instead of after hours of training.
+    then stops ``dvc repro`` at its first stage instead of after hours of training. Derived seeds
+    come from the top-level ``seed`` unless set on their own; relative project paths are resolved
+    against the project root when the stage runs elsewhere (a queued experiment's copy).
     """
-    params = read_params(path)
-    for other, values in params.items():
-        parse_section(other, values or {}, source=str(path))
-    return parse_section(name, params.get(name) or {}, source=str(path))
+    sections = parse_params(read_params(path), source=str(path))
+    return _with_project_paths(name, sections[name])
+
+
+def project_root() -> Path:
+    """The project's root, also from inside the temporary copy a queued experiment runs in.
+
+    ``dvc exp run --queue`` / ``--temp`` run the stages in ``<root>/.dvc/tmp/exps/tmp<random>/``,
+    deleted afterwards, and set ``DVC_ROOT`` to ``<root>`` for them (``dvc repro`` sets it to the
+    repository root, the working directory). ``DVC_ROOT`` counts only where the working directory
+    lies inside it, so a stale value exported in a shell cannot redirect a stage run by hand; the
+    ``.dvc/tmp/exps`` layout is the fallback. Otherwise (no DVC): the working directory.
+    """
+    cwd = Path.cwd().resolve()
+    declared = os.environ.get("DVC_ROOT")
+    if declared:
+        root = Path(declared).resolve()
+        if (root / ".dvc").is_dir() and (cwd == root or root in cwd.parents):
+            return root
+    for parent in cwd.parents:
+        if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
+            return parent.parent.parent.parent
+    return cwd
+
+
+def _with_project_paths(name: str, section: S) -> S:
+    """Relative paths in params mean the project root; the working directory is only that root
+    outside queued experiments, so they are made absolute only where the two differ (a run in the
+    workspace keeps and logs exactly what params.yaml says)."""
+    key = PROJECT_PATHS.get(name)
+    value = getattr(section, key) if key else None
+    if not value or Path(value).is_absolute():
+        return section
+    root = project_root()
+    if root == Path.cwd().resolve():
+        return section
+    return section.model_copy(update={key: os.path.normpath(root / value)})
 
 
 def parse_section(name: str, values: dict, source: str = "params") -> Section:

@@ -316,8 +316,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.evaluation",
         description="Combine the scores.csv of runs with different seeds into a mean ± std table. "
-        "Collect them e.g. with: for s in 0 1 2; do dvc exp run -S train_baseline.seed=$s "
-        "-S train_guided.seed=$s && cp data/evaluation/scores.csv scores_seed$s.csv; done")
+        "Collect them e.g. with: for s in 0 1 2; do dvc exp run -S seed=$s "
+        "&& cp data/evaluation/scores.csv scores_seed$s.csv; done")
     parser.add_argument("scores", nargs="+", help="scores.csv of each run")
     parser.add_argument("--threshold", type=float, default=0.5, help="evaluate.threshold of the runs")
     parser.add_argument("--out", type=Path, help="also write the table here (.md) and beside it as .csv")

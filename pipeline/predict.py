@@ -93,7 +93,10 @@ def _client(uri: str):
     """An MLflow client for ``uri``; a SQLite store must exist (MLflow would create an empty one)."""
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    from pipeline.tracking import sqlite_path
+
+    database = sqlite_path(uri)
+    if database is not None and not database.is_file():
         raise ModelError(f"no MLflow store at {uri}: set MLFLOW_TRACKING_URI to the store the models were "
                          "registered in, or give a model file")
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

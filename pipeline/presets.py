@@ -22,7 +22,7 @@ import yaml
 from ruamel.yaml import YAML  # DVC's own YAML library (a dependency of dvc): keeps comments
 
 from pipeline.artifacts import atomic_path
-from pipeline.config import PARAMS_FILE, SECTIONS, ConfigError, parse_section
+from pipeline.config import PARAMS_FILE, RUN_SEED, SECTIONS, ConfigError, parse_section, run_seed, section_values
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 
@@ -36,9 +36,10 @@ def load_preset(name: str, folder: Path = PRESETS) -> dict:
     if not path.is_file():
         raise ConfigError(f"no preset {name!r} in {folder}; available: {', '.join(available(folder)) or 'none'}")
     overrides = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(overrides) - set(SECTIONS))
+    unknown = sorted(set(overrides) - set(SECTIONS) - {RUN_SEED})
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)} "
+                          f"and the top-level {RUN_SEED}")
     return overrides
 
 
@@ -63,8 +64,11 @@ def _merged(params: dict, overrides: dict) -> dict:
 def validate(params: dict, overrides: dict, source: str) -> None:
     """Raise ConfigError unless every section the preset touches is valid once it is applied."""
     merged = _merged(params, overrides)
-    for section in overrides:
-        parse_section(section, merged.get(section) or {}, source=source)
+    run_seed(merged, source)
+    # A new top-level seed reaches every section whose seed derives from it.
+    touched = SECTIONS if RUN_SEED in overrides else [name for name in overrides if name != RUN_SEED]
+    for section in touched:
+        parse_section(section, section_values(section, merged, source), source=source)
 
 
 def exp_run_command(name: str, folder: Path = PRESETS, params_path: Path = PARAMS_FILE) -> str:

@@ -10,6 +10,7 @@ runs behind its numbers, whether those stages ran now or were restored.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import uuid
@@ -25,10 +26,14 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from pipeline.artifacts import read_json, write_json  # noqa: E402
-from pipeline.errors import SetupError
+from pipeline.config import project_root  # noqa: E402
+from pipeline.errors import SetupError  # noqa: E402
 
 DEFAULT_EXPERIMENT = "knowledge-guided"
 LINEAGE_FILE = "run.json"
+# Seconds a writer waits for another's lock on a SQLite store (Python's default is 5): queued
+# experiments on several workers write to one file, and a loaded machine can hold a lock longer.
+SQLITE_BUSY_TIMEOUT = 60
 
 
 class TrackingError(SetupError):
@@ -36,8 +41,23 @@ class TrackingError(SetupError):
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the project root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the project root.
+
+    The project root, not the working directory: a queued experiment runs in a temporary copy of
+    the project that DVC deletes afterwards, with its store. A SQLite URI gets a busy timeout
+    unless it names one (``?timeout=``), so concurrent writers wait for each other's lock.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and "timeout=" not in uri:
+        uri += ("&" if "?" in uri else "?") + f"timeout={SQLITE_BUSY_TIMEOUT}"
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (its query left out), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
 def experiment_name() -> str:
@@ -103,24 +123,50 @@ def environment_defaults(defaults: Mapping[str, str]) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
+@contextmanager
+def _store_lock(database: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while the block runs (nothing for a server).
+
+    MLflow builds a new store's tables without a lock of its own, and two stages that find no
+    experiment both create it: two queued experiments starting together on a fresh store then fail
+    ("table ... already exists", a duplicate experiment). The lock makes one of them do it first.
+    """
+    if database is None:
+        yield
+        return
+    with open(database.with_name(database.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _ensure_experiment(client: MlflowClient, database: Path | None) -> None:
+    if client.get_experiment_by_name(experiment_name()) is not None:
+        return
+    # Keep a SQLite store's artifacts beside the database, whatever the working directory is later.
+    location = (database.parent / "mlartifacts").resolve().as_uri() if database else None
+    try:
+        client.create_experiment(experiment_name(), artifact_location=location)
+    except Exception:
+        # Another client of the same server created it in the meantime: that one is as good.
+        if client.get_experiment_by_name(experiment_name()) is None:
+            raise
+
+
 def connect() -> MlflowClient:
     """Point MLflow at the store and check it answers, before a stage does any work."""
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
+    database = sqlite_path(uri)
+    if database is not None and not database.parent.is_dir():
         # MLflow would create a missing folder, so a typo in the path would silently start a new store.
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not folder.is_dir():
-            raise TrackingError(f"MLflow tracking store {uri!r}: folder {folder} does not exist; "
-                                "create it or fix MLFLOW_TRACKING_URI")
+        raise TrackingError(f"MLflow tracking store {uri!r}: folder {database.parent} does not exist; "
+                            "create it or fix MLFLOW_TRACKING_URI")
     try:
-        with environment_defaults(FAST_CHECK):
+        with environment_defaults(FAST_CHECK), _store_lock(database):
             client = MlflowClient(uri)
-            if client.get_experiment_by_name(experiment_name()) is None:
-                location = None
-                if uri.startswith("sqlite:"):
-                    # Keep artifacts beside the database, whatever the working directory is later.
-                    location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-                client.create_experiment(experiment_name(), artifact_location=location)
+            _ensure_experiment(client, database)
     except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; all mean the same to a user
         raise TrackingError(
             f"MLflow tracking store {uri!r} is unreachable or misconfigured ({type(error).__name__}: "
@@ -232,6 +278,10 @@ def stage_run(stage: str, params: Mapping[str, Any], dataset: str | None = None)
     tags = {"stage": stage, "git_commit": git_commit(), "pipeline_run": pipeline_id}
     if dataset:
         tags["dataset"] = dataset
+    # Set by `dvc exp run` (queued or not): the experiment, as `dvc exp show` names it, and its baseline.
+    for tag, variable in (("dvc_experiment", "DVC_EXP_NAME"), ("dvc_baseline", "DVC_EXP_BASELINE_REV")):
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
     with mlflow.start_run(run_name=f"{stage}-{pipeline_id}", tags=tags) as run:
         mlflow.log_params(flatten(params))
         yield StageRun(stage, run, pipeline_id)

@@ -69,6 +69,17 @@ def test_every_output_exists_and_metrics_are_in_range(project: Path) -> None:
 
 
 @pytest.mark.slow
+def test_dvc_plots_show_draws_each_plot_once(project: Path) -> None:
+    plots = json.loads(dvc(project, "plots", "show", "--json"))["data"]
+    top_level = [next(iter(item)) if isinstance(item, dict) else item
+                 for item in yaml.safe_load((project / "dvc.yaml").read_text())["plots"]]
+    assert sorted(plots) == sorted(top_level)  # no second, per-file plot of the same data
+    assert [len(drawn) for drawn in plots.values()] == [1] * len(plots)
+    vega = [drawn[0] for drawn in plots.values() if drawn[0]["type"] == "vega"]
+    assert len(vega) == 3 and all(plot["content"]["data"]["values"] for plot in vega)  # drawn with their data
+
+
+@pytest.mark.slow
 def test_second_repro_runs_nothing(project: Path) -> None:
     output = dvc(project, "repro")
     assert stages_run(output) == []

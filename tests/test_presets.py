@@ -75,3 +75,15 @@ def test_an_invalid_preset_is_refused_before_anything_is_written(params: Path, t
     with pytest.raises(ConfigError, match="available: bad, odd"):
         presets.load_preset("missing", folder=tmp_path)
     assert params.read_text() == before
+
+
+def test_a_preset_may_set_the_whole_run_seed_which_every_derived_seed_follows(params: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "presets"
+    folder.mkdir()
+    (folder / "repeat.yaml").write_text("# one repetition\nseed: 2\n")
+    assert "-S seed=2" in presets.exp_run_command("repeat", folder, params)
+    assert presets.apply("repeat", folder, params) == ["seed"]
+    assert load_section("train_guided", params).seed == 2 and load_section("prepare", params).seed == 0
+    (folder / "bad.yaml").write_text("seed: yes\n")
+    with pytest.raises(ConfigError, match="preset bad: seed: expected a whole number"):
+        presets.exp_run_command("bad", folder, params)

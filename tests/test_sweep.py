@@ -1,9 +1,17 @@
-"""Sweeps: every point a `dvc exp run`, saved small, and summarized as AP against a count."""
+"""Sweeps: every point a queued `dvc exp run`, saved small, and summarized as AP against a count."""
 
 import pandas as pd
 import pytest
 
-from pipeline.sweep import point_overrides, summary_table
+from pipeline.sweep import (
+    Experiment,
+    SweepError,
+    check_seeds_follow,
+    experiment_states,
+    has_overrides,
+    point_overrides,
+    summary_table,
+)
 
 
 def test_summary_averages_over_seeds_and_spreads_over_seeds_or_folds():
@@ -19,8 +27,34 @@ def test_summary_averages_over_seeds_and_spreads_over_seeds_or_folds():
     assert table.loc[(10, "guided"), "ap_std"] == pytest.approx(0.03)  # one seed: over its folds
 
 
-def test_a_seed_sets_every_seed_that_varies_and_fixed_overrides_come_first():
+def test_a_point_sets_the_whole_run_seed_and_fixed_overrides_come_first():
     overrides = point_overrides("prepare.defective_images", "5", 2, ["train_guided.variant=none"])
-    assert overrides[0] == "train_guided.variant=none" and "prepare.defective_images=5" in overrides
-    assert {"train_baseline.seed=2", "train_guided.seed=2", "prepare.subset_seed=2", "pseudo_labels.seed=2"} <= set(overrides)
-    assert "prepare.seed=2" not in overrides  # the folds stay the same
+    assert overrides == ["train_guided.variant=none", "prepare.defective_images=5", "seed=2"]
+
+
+def test_a_sweep_refuses_a_derived_seed_set_on_its_own_which_its_seeds_would_not_reach():
+    check_seeds_follow({"seed": 0, "train_guided": {"seed": None}, "prepare": {"seed": 4}}, "params.yaml")
+    with pytest.raises(SweepError, match=r"params.yaml sets train_baseline.seed on its own"):
+        check_seeds_follow({"train_baseline": {"seed": 0}}, "params.yaml")
+
+
+def test_experiment_states_come_from_the_current_commit_only():
+    def experiment(name, state, rev):
+        return {"name": name, "revs": [{"rev": rev, "data": {"params": {"params.yaml": {"data": {"seed": 1}}}}}],
+                "executor": state and {"state": state}}
+
+    shown = [{"rev": "workspace", "experiments": None},
+             {"rev": "head", "experiments": [experiment("a", "success", "r1"), experiment("b", "queued", "s2"),
+                                             experiment("c", None, "r3"), experiment("d", "failed", "s4")]},
+             {"rev": "older", "experiments": [experiment("e", "success", "r5")]}]
+    states = experiment_states(shown)
+    assert states == {"a": Experiment("success", "r1", {"seed": 1}), "b": Experiment("queued", "s2", {"seed": 1}),
+                      "c": Experiment("success", "r3", {"seed": 1}), "d": Experiment("failed", "s4", {"seed": 1})}
+
+
+def test_a_finished_point_counts_only_with_the_params_its_overrides_name():
+    params = {"seed": 1, "evaluate": {"threshold": 0.3}, "prepare": {"defective_images": "all"}}
+    assert has_overrides(params, ["evaluate.threshold=0.3", "seed=1", "prepare.defective_images=all"])
+    assert not has_overrides(params, ["evaluate.threshold=0.3", "seed=2"])
+    assert not has_overrides(params, ["train_guided.variant=none"])  # absent from its params
+    assert has_overrides({"train_baseline": {"lr": 0.0001}}, ["train_baseline.lr=1e-4"])  # a number to DVC
