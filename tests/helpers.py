@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import yaml
 
 if TYPE_CHECKING:  # annotations only: the helpers import torch lazily, where it is needed
@@ -18,6 +19,13 @@ if TYPE_CHECKING:  # annotations only: the helpers import torch lazily, where it
     from pipeline.prepared import PreparedData
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def real_dataset(name: str) -> tuple[Path, pytest.MarkDecorator]:
+    """``../shared/datasets/<name>`` beside the project, and a marker skipping a test where it is absent."""
+    path = Path(__file__).parents[1] / "../shared/datasets" / name
+    return path, pytest.mark.skipif(not path.is_dir(),
+                                    reason=f"{name} is not at {path.resolve()} (see docs/datasets.md)")
 PROJECT_FILES = ["pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore"]
 
 SHRUNK = {

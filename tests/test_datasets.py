@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import real_dataset
 
 from pipeline.datasets import (
     DataError,
@@ -28,10 +29,7 @@ from pipeline.datasets import (
     validate,
 )
 
-REAL_KSDD = Path(__file__).parents[1] / "../shared/datasets/KolektorSDD"
-needs_real_ksdd = pytest.mark.skipif(
-    not REAL_KSDD.is_dir(), reason=f"the real KolektorSDD is not at {REAL_KSDD.resolve()} (see docs/datasets.md)"
-)
+REAL_KSDD, needs_real_ksdd = real_dataset("KolektorSDD")
 SHAPE = (12, 8)  # height, width of the synthetic images
 
 

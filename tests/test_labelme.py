@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import real_dataset
 from PIL import Image
 from test_datasets import raises_naming
 
@@ -38,10 +39,7 @@ from pipeline.datasets import (
 from pipeline.labelme import POINT_TOLERANCE, SHAPE_TYPES
 from stages import prepare
 
-REAL_BSDATA = Path(__file__).parents[1] / "../shared/datasets/BSData"
-needs_real_bsdata = pytest.mark.skipif(
-    not REAL_BSDATA.is_dir(), reason=f"BSData is not at {REAL_BSDATA.resolve()} (see docs/datasets.md)"
-)
+REAL_BSDATA, needs_real_bsdata = real_dataset("BSData")
 W, H = 20, 12  # size of the images written here
 BSDATA_PATTERN = r"^01_\d{12}_(?P<item>\d+_\d{3})_crop_\d+\."  # the type-2 positions, as docs/datasets.md shows
 
