@@ -47,6 +47,10 @@ HEADLINE = ("ap", "auroc", "accuracy", "precision", "recall", "f1_best",
 # ... those also given with their std over folds, and those given for each fold.
 WITH_STD = ("ap", "auroc", "f1_best", "false_alarms_at_full_recall", "missed_at_zero_false_alarms")
 PER_FOLD = ("ap", "auroc", "false_alarms_at_full_recall", "missed_at_zero_false_alarms")
+# The wrong decisions at the threshold, each kind's picture file stem.
+ERROR_KINDS = {"miss": "misses", "false alarm": "false_alarms"}
+# Of each model's misses and of its false alarms, the most confident ones are drawn (all are listed).
+ERRORS_DRAWN = 6
 
 T = TypeVar("T")
 
@@ -185,6 +189,37 @@ def hardest_images(scores: pd.DataFrame, count: int) -> pd.DataFrame:
     defective = ranked[ranked["label"] == 1].sort_values(["_mean", "id"], ascending=[True, True])
     defect_free = ranked[ranked["label"] == 0].sort_values(["_mean", "id"], ascending=[False, True])
     return pd.concat([defective.head(count), defect_free.head(count)]).drop(columns="_mean")
+
+
+def decision_errors(scores: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Every wrong decision at ``threshold`` (defect when ``score >= threshold``, as in
+    ``metrics``): one row per model and image, the scores frame's columns plus ``model`` and
+    ``kind`` ("miss" or "false alarm"), the most confident first (misses scored lowest, false
+    alarms scored highest), ties by id. Per fold and then over the folds' picks gives the same
+    first rows of each model and kind as over all images at once.
+    """
+    found = []
+    for model in MODELS:
+        missed = scores[(scores["label"] == 1) & (scores[model] < threshold)]
+        alarms = scores[(scores["label"] == 0) & (scores[model] >= threshold)]
+        found += [missed.sort_values([model, "id"]).assign(model=model, kind="miss"),
+                  alarms.sort_values([model, "id"], ascending=[False, True]).assign(model=model, kind="false alarm")]
+    return pd.concat(found, ignore_index=True)
+
+
+def drawn_errors(errors: pd.DataFrame, count: int = ERRORS_DRAWN) -> pd.DataFrame:
+    """The first ``count`` rows of each model and kind of ``decision_errors``: those drawn."""
+    return errors.groupby(["model", "kind"], sort=False).head(count)
+
+
+def error_pictures(errors: pd.DataFrame, panels: Mapping[str, Mapping[str, np.ndarray]],
+                   method: str) -> dict[str, np.ndarray]:
+    """``errors_<model>_<kind>.png`` -> the overlay grid of that model's drawn errors of that
+    kind (``drawn_errors``); a model without errors of a kind gets no picture."""
+    pictures = {}
+    for (model, kind), rows in drawn_errors(errors).groupby(["model", "kind"], sort=False):
+        pictures[f"errors_{model}_{ERROR_KINDS[kind]}.png"] = overlay_picture(rows, panels, method)
+    return pictures
 
 
 def overlay_picture(

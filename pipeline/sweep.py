@@ -30,6 +30,7 @@ from pipeline.config import PARAMS_FILE, parse_section
 from pipeline.errors import MissingInputError
 from pipeline.evaluation import MODELS
 from pipeline.presets import exp_run_command
+from pipeline.progress import bars_paused, log_line, progress
 from pipeline.visualisation import plot_metric_vs_count, results_table_markdown
 
 SEED_KEYS = ("train_baseline.seed", "train_guided.seed", "prepare.subset_seed", "pseudo_labels.seed")
@@ -59,20 +60,22 @@ def run(param: str, values: list[str], seeds: list[int], out: Path, preset: str 
     preset_sets = shlex.split(exp_run_command(preset))[5:] if preset else []  # after "dvc exp run -n NAME"
     # `dvc exp run` leaves its params in the workspace; every point starts from the sweep's own.
     base_params = PARAMS_FILE.read_text()
-    for value in values:
-        for seed in seeds:
-            name = point_name(param, value, seed)
-            saved = out / "runs" / name
-            if (saved / "evaluate.json").is_file():
-                print(f"[sweep] {name}: done before, kept", flush=True)
-                continue
-            sets = [arg for item in point_overrides(param, value, seed, fixed) for arg in ("-S", item)]
-            command = ["dvc", "exp", "run", "-n", name, *preset_sets, *sets]
-            print(f"[sweep] {name}: {shlex.join(command)}", flush=True)
-            PARAMS_FILE.write_text(base_params)
-            if subprocess.run(command).returncode != 0:
-                sys.exit(f"[sweep] {name} failed; fix the cause and rerun: finished points are kept")
-            save_point(saved)
+    points = [(value, seed) for value in values for seed in seeds]
+    for value, seed in progress(points, "sweep", "point"):
+        name = point_name(param, value, seed)
+        saved = out / "runs" / name
+        if (saved / "evaluate.json").is_file():
+            log_line(f"[sweep] {name}: done before, kept")
+            continue
+        sets = [arg for item in point_overrides(param, value, seed, fixed) for arg in ("-S", item)]
+        command = ["dvc", "exp", "run", "-n", name, *preset_sets, *sets]
+        log_line(f"[sweep] {name}: {shlex.join(command)}")
+        PARAMS_FILE.write_text(base_params)
+        with bars_paused():  # the experiment's own log and bars own the terminal meanwhile
+            failed = subprocess.run(command).returncode != 0
+        if failed:
+            sys.exit(f"[sweep] {name} failed; fix the cause and rerun: finished points are kept")
+        save_point(saved)
     summarize(param, out)
 
 
