@@ -123,7 +123,8 @@ def write_pictures(out: Path, dataset: str, scores: pd.DataFrame, metrics: dict,
         write_csv(layout.plot_file(f"pr_{model}"), curves[model])
     folds = int(metrics["data"]["folds"])
     pooled = f"\n{folds} folds pooled; legend: AP mean over folds" * (folds > 1)
-    plot_pr_curves(curves, out / "pr_curves.png", title=f"{dataset}: precision-recall, {len(scores)} test images{pooled}")
+    plot_pr_curves(curves, out / "pr_curves.png",
+                   title=f"{dataset}: precision-recall, {len(scores)} test images{pooled}")
     if params.overlays:
         picked = hardest_images(scores[scores["id"].isin(panels)], params.overlays)
         save_png(out / "overlays.png", overlay_picture(picked, panels, method))

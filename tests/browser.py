@@ -126,9 +126,9 @@ def check_rendered(report: Path, tmp: Path, metrics: dict, scores: pd.DataFrame,
         expected = scale * _metric(metrics, key)
         assert math.isclose(float(text), expected, abs_tol=0.5 * 10 ** -decimals + 1e-9), (key, text, expected)
     for model in ("baseline", "guided"):
-        defective = scores["label"] == 1
-        assert int(shown["data-count"][f"{model}.misses"]) == int((defective & (scores[model] < threshold)).sum())
-        assert int(shown["data-count"][f"{model}.false_alarms"]) == int((~defective & (scores[model] >= threshold)).sum())
+        defective, flagged = scores["label"] == 1, scores[model] >= threshold
+        assert int(shown["data-count"][f"{model}.misses"]) == int((defective & ~flagged).sum())
+        assert int(shown["data-count"][f"{model}.false_alarms"]) == int((~defective & flagged).sum())
     assert shot is not None and shot.shape[0] > 0
     # A page that rendered holds text and pictures: far from one flat colour.
     assert float(shot.std()) > 20 and (shot < 128).mean() > 0.01
