@@ -49,8 +49,10 @@ WITH_STD = ("ap", "auroc", "f1_best", "false_alarms_at_full_recall", "missed_at_
 PER_FOLD = ("ap", "auroc", "false_alarms_at_full_recall", "missed_at_zero_false_alarms")
 # The wrong decisions at the threshold, each kind's picture file stem.
 ERROR_KINDS = {"miss": "misses", "false alarm": "false_alarms"}
-# Of each model's misses and of its false alarms, the most confident ones are drawn (all are listed).
+# Of each model's misses and of its false alarms, the most confident ones are drawn (all are listed),
+# in smaller cells than the hardest images': a page of four such grids stays readable at a glance.
 ERRORS_DRAWN = 6
+ERROR_CELL_HEIGHT = 160
 
 T = TypeVar("T")
 
@@ -218,18 +220,18 @@ def error_pictures(errors: pd.DataFrame, panels: Mapping[str, Mapping[str, np.nd
     kind (``drawn_errors``); a model without errors of a kind gets no picture."""
     pictures = {}
     for (model, kind), rows in drawn_errors(errors).groupby(["model", "kind"], sort=False):
-        pictures[f"errors_{model}_{ERROR_KINDS[kind]}.png"] = overlay_picture(rows, panels, method)
+        pictures[f"errors_{model}_{ERROR_KINDS[kind]}.png"] = overlay_picture(rows, panels, method, ERROR_CELL_HEIGHT)
     return pictures
 
 
 def overlay_picture(
-    hardest: pd.DataFrame, panels: Mapping[str, Mapping[str, np.ndarray]], method: str
+    hardest: pd.DataFrame, panels: Mapping[str, Mapping[str, np.ndarray]], method: str, cell_height: int = 256
 ) -> np.ndarray:
     """The overlay grid: per image (rows of ``hardest``) the image, its true mask, both models'
     saliency and the guided segmentation, the true-mask outline on every heatmap.
 
     ``panels[id]`` holds "image" (uint8 H x W), "true_mask" (bool or None) and the
-    ``SALIENCY_MAPS`` in [0, 1].
+    ``SALIENCY_MAPS`` in [0, 1]. Every panel is scaled to ``cell_height`` pixels.
     """
     rows, titles = [], []
     for item in hardest.itertuples(index=False):
@@ -248,7 +250,7 @@ def overlay_picture(
                       f"baseline {item.baseline:.2f}\nguided {item.guided:.2f}")
     columns = ["image", "true mask", f"baseline {method}", f"guided {method}",
                "guided segmentation (prob.)"][: 2 + len(heatmaps)]
-    return overlay_grid(rows, titles, columns)
+    return overlay_grid(rows, titles, columns, cell_height)
 
 
 def plot_training(history_csv: str | Path, path: str | Path, title: str) -> None:
