@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = make_shrunk_project(tmp_path_factory.mktemp("project"))
     output = dvc(project, "repro")
     assert stages_run(output) == STAGES
+    # No terminal here, as in CI: one line per epoch (1 baseline and 2 guided) and no bar, whose
+    # "n/total [elapsed<left" would survive the text mode's turning its carriage returns into newlines.
+    assert output.count(" | epoch ") == 3 and not re.search(r"\d+/\d+ \[\d\d:\d\d<", output)
     return project
 
 
