@@ -47,6 +47,12 @@ HEADLINE = ("ap", "auroc", "accuracy", "precision", "recall", "f1_best",
 # ... those also given with their std over folds, and those given for each fold.
 WITH_STD = ("ap", "auroc", "f1_best", "false_alarms_at_full_recall", "missed_at_zero_false_alarms")
 PER_FOLD = ("ap", "auroc", "false_alarms_at_full_recall", "missed_at_zero_false_alarms")
+# The wrong decisions at the threshold, each kind's picture file stem.
+ERROR_KINDS = {"miss": "misses", "false alarm": "false_alarms"}
+# Of each model's misses and of its false alarms, the most confident ones are drawn (all are listed),
+# in smaller cells than the hardest images': a page of four such grids stays readable at a glance.
+ERRORS_DRAWN = 6
+ERROR_CELL_HEIGHT = 160
 
 T = TypeVar("T")
 
@@ -187,14 +193,45 @@ def hardest_images(scores: pd.DataFrame, count: int) -> pd.DataFrame:
     return pd.concat([defective.head(count), defect_free.head(count)]).drop(columns="_mean")
 
 
+def decision_errors(scores: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Every wrong decision at ``threshold`` (defect when ``score >= threshold``, as in
+    ``metrics``): one row per model and image, the scores frame's columns plus ``model`` and
+    ``kind`` ("miss" or "false alarm"), the most confident first (misses scored lowest, false
+    alarms scored highest), ties by id. Per fold and then over the folds' picks gives the same
+    first rows of each model and kind as over all images at once.
+    """
+    found = []
+    for model in MODELS:
+        missed = scores[(scores["label"] == 1) & (scores[model] < threshold)]
+        alarms = scores[(scores["label"] == 0) & (scores[model] >= threshold)]
+        found += [missed.sort_values([model, "id"]).assign(model=model, kind="miss"),
+                  alarms.sort_values([model, "id"], ascending=[False, True]).assign(model=model, kind="false alarm")]
+    return pd.concat(found, ignore_index=True)
+
+
+def drawn_errors(errors: pd.DataFrame, count: int = ERRORS_DRAWN) -> pd.DataFrame:
+    """The first ``count`` rows of each model and kind of ``decision_errors``: those drawn."""
+    return errors.groupby(["model", "kind"], sort=False).head(count)
+
+
+def error_pictures(errors: pd.DataFrame, panels: Mapping[str, Mapping[str, np.ndarray]],
+                   method: str) -> dict[str, np.ndarray]:
+    """``errors_<model>_<kind>.png`` -> the overlay grid of that model's drawn errors of that
+    kind (``drawn_errors``); a model without errors of a kind gets no picture."""
+    pictures = {}
+    for (model, kind), rows in drawn_errors(errors).groupby(["model", "kind"], sort=False):
+        pictures[f"errors_{model}_{ERROR_KINDS[kind]}.png"] = overlay_picture(rows, panels, method, ERROR_CELL_HEIGHT)
+    return pictures
+
+
 def overlay_picture(
-    hardest: pd.DataFrame, panels: Mapping[str, Mapping[str, np.ndarray]], method: str
+    hardest: pd.DataFrame, panels: Mapping[str, Mapping[str, np.ndarray]], method: str, cell_height: int = 256
 ) -> np.ndarray:
     """The overlay grid: per image (rows of ``hardest``) the image, its true mask, both models'
     saliency and the guided segmentation, the true-mask outline on every heatmap.
 
     ``panels[id]`` holds "image" (uint8 H x W), "true_mask" (bool or None) and the
-    ``SALIENCY_MAPS`` in [0, 1].
+    ``SALIENCY_MAPS`` in [0, 1]. Every panel is scaled to ``cell_height`` pixels.
     """
     rows, titles = [], []
     for item in hardest.itertuples(index=False):
@@ -213,7 +250,7 @@ def overlay_picture(
                       f"baseline {item.baseline:.2f}\nguided {item.guided:.2f}")
     columns = ["image", "true mask", f"baseline {method}", f"guided {method}",
                "guided segmentation (prob.)"][: 2 + len(heatmaps)]
-    return overlay_grid(rows, titles, columns)
+    return overlay_grid(rows, titles, columns, cell_height)
 
 
 def plot_training(history_csv: str | Path, path: str | Path, title: str) -> None:

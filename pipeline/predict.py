@@ -39,6 +39,7 @@ from pipeline.errors import MissingInputError
 from pipeline.inference import predict
 from pipeline.model_files import ModelError, load_model, model_from, needs_prior
 from pipeline.models import GuidedClassifier, PriorAsChannel
+from pipeline.progress import bars_paused, progress
 from pipeline.saliency import METHODS, create_saliency, saliency_maps
 from pipeline.visualisation import heatmap_overlay, save_png
 
@@ -289,11 +290,10 @@ class Predictor:
         return scores, maps
 
 
-def predict_files(predictor: Predictor, files: Sequence[Path], out: Path, batch_size: int = 16,
-                  progress: bool = True) -> pd.DataFrame:
+def predict_files(predictor: Predictor, files: Sequence[Path], out: Path, batch_size: int = 16) -> pd.DataFrame:
     """Score every file, write its overlay under ``out/overlays`` and ``out/predictions.csv``."""
     rows, names = [], set()
-    skipped = 0
+    bar = progress(files, "predict", "file")
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         readable: list[tuple[dict, np.ndarray]] = []
@@ -305,19 +305,16 @@ def predict_files(predictor: Predictor, files: Sequence[Path], out: Path, batch_
                 readable.append((row, read_gray(str(path))))
             except DataError as error:
                 row["error"] = str(error)
-                skipped += 1
-                print(f"\nskipped {path}: {error}" if progress else f"skipped {path}: {error}", file=sys.stderr)
+                with bars_paused():
+                    print(f"skipped {path}: {error}", file=sys.stderr, flush=True)
         if readable:
             scores, maps = predictor([image for _, image in readable])
             for (row, image), score, saliency in zip(readable, scores, maps):
                 overlay = out / "overlays" / _unique_name(Path(row["path"]), names)
                 save_png(overlay, overlay_picture(image, saliency, score, predictor.threshold))
                 row.update(score=float(score), decision=decision(score, predictor.threshold), overlay=str(overlay))
-        if progress:
-            done = start + len(chunk)
-            print(f"\rpredict: {done}/{len(files)} files, {skipped} skipped", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        bar.update(len(chunk))
+    bar.close()
     table = pd.DataFrame(rows, columns=["path", "score", "decision", "threshold", "overlay", "error"])
     write_csv(out / "predictions.csv", table)
     return table

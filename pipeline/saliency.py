@@ -24,6 +24,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from pipeline.errors import InputError
 from pipeline.models import BACKBONES
+from pipeline.progress import progress
 from pipeline.training_data import batches, to_input
 
 
@@ -305,15 +306,18 @@ def saliency_maps(
     images: torch.Tensor,
     batch_size: int = 32,
     priors: torch.Tensor | None = None,
+    bar: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Maps (N, H, W) float32 in [0, 1], validity (N,) and seconds taken, for uint8 images (N, H, W).
 
     Images are normalised as in training (``config``: in_channels, mean, std); ``priors``
-    (N, H, W), where given, join as the last input channel (``models.PriorAsChannel``).
+    (N, H, W), where given, join as the last input channel (``models.PriorAsChannel``). With a
+    ``bar`` name, a terminal shows the batches' progress under that name.
     """
     maps, valid = [], []
     started = time.perf_counter()
-    for batch in batches(np.arange(len(images)), batch_size):
+    steps = list(batches(np.arange(len(images)), batch_size))
+    for batch in progress(steps, bar or "saliency", "batch", leave=False, shown=bar is not None):
         x = to_input(images[batch], config["in_channels"], config["mean"], config["std"])
         if priors is not None:
             x = torch.cat([x, priors[batch].unsqueeze(1).to(x.dtype)], dim=1)

@@ -36,6 +36,7 @@ from pipeline.config import DERIVED_SEEDS, PARAMS_FILE, RUN_SEED, ConfigError, p
 from pipeline.errors import MissingInputError
 from pipeline.evaluation import MODELS
 from pipeline.presets import exp_run_command
+from pipeline.progress import log_line, progress
 from pipeline.visualisation import plot_metric_vs_count, results_table_markdown
 
 # Files of a finished experiment kept per point; metrics (data/metrics/*.json) are added to them.
@@ -165,15 +166,18 @@ def wait_for(names: list[str], jobs: int, poll: float = 10.0) -> dict[str, Exper
           "and `dvc queue logs -f <point>`", flush=True)
     _dvc("queue", "start", "-j", str(jobs))
     last: dict[str, str] = {}
+    bar = progress(None, "sweep", "point", total=len(names))
     while True:
         states = _current_states()
         for name in names:
             state = states.get(name, MISSING).state
             if last.get(name) != state:
-                print(f"[sweep] {name}: now {state}", flush=True)
+                log_line(f"[sweep] {name}: now {state}")
                 last[name] = state
         pending = [name for name in names if last[name] in PENDING]
+        bar.update(len(names) - len(pending) - bar.n)
         if not pending:
+            bar.close()
             return states
         if all(last[name] == "queued" for name in pending):
             _dvc("queue", "start", "-j", str(jobs))  # idle workers stop by themselves; start them again

@@ -35,6 +35,7 @@ from pipeline.model_files import build_model, load_model, needs_prior, save_mode
 from pipeline.models import load_pretrained_features
 from pipeline.objectives import Objective
 from pipeline.prepared import PreparedData
+from pipeline.progress import log_line, progress
 from pipeline.tracking import LINEAGE_FILE, StageRun, stage_run
 from pipeline.training_data import (
     BalancedEpochs,
@@ -111,7 +112,9 @@ def train(
     resume(run, checkpoint, fingerprint, on_epoch)
     # After resuming: DDP copies rank 0's weights to every process when it wraps.
     run.net = distributed.data_parallel(run.model, run.device, run.ranks)
-    for epoch in range(run.start_epoch, params.epochs):
+    epochs = progress(range(run.start_epoch, params.epochs), f"fold {fold}", "epoch", params.epochs,
+                      run.start_epoch, shown=run.ranks.main)
+    for epoch in epochs:
         started = time.perf_counter()
         totals, seen = train_epoch(run, epoch)
         end_epoch(run, data, epoch, totals, seen, time.perf_counter() - started, on_epoch, checkpoint, fingerprint)
@@ -169,7 +172,9 @@ def train_epoch(run: FoldTraining, epoch: int) -> tuple[list[float], int]:
     shares = [distributed.shard(len(batch), run.ranks) for batch in global_batches]
     run.loader.batch_sampler.batches = [batch[share] for batch, share in zip(global_batches, shares)]
     totals = [0.0] * len(LOSSES)
-    for number, (batch, mine, fetched) in enumerate(zip(global_batches, shares, run.loader)):
+    steps = progress(zip(global_batches, shares, run.loader), f"epoch {epoch + 1}", "batch", len(global_batches),
+                     leave=False, shown=run.ranks.main)
+    for number, (batch, mine, fetched) in enumerate(steps):
         loss, values = batch_losses(run, batch, mine, fetched, generator, run.objective.seg_weight(epoch))
         if not math.isfinite(values[0]):
             raise TrainingDiverged(
@@ -323,7 +328,7 @@ def train_folds(
     history: list[dict] = []
     for fold in data.folds:
         def log(record: dict, fold: int = fold) -> None:
-            print(format_epoch(record), flush=True)
+            log_line(format_epoch(record))
             if run is not None:
                 run.log_metrics({k: v for k, v in record.items() if k not in ("fold", "epoch")},
                                 step=record["epoch"], prefix=f"fold{fold}/")

@@ -4,11 +4,14 @@ Classification per fold and over folds, localization against the true masks wher
 inference time per image of each model (the guided model's without its teacher prior, whose cost
 is reported beside it). The logic lives in ``pipeline.evaluation``; this script runs the models.
 Outputs: data/evaluation/{scores.csv, per_fold.csv, localization.csv, localization_per_fold.csv,
-results.md, pr_curves.png, overlays.png, training_{baseline,guided}.png, summary.json, run.json};
+results.md, report.html, pr_curves.png, overlays.png, errors_<model>_{misses,false_alarms}.png,
+training_{baseline,guided}.png, summary.json, timing.json, run.json};
 data/metrics/evaluate.json; data/plots/pr_{baseline,guided}.csv.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,6 +26,9 @@ from pipeline.evaluation import (
     SALIENCY_MAPS,
     check_test_folds,
     classification_summary,
+    decision_errors,
+    drawn_errors,
+    error_pictures,
     hardest_images,
     localization_table,
     overlay_picture,
@@ -36,6 +42,8 @@ from pipeline.metrics import pr_curve
 from pipeline.model_files import inference_priors, load_model
 from pipeline.models import GuidedClassifier, PriorAsChannel
 from pipeline.prepared import PreparedData
+from pipeline.progress import progress
+from pipeline.report import ReportInputs, write_report
 from pipeline.runner import run_stage
 from pipeline.saliency import create_saliency, saliency_maps
 from pipeline.tracking import stage_run
@@ -78,10 +86,12 @@ def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, devic
                            "baseline": baseline_scores, "guided": guided_scores})
     true_masks = [data.true_mask(row) for row in test]
     located = localization_table(scores, maps, true_masks, params.pointing_tolerance)
-    # Only the fold's hardest can be the run's hardest: keep their maps, not every map of the run.
+    # Only the fold's hardest and most confident errors can be the run's: keep their maps, not every map.
+    drawn = drawn_errors(decision_errors(scores, params.threshold))["id"]
+    picked = scores.index[scores["id"].isin(drawn) | scores.index.isin(hardest_images(scores, params.overlays).index)]
     panels = {scores["id"][k]: {"image": images[k].numpy(), "true_mask": true_masks[k],
                                 **{name: maps[name][k] for name in SALIENCY_MAPS if name in maps}}
-              for k in hardest_images(scores, params.overlays).index}
+              for k in picked}
     return scores, located, panels, seconds
 
 
@@ -102,6 +112,29 @@ def timing_note(timing: dict) -> str:
     return f"Inference ms per image on {timing['where']}: {costs}" + (f" (+ {prior:.2f} for the prior)" if prior else "")
 
 
+def write_pictures(out: Path, dataset: str, scores: pd.DataFrame, metrics: dict, panels: dict,
+                   params: EvaluateParams, method: str) -> None:
+    """The PR curves (and their plot data), overlays of the hardest images and of the wrong
+    decisions at the threshold, and the training curves."""
+    curves = {}
+    for model in MODELS:
+        curves[model] = pr_curve(scores["label"].to_numpy(), scores[model].to_numpy())
+        curves[model].attrs["ap"] = metrics[model]["ap"]  # the legend shows the fold-mean AP
+        write_csv(layout.plot_file(f"pr_{model}"), curves[model])
+    folds = int(metrics["data"]["folds"])
+    pooled = f"\n{folds} folds pooled; legend: AP mean over folds" * (folds > 1)
+    plot_pr_curves(curves, out / "pr_curves.png",
+                   title=f"{dataset}: precision-recall, {len(scores)} test images{pooled}")
+    if params.overlays:
+        picked = hardest_images(scores[scores["id"].isin(panels)], params.overlays)
+        save_png(out / "overlays.png", overlay_picture(picked, panels, method))
+    for name, picture in error_pictures(decision_errors(scores, params.threshold), panels, method).items():
+        save_png(out / name, picture)
+    for model in MODELS:
+        plot_training(layout.plot_file(f"train_{model}"), out / f"training_{model}.png",
+                      f"{dataset}: {model} training, per epoch")
+
+
 def _rows(priors: torch.Tensor | None, rows) -> torch.Tensor | None:
     return None if priors is None else priors[rows]
 
@@ -112,13 +145,14 @@ def main() -> None:
     device = pick_device(load_section("model").device)
     data = PreparedData.load(PREPARED)
     check_test_folds(data.index, PREPARED / "index.csv")
-    dataset = read_json(PREPARED / "report.json")["dataset"]
+    data_report = read_json(PREPARED / "report.json")
+    dataset, title = data_report["dataset"], f"{data_report['dataset']}: baseline against guided"
     sections = {"evaluate": params, "saliency.method": saliency.method, "saliency.layers": saliency.layers,
                 "saliency.batch_size": saliency.batch_size}
     with stage_run("evaluate", sections, dataset) as run:
         run.link_upstream(PREPARED, BASELINE, SALIENCY, PSEUDO_MASKS, GUIDED)
         fold_scores, fold_located, fold_panels, fold_seconds = zip(
-            *[evaluate_fold(data, fold, saliency, device, params) for fold in data.folds])
+            *[evaluate_fold(data, fold, saliency, device, params) for fold in progress(data.folds, "evaluate", "fold")])
         scores = pd.concat(fold_scores, ignore_index=True)
         located = pd.concat([t for t in fold_located if not t.empty] or [pd.DataFrame()], ignore_index=True)
         panels = {image_id: panel for found in fold_panels for image_id, panel in found.items()}
@@ -129,7 +163,7 @@ def main() -> None:
         metrics["localization"], located_per_fold = summarize_localization(located)
         if located.empty:
             print("  no defective test image has a true mask: localization is not scored")
-        results = results_markdown(f"{dataset}: baseline against guided", metrics, saliency.method)
+        results = results_markdown(title, metrics, saliency.method)
 
         with output_dir(OUT) as out:
             write_csv(out / "scores.csv", scores)
@@ -137,20 +171,9 @@ def main() -> None:
             write_csv(out / "localization.csv", located)
             write_csv(out / "localization_per_fold.csv", located_per_fold)
             (out / "results.md").write_text(results)
-            curves = {}
-            for model in MODELS:
-                curves[model] = pr_curve(scores["label"].to_numpy(), scores[model].to_numpy())
-                curves[model].attrs["ap"] = metrics[model]["ap"]  # the legend shows the fold-mean AP
-                write_csv(layout.plot_file(f"pr_{model}"), curves[model])
-            pooled = f"\n{len(data.folds)} folds pooled; legend: AP mean over folds" * (len(data.folds) > 1)
-            plot_pr_curves(curves, out / "pr_curves.png",
-                           title=f"{dataset}: precision-recall, {len(scores)} test images{pooled}")
-            if params.overlays:
-                picked = hardest_images(scores[scores["id"].isin(panels)], params.overlays)
-                save_png(out / "overlays.png", overlay_picture(picked, panels, saliency.method))
-            for model in MODELS:
-                plot_training(layout.plot_file(f"train_{model}"), out / f"training_{model}.png",
-                              f"{dataset}: {model} training, per epoch")
+            write_pictures(out, dataset, scores, metrics, panels, params, saliency.method)
+            write_report(out / "report.html", ReportInputs(title, metrics, scores, located_per_fold, data_report,
+                                                           params.threshold, saliency.method, out))
             write_json(out / "summary.json", {"metrics": metrics, "device": str(device)})
             write_json(out / layout.TIMING, timing)
             run.write_lineage(out)

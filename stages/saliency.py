@@ -18,6 +18,7 @@ from pipeline.devices import pick_device
 from pipeline.metrics import localization_metrics, mean_over_folds
 from pipeline.model_files import load_model
 from pipeline.prepared import PreparedData
+from pipeline.progress import log_line, progress
 from pipeline.runner import run_stage
 from pipeline.saliency import create_saliency, saliency_maps
 from pipeline.tracking import stage_run
@@ -39,17 +40,17 @@ def main() -> None:
         localization: dict[str, dict] = {}
         overlay_rows = []
         with output_dir(OUT) as out:
-            for fold in data.folds:
+            for fold in progress(data.folds, "saliency", "fold"):
                 model, config = load_model(BASELINE / f"fold{fold}.pt", device)
                 method = create_saliency(params.method, model, params.layers)
-                maps, valid, seconds = saliency_maps(method, config, data.images, params.batch_size)
+                maps, valid, seconds = saliency_maps(method, config, data.images, params.batch_size, bar=f"fold {fold}")
                 for image_id, saliency in zip(data.index["id"], maps):
                     write_map(out / f"fold{fold}" / f"{image_id}.png", saliency)
                 invalid = data.index["id"][~valid].tolist()
                 report["invalid_maps"][f"fold{fold}"] = invalid
                 images_per_second[f"fold{fold}"] = len(maps) / seconds
                 if invalid:
-                    print(f"  fold {fold}: {len(invalid)} all-zero maps (reported in report.json): {invalid[:5]}")
+                    log_line(f"  fold {fold}: {len(invalid)} all-zero maps (reported in report.json): {invalid[:5]}")
                 _, test_rows = data.split(fold)
                 localization[f"fold{fold}"] = _localization(data, maps, test_rows)
                 overlay_rows += _overlay_rows(data, maps, test_rows, params.overlays // len(data.folds) or 1)

@@ -18,6 +18,8 @@ from pipeline.evaluation import (
     classification_summary,
     combine_runs,
     combined_markdown,
+    decision_errors,
+    drawn_errors,
     hardest_images,
     localization_table,
     overlay_picture,
@@ -193,6 +195,18 @@ def _read_png(path: Path) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     assert image is not None
     return image
+
+
+def test_decision_errors_at_the_threshold_most_confident_first_ties_count_as_defect():
+    errors = decision_errors(SCORES, 0.5)
+    found = list(zip(errors["model"], errors["kind"], errors["id"]))
+    # Baseline: c (defect, 0.35) missed, f (ok, 0.7) flagged. Guided: c at exactly 0.5 is called a
+    # defect, so no miss; b (ok, 0.5) at the threshold is a false alarm.
+    assert found == [("baseline", "miss", "c"), ("baseline", "false alarm", "f"), ("guided", "false alarm", "b")]
+    lower = decision_errors(SCORES, 0.15)  # every ok image above 0.15 is flagged, highest first
+    assert lower[(lower["model"] == "baseline") & (lower["kind"] == "false alarm")]["id"].tolist() == ["f", "b", "g"]
+    assert drawn_errors(lower, 2)["id"].tolist() == ["f", "b", "b", "g"]  # two per model and kind
+    assert drawn_errors(lower.iloc[:0], 2).empty
 
 
 def test_overlay_picture_shows_the_true_mask(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
+from browser import check_rendered, needs_chromium
 from helpers import dvc, make_shrunk_project, project_env, stages_run
 
 STAGES = ["prepare", "train_baseline", "saliency", "pseudo_labels", "train_guided", "evaluate"]
@@ -21,6 +23,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = make_shrunk_project(tmp_path_factory.mktemp("project"))
     output = dvc(project, "repro")
     assert stages_run(output) == STAGES
+    # No terminal here, as in CI: one line per epoch (1 baseline and 2 guided) and no bar, whose
+    # "n/total [elapsed<left" would survive the text mode's turning its carriage returns into newlines.
+    assert output.count(" | epoch ") == 3 and not re.search(r"\d+/\d+ \[\d\d:\d\d<", output)
     return project
 
 
@@ -108,9 +113,23 @@ def test_mlflow_holds_one_run_per_stage_and_both_registered_models(project: Path
     assert "fold0/test_ap" in by_stage["train_baseline"][0].data.metrics
     assert {"baseline.ap", "guided.ap", "localization.pseudo_mask_iou"} <= set(evaluation.data.metrics)
     artifacts = {item.path for item in client.list_artifacts(evaluation.info.run_id)}
-    assert {"results.md", "pr_curves.png", "overlays.png", "training_baseline.png", "training_guided.png"} <= artifacts
+    assert {"results.md", "report.html", "pr_curves.png", "overlays.png", "training_baseline.png",
+            "training_guided.png"} <= artifacts
     names = {model.name for model in client.search_registered_models()}
     assert {"synthetic-baseline", "synthetic-guided"} <= names
+
+
+@needs_chromium
+@pytest.mark.slow
+def test_report_renders_the_metrics_and_an_identical_run_writes_it_identically(project: Path, tmp_path: Path) -> None:
+    report = project / "data/evaluation/report.html"
+    metrics = json.loads((project / "data/metrics/evaluate.json").read_text())
+    scores = pd.read_csv(project / "data/evaluation/scores.csv", dtype={"id": str})
+    threshold = yaml.safe_load((project / "params.yaml").read_text())["evaluate"]["threshold"]
+    check_rendered(report, tmp_path, metrics, scores, threshold)
+    written = report.read_bytes()
+    assert stages_run(dvc(project, "repro", "--force", "--single-item", "evaluate")) == ["evaluate"]
+    assert report.read_bytes() == written
 
 
 @pytest.mark.slow
