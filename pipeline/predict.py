@@ -22,7 +22,7 @@ import json
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -55,6 +55,7 @@ class LoadedModel:
     source: str  # the file, or the models:/ URI with its resolved version
     run_id: str | None = None  # the MLflow run that trained it, where known
     tracking_uri: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)  # a registered version's tags (threshold, role, ...)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def load_registered(uri: str, device: torch.device | str = "cpu") -> LoadedModel
                          "registered before predict existed or by other code; rerun its training stage "
                          "(dvc repro -f train_guided) or give the model file data/<kind>/fold<k>.pt")
     model = model_from(config, {**program.state_dict, **program.constants}, source)
-    return LoadedModel(model.to(device).eval(), config, source, version.run_id, store)
+    return LoadedModel(model.to(device).eval(), config, source, version.run_id, store, dict(version.tags or {}))
 
 
 def _resolve_version(client, uri: str):
@@ -150,14 +151,17 @@ def _resolve_version(client, uri: str):
 def decision_threshold(loaded: LoadedModel, override: float | None = None) -> tuple[float, str]:
     """(threshold, where it came from).
 
-    ``override`` (``--threshold``) wins. Otherwise the threshold the model was evaluated at: the
+    ``override`` (``--threshold``) wins. Then a registered version's ``threshold`` tag, which the
+    release stage sets at its operating point. Otherwise the threshold the model was evaluated at: the
     ``evaluate.threshold`` param of the latest ``evaluate`` run that consumed the model's training
     run (tag ``upstream.train_<kind>``; the run is known for registered models and for model files
-    beside their stage's ``run.json``). The evaluation, not training, chooses the threshold, so it
-    is not stored with the model. Without such a run: 0.5, the param's default.
+    beside their stage's ``run.json``): the evaluation, not training, chooses a fold model's
+    threshold. Without such a run: 0.5, the param's default.
     """
     if override is not None:
         return override, "--threshold"
+    if "threshold" in loaded.tags:
+        return _tagged_threshold(loaded)
     if loaded.run_id and loaded.tracking_uri:
         from pipeline.tracking import FAST_CHECK, environment_defaults
 
@@ -173,7 +177,19 @@ def decision_threshold(loaded: LoadedModel, override: float | None = None) -> tu
                 return float(runs[0].data.params["evaluate.threshold"]), f"evaluate run {runs[0].info.run_id}"
         except Exception as error:  # noqa: BLE001 - the store is optional here: fall back, say why
             return DEFAULT_THRESHOLD, f"default (MLflow lookup failed: {type(error).__name__})"
-    return DEFAULT_THRESHOLD, "default (no evaluate run of this model found)"
+    untagged = " and no threshold tag: dvc repro release registers a version that has one" if loaded.tags else ""
+    return DEFAULT_THRESHOLD, f"default (no evaluate run of this model found{untagged})"
+
+
+def _tagged_threshold(loaded: LoadedModel) -> tuple[float, str]:
+    try:
+        threshold = float(loaded.tags["threshold"])
+    except ValueError:
+        threshold = float("nan")
+    if not 0.0 <= threshold <= 1.0:
+        raise ModelError(f"{loaded.source}: tag threshold={loaded.tags['threshold']!r} is not a probability; "
+                         "set it with MlflowClient().set_model_version_tag, or pass --threshold")
+    return threshold, f"{loaded.source} tag threshold (operating point {loaded.tags.get('operating_point', '?')})"
 
 
 # --- predicting ---------------------------------------------------------------------------------
