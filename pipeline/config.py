@@ -18,6 +18,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pipeline.datasets import SOURCE_KINDS
 from pipeline.errors import InputError
 from pipeline.labelme import LabelmeParams
+from pipeline.metrics import OPERATING_POINTS, MetricsError, OperatingPoint, parse_condition
+from pipeline.model_files import KINDS
 from pipeline.models import BACKBONES
 from pipeline.saliency import METHODS
 from pipeline.sections import SEED, Section
@@ -148,6 +150,45 @@ class EvaluateParams(Section):
         "0 = strict pointing game only, > 0 also reports the tolerant one")
 
 
+class ReleaseParams(Section):
+    model: Literal[KINDS] = Field(  # type: ignore[valid-type]
+        "guided", description="which model the release trains on all labelled images and registers")
+    operating_point: str | dict[str, float] = Field(
+        "zero_misses", description="where the threshold lies on the pooled out-of-fold scores: zero_misses, "
+        "{max_false_alarm_rate: x} or {min_precision: p}")
+    gate: dict[str, str] = Field(
+        default_factory=dict, description="metric -> condition ('>= 0.9') the candidate must pass to become champion")
+
+    @field_validator("operating_point")
+    @classmethod
+    def _known_point(cls, value: str | dict[str, float]) -> str | dict[str, float]:
+        if isinstance(value, dict) and len(value) != 1:
+            raise ValueError(f"write one of {', '.join(OPERATING_POINTS)} (a mapping of one key), got {value!r}")
+        try:
+            cls._point_of(value)
+        except MetricsError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+    @field_validator("gate")
+    @classmethod
+    def _conditions(cls, gate: dict[str, str]) -> dict[str, str]:
+        for key, condition in gate.items():
+            try:
+                parse_condition(condition)
+            except MetricsError as error:
+                raise ValueError(f"gate {key!r}: {error}") from None
+        return gate
+
+    @staticmethod
+    def _point_of(value: str | dict[str, float]) -> OperatingPoint:
+        return OperatingPoint(value) if isinstance(value, str) else OperatingPoint(*next(iter(value.items())))
+
+    @property
+    def point(self) -> OperatingPoint:
+        return self._point_of(self.operating_point)
+
+
 SECTIONS: dict[str, type[Section]] = {
     "prepare": PrepareParams,
     "model": ModelParams,
@@ -156,6 +197,7 @@ SECTIONS: dict[str, type[Section]] = {
     "saliency": SaliencyParams,
     "pseudo_labels": PseudoLabelParams,
     "evaluate": EvaluateParams,
+    "release": ReleaseParams,
 }
 
 S = TypeVar("S", bound=Section)
@@ -227,6 +269,8 @@ def load_section(name: Literal["saliency"], path: Path = ...) -> SaliencyParams:
 def load_section(name: Literal["pseudo_labels"], path: Path = ...) -> PseudoLabelParams: ...
 @overload
 def load_section(name: Literal["evaluate"], path: Path = ...) -> EvaluateParams: ...
+@overload
+def load_section(name: Literal["release"], path: Path = ...) -> ReleaseParams: ...
 
 
 def load_section(name: str, path: Path = PARAMS_FILE) -> Section:

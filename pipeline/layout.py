@@ -15,6 +15,7 @@ SALIENCY = DATA / "saliency"
 PSEUDO_MASKS = DATA / "pseudo_masks"
 GUIDED = DATA / "guided"
 EVALUATION = DATA / "evaluation"
+RELEASE = DATA / "release"
 # Outside every stage's outputs: DVC deletes those before a stage runs, and a killed training
 # must find its checkpoints when it is rerun.
 CHECKPOINTS = DATA / "checkpoints"
@@ -23,6 +24,8 @@ CHECKPOINTS = DATA / "checkpoints"
 # In the saliency and evaluation folders: the stage's timings, the one file besides run.json that
 # differs between two identical runs (so that the metrics files do not).
 TIMING = "timing.json"
+# In the release folder: the threshold, its operating point and the rates expected there.
+OPERATING_POINT = "operating_point.json"
 # In the pseudo-mask folder: per fold, the ids whose target is a true mask (mixed supervision).
 TRUE_MASKS = "true_masks.json"
 

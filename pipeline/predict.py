@@ -173,17 +173,17 @@ def _resolve_version(client, uri: str):
 def decision_threshold(loaded: LoadedModel, override: float | None = None) -> tuple[float, str]:
     """(threshold, where it came from).
 
-    ``override`` (``--threshold``) wins, then the registered version's tag ``threshold`` (a
-    release's, chosen at its operating point). Otherwise the threshold the model was evaluated at: the
+    ``override`` (``--threshold``) wins. Then a registered version's ``threshold`` tag, which the
+    release stage sets at its operating point. Otherwise the threshold the model was evaluated at: the
     ``evaluate.threshold`` param of the latest ``evaluate`` run that consumed the model's training
     run (tag ``upstream.train_<kind>``; the run is known for registered models and for model files
-    beside their stage's ``run.json``). The evaluation, not training, chooses the threshold, so it
-    is not stored with the model. Without such a run: 0.5, the param's default.
+    beside their stage's ``run.json``): the evaluation, not training, chooses a fold model's
+    threshold. Without such a run: 0.5, the param's default.
     """
     if override is not None:
         return override, "--threshold"
     if "threshold" in loaded.tags:
-        return _tag_threshold(loaded), f"tag threshold of {loaded.source}"
+        return _tagged_threshold(loaded)
     if loaded.run_id and loaded.tracking_uri:
         from pipeline.tracking import FAST_CHECK, environment_defaults
 
@@ -199,19 +199,19 @@ def decision_threshold(loaded: LoadedModel, override: float | None = None) -> tu
                 return float(runs[0].data.params["evaluate.threshold"]), f"evaluate run {runs[0].info.run_id}"
         except Exception as error:  # noqa: BLE001 - the store is optional here: fall back, say why
             return DEFAULT_THRESHOLD, f"default (MLflow lookup failed: {type(error).__name__})"
-    return DEFAULT_THRESHOLD, "default (no evaluate run of this model found)"
+    untagged = " and no threshold tag: dvc repro release registers a version that has one" if loaded.tags else ""
+    return DEFAULT_THRESHOLD, f"default (no evaluate run of this model found{untagged})"
 
 
-def _tag_threshold(loaded: LoadedModel) -> float:
-    text = loaded.tags["threshold"]
+def _tagged_threshold(loaded: LoadedModel) -> tuple[float, str]:
     try:
-        value = float(text)
+        threshold = float(loaded.tags["threshold"])
     except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:
-        raise ModelError(f"{loaded.source} has tag threshold={text!r}, not a probability in [0, 1]; set the "
-                         "version's tag to the release threshold or pass --threshold")
-    return value
+        threshold = float("nan")
+    if not 0.0 <= threshold <= 1.0:
+        raise ModelError(f"{loaded.source}: tag threshold={loaded.tags['threshold']!r} is not a probability; "
+                         "set it with MlflowClient().set_model_version_tag, or pass --threshold")
+    return threshold, f"{loaded.source} tag threshold (operating point {loaded.tags.get('operating_point', '?')})"
 
 
 def operating_point(loaded: LoadedModel) -> str:

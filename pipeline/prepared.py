@@ -13,7 +13,7 @@ A model "for fold k" is trained on every image whose fold is not k and tested on
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -108,6 +108,12 @@ class PreparedData:
             is_kept = np.isin(self.index["id"].to_numpy()[train], self.defective_kept[fold])
             train = train[~is_defective | is_kept]
         return train, np.flatnonzero(is_test)
+
+    def all_training(self) -> PreparedData:
+        """Every labelled image as a training image of one model tested on none: the release's
+        "one fold holding everything". ``split`` of any fold then gives every row for training
+        and no test row, and no data-efficiency subset applies (a release trains on all it has)."""
+        return replace(self, index=self.index.assign(fold=-1), defective_kept=None)
 
     def true_mask_rows(self, fold: int, count: int | str, seed: int) -> np.ndarray:
         """Row positions of the ``count`` defective training images of ``fold`` whose true masks

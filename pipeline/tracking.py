@@ -219,8 +219,9 @@ class StageRun:
     def log_model(
         self, model: Any, example: tuple, name: str, registered_name: str, tags: Mapping[str, str],
         metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Log a PyTorch model and register it as a new version of ``registered_name``.
+    ) -> str | None:
+        """Log a PyTorch model and register it as a new version of ``registered_name``; returns
+        the version (None where the store has no model registry).
 
         The model is stored as an exported graph (MLflow's "pt2" format), which loads without
         unpickling code; ``example`` is one batch of inputs to trace it with. ``metadata`` goes
@@ -250,10 +251,13 @@ class StageRun:
             # Explicit requirements: inferring them imports the model in a subprocess (slow).
             pip_requirements=[f"torch=={_version('torch')}", f"torchvision=={_version('torchvision')}"],
         )
-        if info.registered_model_version is not None:
-            client = MlflowClient(tracking_uri())
-            for key, value in tags.items():
-                client.set_model_version_tag(registered_name, str(info.registered_model_version), key, value)
+        if info.registered_model_version is None:
+            return None
+        version = str(info.registered_model_version)
+        client = MlflowClient(tracking_uri())
+        for key, value in tags.items():
+            client.set_model_version_tag(registered_name, version, key, value)
+        return version
 
 
 def _version(package: str) -> str:

@@ -224,7 +224,9 @@ def end_epoch(run: FoldTraining, data: PreparedData, epoch: int, totals: list[fl
               "seg_weight": run.objective.seg_weight(epoch),
               **{name: total / seen for name, total in zip(LOSSES, totals)}}
     record["test_ap"] = math.nan
-    if run.ranks.main:
+    # A model trained on every image (the release) has no test fold: its test AP stays NaN,
+    # which MLflow logging skips and the epoch line shows as nan.
+    if run.ranks.main and len(run.test_rows):
         # Monitoring only: the test fold never selects a model or stops training.
         priors = run.objective.inference_priors(run.test_rows)
         scores = predict(run.model, run.config, data.images[run.test_rows], priors, run.params.batch_size * 2)
@@ -353,16 +355,23 @@ def summarize(history: list[dict]) -> dict:
 
 
 def register_models(run: StageRun, out: Path, dataset: str, kind: str) -> None:
-    """Log every fold's model to MLflow and register it as a version of ``<dataset>-<kind>``."""
+    """Log every fold's model to MLflow and register it as a version of ``<dataset>-<kind>``,
+    tagged ``role=fold`` (the release stage registers the deployable version beside them)."""
     for path in sorted(out.glob("fold*.pt")):
-        model, config = load_model(path)
-        images = np.zeros((2, config["in_channels"], config["height"], config["width"]), np.float32)
-        example = (images, np.zeros((2, 1, *images.shape[2:]), np.float32)) if needs_prior(config) else (images,)
-        # The config (input size, normalisation, variant) travels with the model: the exported graph
-        # alone cannot be fed images (``pipeline.predict`` rebuilds the network from both).
-        run.log_model(model, example, name=f"model_{path.stem}", registered_name=f"{dataset}-{kind}",
-                      tags={"fold": path.stem.removeprefix("fold"), "pipeline_run": run.pipeline_id},
-                      metadata={"pipeline_config": config})
+        register_model_file(run, path, f"{dataset}-{kind}", {
+            "role": "fold", "fold": path.stem.removeprefix("fold"), "pipeline_run": run.pipeline_id})
+
+
+def register_model_file(run: StageRun, path: Path, registered_name: str, tags: dict[str, str]) -> str | None:
+    """Log one model file to ``run`` and register it as a new version of ``registered_name`` with
+    ``tags``; returns the version (None where the store has no registry)."""
+    model, config = load_model(path)
+    images = np.zeros((2, config["in_channels"], config["height"], config["width"]), np.float32)
+    example = (images, np.zeros((2, 1, *images.shape[2:]), np.float32)) if needs_prior(config) else (images,)
+    # The config (input size, normalisation, variant) travels with the model: the exported graph
+    # alone cannot be fed images (``pipeline.predict`` rebuilds the network from both).
+    return run.log_model(model, example, name=f"model_{path.stem}", registered_name=registered_name,
+                         tags=tags, metadata={"pipeline_config": config})
 
 
 # The modules whose code defines a training's computation: a checkpoint written by other code

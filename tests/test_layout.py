@@ -16,8 +16,8 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 # pipeline/config.py imports these only for the allowed values of its params (and labelme for the
 # options it defines): a stage that merely validates them does not run their code, so they are
 # not its deps (dvc.yaml's header says so).
-VALIDATION_ONLY = {"pipeline.datasets", "pipeline.labelme", "pipeline.models", "pipeline.saliency",
-                   "pipeline.variants"}
+VALIDATION_ONLY = {"pipeline.datasets", "pipeline.labelme", "pipeline.metrics", "pipeline.model_files",
+                   "pipeline.models", "pipeline.saliency", "pipeline.variants"}
 
 
 def _imports(module: str) -> set[str]:
@@ -53,7 +53,7 @@ def test_a_stage_writes_where_the_layout_says(stage: str) -> None:
     declared = [next(iter(entry)) if isinstance(entry, dict) else entry
                 for key in ("outs", "metrics", "plots") for entry in STAGES[stage].get(key, [])]
     folders = {layout.PREPARED, layout.BASELINE, layout.SALIENCY, layout.PSEUDO_MASKS, layout.GUIDED,
-               layout.EVALUATION}
+               layout.EVALUATION, layout.RELEASE}
     expected = {str(folder) for folder in folders if folder.name in STAGES[stage]["outs"][0]} | {
         str(layout.metrics_file(stage))}
     assert str(layout.metrics_file(stage)) in declared

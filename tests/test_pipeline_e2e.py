@@ -15,7 +15,7 @@ import yaml
 from browser import check_rendered, needs_chromium
 from helpers import dvc, make_shrunk_project, project_env, stages_run
 
-STAGES = ["prepare", "train_baseline", "saliency", "pseudo_labels", "train_guided", "evaluate"]
+STAGES = ["prepare", "train_baseline", "saliency", "pseudo_labels", "train_guided", "evaluate", "release"]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_guided_param_change_reruns_only_guided_training_and_evaluation(project:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train_guided"]["variant"] = "teacher"  # the variant that reads the prior at inference
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert stages_run(dvc(project, "repro")) == ["train_guided", "evaluate"]
+    assert stages_run(dvc(project, "repro")) == ["train_guided", "evaluate", "release"]
     metrics = json.loads((project / "data/metrics/evaluate.json").read_text())
     timing = json.loads((project / "data/evaluation/timing.json").read_text())["guided"]
     assert timing["inference_ms_per_image_with_teacher_prior"] > timing["inference_ms_per_image"]
@@ -147,7 +147,7 @@ def test_guided_param_change_reruns_only_guided_training_and_evaluation(project:
 @pytest.mark.slow
 def test_exp_run_with_a_saliency_param_reruns_saliency_onwards_never_baseline_training(project: Path) -> None:
     output = dvc(project, "exp", "run", "-S", "saliency.method=gradcam")
-    assert stages_run(output) == ["saliency", "pseudo_labels", "train_guided", "evaluate"]
+    assert stages_run(output) == ["saliency", "pseudo_labels", "train_guided", "evaluate", "release"]
     table = dvc(project, "exp", "show", "--csv")
     assert "gradcam" in table and "guided.ap" in table
 

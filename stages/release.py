@@ -1,0 +1,31 @@
+"""Stage release: the chosen model trained on every labelled image, at a threshold chosen on the
+cross-validation's pooled out-of-fold scores, registered as the alias ``candidate``.
+
+``release.model`` says which model (guided: its baseline, saliency and pseudo-masks first);
+``release.operating_point`` where the threshold lies. The logic lives in ``pipeline.release``.
+Outputs: data/release/{baseline.pt, guided.pt, operating_point.json, run.json, saliency/,
+pseudo_masks/}; data/metrics/release.json.
+"""
+
+from __future__ import annotations
+
+from pipeline import layout
+from pipeline.config import load_section
+from pipeline.release import ReleasePaths, ReleaseSections, run_release
+from pipeline.runner import run_stage
+
+PATHS = ReleasePaths(prepared=layout.PREPARED, evaluation=layout.EVALUATION,
+                     evaluation_metrics=layout.metrics_file("evaluate"), out=layout.RELEASE,
+                     metrics=layout.metrics_file("release"), checkpoints=layout.checkpoints("release"))
+
+
+def main() -> None:
+    sections = ReleaseSections(
+        model=load_section("model"), train_baseline=load_section("train_baseline"),
+        saliency=load_section("saliency"), pseudo_labels=load_section("pseudo_labels"),
+        train_guided=load_section("train_guided"), release=load_section("release"))
+    run_release(sections, PATHS)
+
+
+if __name__ == "__main__":
+    run_stage("release", main)

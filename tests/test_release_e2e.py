@@ -1,0 +1,116 @@
+"""End to end: the release stage after evaluate on the shrunk config, its registered candidate,
+the gate that promotes it, and predict with models:/<name>@champion at the carried threshold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from helpers import SHRUNK, dvc, make_shrunk_project, merge, project_env, stages_run
+
+NAME = "synthetic-guided"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A gate no run fails (AP is in [0, 1]): the refusal is tested by changing it afterwards.
+    overrides = merge(json.loads(json.dumps(SHRUNK)), {"release": {"gate": {"guided.ap": ">= 0"}}})
+    project = make_shrunk_project(tmp_path_factory.mktemp("release"), overrides)
+    output = dvc(project, "repro")
+    assert stages_run(output)[-2:] == ["evaluate", "release"]
+    return project
+
+
+def client(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def python(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=project, env=project_env(project), capture_output=True,
+                          text=True, timeout=600)
+
+
+def set_gate(project: Path, gate: dict[str, str]) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["release"]["gate"] = gate
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.mark.slow
+def test_release_writes_its_models_and_the_operating_point_of_the_out_of_fold_scores(project: Path) -> None:
+    from pipeline.metrics import OperatingPoint, operating_threshold
+
+    release = project / "data/release"
+    assert {"baseline.pt", "guided.pt", "operating_point.json", "run.json"} <= {p.name for p in release.iterdir()}
+    index = pd.read_csv(project / "data/prepared/index.csv")
+    assert len(list((release / "saliency/fold0").glob("*.png"))) == len(index)  # every labelled image
+    point = json.loads((release / "operating_point.json").read_text())
+    scores = pd.read_csv(project / "data/evaluation/scores.csv")
+    assert point["operating_point"] == "zero_misses" and point["model"] == "guided"
+    assert point["threshold"] == operating_threshold(scores["label"], scores["guided"], OperatingPoint("zero_misses"))
+    assert point["threshold"] == scores.loc[scores["label"] == 1, "guided"].min()
+    assert point["miss_rate"] == 0.0 and point["miss_rate_std"] == 0.0
+    assert 0.0 <= point["false_alarm_rate"] <= 1.0
+    metrics = json.loads((project / "data/metrics/release.json").read_text())
+    assert metrics["threshold"] == point["threshold"] and metrics["images"] == len(index)
+
+
+@pytest.mark.slow
+def test_release_is_its_own_version_tagged_with_its_threshold_and_alias_candidate(project: Path) -> None:
+    point = json.loads((project / "data/release/operating_point.json").read_text())
+    versions = client(project).search_model_versions(f"name = '{NAME}'")
+    roles = sorted(v.tags.get("role") for v in versions)
+    assert roles == ["fold", "release"]  # shrunk config: one fold model, then the release
+    (release,) = [v for v in versions if v.tags["role"] == "release"]
+    assert float(release.tags["threshold"]) == point["threshold"]
+    assert release.tags["operating_point"] == "zero_misses"
+    assert client(project).get_model_version_by_alias(NAME, "candidate").version == release.version
+    baseline_roles = {v.tags.get("role") for v in client(project).search_model_versions("name = 'synthetic-baseline'")}
+    assert baseline_roles == {"fold"}  # a guided release registers no baseline version
+
+
+@pytest.mark.slow
+def test_gate_refuses_with_its_reason_and_an_unknown_metric_then_promotes(project: Path) -> None:
+    set_gate(project, {"guided.ap": ">= 1.5"})
+    refused = python(project, "-m", "pipeline.release", "promote")
+    assert refused.returncode == 1
+    assert "stays candidate" in refused.stderr and "guided.ap = " in refused.stderr and ">= 1.5" in refused.stderr
+    set_gate(project, {"guided.aq": ">= 0.5"})
+    unknown = python(project, "-m", "pipeline.release", "promote")
+    assert unknown.returncode == 1 and "'guided.aq' (closest: guided.ap" in unknown.stderr
+    missing = python(project, "-m", "pipeline.release", "promote", "--name", "synthetic-baseline")
+    assert missing.returncode == 1 and "no version of 'synthetic-baseline' has the alias 'candidate'" in missing.stderr
+    set_gate(project, {"guided.ap": ">= 0", "operating_point.miss_rate": "<= 0"})
+    promoted = python(project, "-m", "pipeline.release", "promote")
+    assert promoted.returncode == 0, promoted.stderr
+    assert "promoted to champion" in promoted.stdout
+    assert client(project).get_model_version_by_alias(NAME, "champion").tags["role"] == "release"
+    # The gate is promote's, not the release's: changing it retrains nothing.
+    assert stages_run(dvc(project, "repro")) == []
+
+
+@pytest.mark.slow
+def test_predict_with_the_champion_uses_the_carried_threshold(project: Path) -> None:
+    if client(project).get_registered_model(NAME).aliases.get("champion") is None:
+        pytest.skip("needs the promotion of the test before")
+    point = json.loads((project / "data/release/operating_point.json").read_text())
+    images = project / "data/prepared/images"
+    result = python(project, "-m", "pipeline.predict", "--model", f"models:/{NAME}@champion",
+                    str(images), "--out", "champion")
+    assert result.returncode == 0, result.stderr
+    assert "tag threshold (operating point zero_misses)" in result.stderr  # where predict says which applied
+    table = pd.read_csv(project / "champion/predictions.csv")
+    assert (table["threshold"] == point["threshold"]).all()
+    index = pd.read_csv(project / "data/prepared/index.csv")
+    defective = {f"{i}.png" for i in index.loc[index["label"] == 1, "id"]}
+    flagged = table.assign(name=table["path"].map(lambda p: Path(p).name)).set_index("name")["decision"]
+    assert ((table["score"] >= point["threshold"]) == (table["decision"] == "defect")).all()
+    assert set(flagged.index) >= defective  # every prepared image was scored
