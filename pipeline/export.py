@@ -1,7 +1,7 @@
 """Export a deployable model (baseline or guided) to ONNX or TorchScript that stands alone.
 
     python -m pipeline.export data/guided/fold0.pt --format onnx --out guided.onnx --threshold 0.3
-    python -m pipeline.export models:/synthetic-release@champion --format onnx --out release.onnx \\
+    python -m pipeline.export models:/synthetic-guided@champion --format onnx --out release.onnx \\
         --prepared data/prepared --fold 0
 
 The exported graph reads ``images``, uint8 gray (N, height, width) at the model's input size
