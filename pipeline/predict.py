@@ -211,7 +211,7 @@ def _tagged_threshold(loaded: LoadedModel) -> tuple[float, str]:
     if not 0.0 <= threshold <= 1.0:
         raise ModelError(f"{loaded.source}: tag threshold={loaded.tags['threshold']!r} is not a probability; "
                          "set it with MlflowClient().set_model_version_tag, or pass --threshold")
-    return threshold, f"{loaded.source} tag threshold (operating point {loaded.tags.get('operating_point', '?')})"
+    return threshold, f"tag threshold of {loaded.source} (operating point {loaded.tags.get('operating_point', '?')})"
 
 
 def operating_point(loaded: LoadedModel) -> str:

@@ -115,7 +115,7 @@ def test_threshold_and_operating_point_come_from_the_registered_version(tiny, pr
                    "--prepared", str(prepared), "--fold", "0"])
     mlflow.end_run()
     assert report["threshold"] == 0.35 and report["operating_point"] == "zero_misses"
-    assert report["threshold_from"] == "tag threshold of models:/tiny-release/1"
+    assert report["threshold_from"] == "tag threshold of models:/tiny-release/1 (operating point zero_misses)"
     props = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "r.onnx")).metadata_props}
     assert props["threshold"] == 0.35 and props["operating_point"] == "zero_misses"
     assert report["parity"]["decisions_differing"] == 0

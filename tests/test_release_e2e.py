@@ -106,7 +106,7 @@ def test_predict_with_the_champion_uses_the_carried_threshold(project: Path) -> 
     result = python(project, "-m", "pipeline.predict", "--model", f"models:/{NAME}@champion",
                     str(images), "--out", "champion")
     assert result.returncode == 0, result.stderr
-    assert "tag threshold (operating point zero_misses)" in result.stderr  # where predict says which applied
+    assert "(operating point zero_misses)" in result.stderr and "tag threshold of models:/" in result.stderr  # where predict says which applied
     table = pd.read_csv(project / "champion/predictions.csv")
     assert (table["threshold"] == point["threshold"]).all()
     index = pd.read_csv(project / "data/prepared/index.csv")
