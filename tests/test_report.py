@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from browser import check_rendered, needs_chromium, tagged
+from test_evaluation import SCORES
 
 from pipeline.evaluation import (
     classification_summary,
@@ -21,14 +22,8 @@ from pipeline.prepared import count_table, group_table
 from pipeline.report import ReportInputs, report_html, write_report
 from pipeline.visualisation import plot_pr_curves, save_png
 
-# Two folds of four images; a group name and the title carry markup that must arrive as text.
-SCORES = pd.DataFrame({
-    "fold": [0, 0, 0, 0, 1, 1, 1, 1],
-    "id": ["a", "b", "c", "d", "e", "f", "g", "h"],
-    "label": [0, 0, 1, 1, 0, 0, 0, 1],
-    "baseline": [0.1, 0.4, 0.35, 0.8, 0.1, 0.7, 0.2, 0.6],
-    "guided": [0.1, 0.5, 0.5, 0.9, 0.1, 0.2, 0.3, 0.9],
-})
+# Two folds of four images (test_evaluation's); a group name and the title carry markup that must
+# arrive as text.
 GROUPS = ["<b>item</b> 1", "item 1", "item 2", "item 2", "item 3", "item 3", "item 4", "item 4"]
 THRESHOLD = 0.5
 
