@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
+
+from pipeline.artifacts import write_image
+
+if TYPE_CHECKING:  # annotations only
+    from pipeline.config import PseudoLabelParams
+    from pipeline.prepared import PreparedData
 
 
 def otsu_mask(saliency: np.ndarray, blur: int = 0) -> np.ndarray:
@@ -24,3 +33,19 @@ def pseudo_mask(saliency: np.ndarray, label: int, blur: int = 0) -> np.ndarray:
     if label == 0:
         return np.zeros(saliency.shape, dtype=bool)
     return otsu_mask(saliency, blur)
+
+
+def write_fold_targets(data: PreparedData, fold: int, maps: np.ndarray, params: PseudoLabelParams,
+                       folder: Path) -> tuple[list[np.ndarray], np.ndarray]:
+    """Write the segmentation target of every row for ``fold``'s guided model into ``folder``:
+    the Otsu pseudo-mask of its saliency map (N, H, W), or its true mask for the fold's
+    mixed-supervision rows (``pseudo_labels.true_masks``). Returns the Otsu masks (before any true
+    mask replaced one: what is scored) and those rows."""
+    masks = [pseudo_mask(saliency, label, params.blur) for saliency, label in zip(maps, data.index["label"])]
+    true_rows = data.true_mask_rows(fold, params.true_masks, params.seed)
+    targets = list(masks)
+    for row in true_rows:
+        targets[row] = data.true_mask(row)
+    for image_id, mask in zip(data.index["id"], targets):
+        write_image(folder / f"{image_id}.png", mask.astype(np.uint8) * 255)
+    return masks, true_rows

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import layout
-from pipeline.artifacts import read_json, write_image, write_json, write_map
+from pipeline.artifacts import read_json, write_json, write_map
 from pipeline.config import GuidedParams, ModelParams, PseudoLabelParams, ReleaseParams, SaliencyParams, TrainParams
 from pipeline.devices import pick_device
 from pipeline.errors import InputError, MissingInputError, PipelineError
@@ -30,7 +30,7 @@ from pipeline.metrics import MetricsError, gate_failures, operating_point_summar
 from pipeline.model_files import load_model, save_model
 from pipeline.objectives import GuidedObjective, Objective, load_guidance
 from pipeline.prepared import PreparedData
-from pipeline.pseudo_labels import pseudo_mask
+from pipeline.pseudo_labels import write_fold_targets
 from pipeline.saliency import create_saliency, saliency_maps
 from pipeline.tracking import StageRun, flatten
 from pipeline.training import fingerprint_of, format_epoch, train
@@ -130,13 +130,7 @@ def write_guidance(data: PreparedData, baseline_file: Path, sections: ReleaseSec
     for image_id, saliency in zip(ids, maps):
         write_map(out / "saliency" / f"fold{FOLD}" / f"{image_id}.png", saliency)
     maps = data.load_maps(out / "saliency" / f"fold{FOLD}", np.arange(len(ids))).numpy()  # as stored
-    params = sections.pseudo_labels
-    targets = [pseudo_mask(saliency, label, params.blur) for saliency, label in zip(maps, data.index["label"])]
-    true_rows = data.true_mask_rows(FOLD, params.true_masks, params.seed)
-    for row in true_rows:
-        targets[row] = data.true_mask(row)
-    for image_id, mask in zip(ids, targets):
-        write_image(out / "pseudo_masks" / f"fold{FOLD}" / f"{image_id}.png", mask.astype(np.uint8) * 255)
+    _, true_rows = write_fold_targets(data, FOLD, maps, sections.pseudo_labels, out / "pseudo_masks" / f"fold{FOLD}")
     write_json(out / "pseudo_masks" / layout.TRUE_MASKS, {f"fold{FOLD}": [ids[row] for row in true_rows]})
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import layout
-from pipeline.artifacts import output_dir, read_json, write_image, write_json
+from pipeline.artifacts import output_dir, read_json, write_json
 from pipeline.config import load_section
 from pipeline.metrics import mask_iou, mean_over_folds
 from pipeline.prepared import PreparedData
-from pipeline.pseudo_labels import pseudo_mask
+from pipeline.pseudo_labels import write_fold_targets
 from pipeline.runner import run_stage
 from pipeline.tracking import stage_run
 
@@ -38,13 +38,7 @@ def main() -> None:
         with output_dir(OUT) as out:
             for fold in data.folds:
                 maps = data.load_maps(SALIENCY / f"fold{fold}", np.arange(len(labels))).numpy()
-                masks = [pseudo_mask(saliency, label, params.blur) for saliency, label in zip(maps, labels)]
-                true_rows = data.true_mask_rows(fold, params.true_masks, params.seed)
-                targets = list(masks)
-                for row in true_rows:
-                    targets[row] = data.true_mask(row)
-                for image_id, mask in zip(data.index["id"], targets):
-                    write_image(out / f"fold{fold}" / f"{image_id}.png", mask.astype(np.uint8) * 255)
+                masks, true_rows = write_fold_targets(data, fold, maps, params, out / f"fold{fold}")
                 summary[f"fold{fold}"] = {**_score(data, fold, masks, defective), "true_masks": len(true_rows)}
                 true_mask_ids[f"fold{fold}"] = data.index["id"].iloc[true_rows].tolist()
             write_json(out / layout.TRUE_MASKS, true_mask_ids)
