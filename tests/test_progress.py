@@ -31,8 +31,10 @@ def _in_terminal(command: list[str]) -> str:
     leader, follower = pty.openpty()
     # A new pseudo-terminal is 0 columns wide, and tqdm fits its bar into that: give it a real width.
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    # tqdm redraws at most every 0.1 s and a transient bar (an epoch's batches) is cleared without
+    # drawing its last state: on a fast machine a short loop would show no rate at all. Draw every step.
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
-                               env=_environment(), cwd=ROOT)
+                               env={**_environment(), "TQDM_MININTERVAL": "0"}, cwd=ROOT)
     os.close(follower)
     chunks = []
     while True:
