@@ -508,4 +508,4 @@ def test_cpu_bsdata_preset_survives_dvc_exp_run_set_params(tmp_path: Path) -> No
     apply_overrides(str(params), [arg for arg in command[5:] if arg != "-S"])
     prepared = yaml.safe_load(params.read_text())["prepare"]
     assert prepared["group_pattern"] == presets.load_preset("cpu-bsdata")["prepare"]["group_pattern"]
-    assert prepared["labelme"]["annotations"] == "label" and (prepared["width"], prepared["height"]) == (320, 128)
+    assert prepared["labelme"]["annotations"] == "label" and (prepared["width"], prepared["height"]) == (272, 112)
