@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import time_rounds  # noqa: E402  (benchmarks/timing.py)
+from timing import parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
 
 from pipeline.losses import AUXILIARY_LOSSES  # noqa: E402
 from pipeline.models import BACKBONES, Classifier, GuidedClassifier  # noqa: E402
@@ -43,12 +43,6 @@ from pipeline.saliency import METHODS, create_saliency  # noqa: E402
 from pipeline.variants import SALIENCY_MAPS, VARIANTS  # noqa: E402
 
 TRAIN_GOAL, INFERENCE_GOAL = 1.3, 1.05
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'128x352' (width x height) -> (height, width)."""
-    width, height = (int(v) for v in text.lower().split("x"))
-    return height, width
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prior: torch.Tensor,

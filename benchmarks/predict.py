@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import time_rounds  # noqa: E402  (benchmarks/timing.py)
+from timing import parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
 
 from pipeline.artifacts import write_image  # noqa: E402
 from pipeline.config import GuidedParams, ModelParams, TrainParams  # noqa: E402
@@ -49,12 +49,6 @@ from pipeline.saliency import create_saliency, saliency_maps  # noqa: E402
 from pipeline.synthetic import generate  # noqa: E402
 from pipeline.training import train  # noqa: E402
 from pipeline.variants import VARIANTS  # noqa: E402
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'128x352' (width x height) -> (height, width)."""
-    width, height = (int(v) for v in text.lower().split("x"))
-    return height, width
 
 
 def synthetic_models(height: int, width: int, variants: list[str]) -> tuple[dict[str, LoadedModel], torch.Tensor]:

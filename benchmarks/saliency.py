@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from collections.abc import Callable
@@ -54,7 +53,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import time_rounds  # noqa: E402  (benchmarks/timing.py)
+from timing import cpu_name, parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
 
 from pipeline.models import (
     BACKBONES,  # noqa: E402
@@ -72,12 +71,6 @@ def variants(backbone: str, methods: list[str]) -> dict[str, tuple[str, list[str
     if "layercam" in methods:
         out["layercam_1layer"] = ("layercam", BACKBONES[backbone].saliency_layers["layercam"][-1:])
     return out
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'128x352' (width x height) -> (height, width)."""
-    width, height = (int(v) for v in text.lower().split("x"))
-    return height, width
 
 
 def earliest_layer(model: nn.Module, x: torch.Tensor, names: list[str]) -> str:
@@ -174,13 +167,6 @@ def functions(model: nn.Module, x: torch.Tensor, backbone: str, methods: list[st
         if package is not None:
             funcs[f"pgc:{key}"] = package
     return funcs
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine()
 
 
 def peer_version() -> str | None:

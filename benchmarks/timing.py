@@ -1,11 +1,13 @@
 """Timing shared by the benchmark scripts: interleaved rounds, so that load on a shared machine
-falls on every contender alike and ratios within one run stay meaningful."""
+falls on every contender alike and ratios within one run stay meaningful; sizes and the CPU's name."""
 
 from __future__ import annotations
 
+import platform
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -35,3 +37,16 @@ def time_rounds(funcs: dict[str, Callable], rounds: int, device: str, clock: str
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'128x352' (width x height) -> (height, width)."""
+    width, height = (int(v) for v in text.lower().split("x"))
+    return height, width
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()

@@ -84,12 +84,13 @@ class ModelParams(Section):
     in_channels: Literal[1, 3] = 1
     pretrained_weights: str | None = Field(None, description="local torchvision weights file; never downloaded")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    # Training only (both training stages; the saliency and evaluation stages read model.device alone).
+    # Training only (both training stages; the saliency and evaluation stages read model.device and precision).
     nproc_per_node: int = Field(
         1, ge=1, le=64, description="training processes on this machine (torchrun, DistributedDataParallel): "
         "one per GPU; each stage's batch_size must be a multiple")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast on a CUDA GPU that supports it, else fp32")
+        "auto", description="auto = bf16 autocast with channels_last where the hardware runs it faster (a CUDA "
+        "GPU with bf16, a CPU with AMX or AVX-512 bf16: detected at run time), else fp32; training and saliency maps")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per training process")
     pin_memory: bool = Field(False, description="page-locked batches, for faster copies to a CUDA GPU")
 

@@ -27,7 +27,7 @@ from torch import nn
 from pipeline import distributed, losses, models, objectives, training_data
 from pipeline.artifacts import load_torch, output_dir, read_json, save_torch, write_csv, write_json
 from pipeline.config import ModelParams, TrainParams
-from pipeline.devices import autocast, autocast_dtype, pick_device
+from pipeline.devices import FP32, Precision, pick_device, resolve_precision
 from pipeline.errors import PipelineError
 from pipeline.inference import predict
 from pipeline.losses import BatchShare, classification_loss
@@ -82,7 +82,7 @@ class FoldTraining:
     test_rows: np.ndarray
     labels: torch.Tensor
     device: torch.device
-    precision: torch.dtype | None
+    precision: Precision
     ranks: distributed.Ranks
     pin_memory: bool
     history: list[dict] = field(default_factory=list)
@@ -118,7 +118,8 @@ def train(
         started = time.perf_counter()
         totals, seen = train_epoch(run, epoch)
         end_epoch(run, data, epoch, totals, seen, time.perf_counter() - started, on_epoch, checkpoint, fingerprint)
-    return run.model.eval(), run.config, run.history
+    # Saved in the contiguous layout whatever the path trained in: the same files for every reader.
+    return FP32.model(run.model).eval(), run.config, run.history
 
 
 def set_up(data: PreparedData, fold: int, model_params: ModelParams, params: TrainParams,
@@ -136,7 +137,8 @@ def set_up(data: PreparedData, fold: int, model_params: ModelParams, params: Tra
     model = build_model(config, deployed=False)
     if model_params.pretrained_weights:
         load_pretrained_features(model, model_params.pretrained_weights)
-    model = distributed.for_processes(model, ranks).to(device)
+    precision = resolve_precision(model_params.precision, device)
+    model = precision.model(distributed.for_processes(model, ranks).to(device))
     optimizer = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum,
                                 weight_decay=params.weight_decay)
     labels = data.labels
@@ -146,7 +148,7 @@ def set_up(data: PreparedData, fold: int, model_params: ModelParams, params: Tra
         fold, params, objective, config, model, model, optimizer,
         BalancedEpochs(data.index["label"].to_numpy()[train_rows], params.seed),
         loader(dataset, model_params.num_workers, pin_memory), train_rows, test_rows, labels, device,
-        autocast_dtype(model_params.precision, device), ranks, pin_memory)
+        precision, ranks, pin_memory)
 
 
 def resume(run: FoldTraining, checkpoint: Path | None, fingerprint: str, on_epoch: Callable[[dict], None]) -> None:
@@ -198,8 +200,8 @@ def batch_losses(run: FoldTraining, batch: np.ndarray, mine: np.ndarray, fetched
     labels = fetched.pop("y")
     fetched = dict(zip(fetched, apply_flips(flags, *fetched.values())))
     prior = run.objective.network_prior(fetched, generator, len(batch), mine)
-    with autocast(run.device, run.precision):
-        logits, aux = run.objective.forward(run.net, fetched["x"], prior)
+    with run.precision.autocast(run.device):
+        logits, aux = run.objective.forward(run.net, run.precision.input(fetched["x"]), prior)
     # The losses in fp32 whatever the forward's precision.
     logits, aux = logits.float(), aux.float() if aux is not None else None
     share = BatchShare(distributed.real_samples(len(batch), run.ranks).to(run.device), len(batch),

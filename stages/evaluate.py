@@ -20,7 +20,7 @@ import torch
 from pipeline import layout
 from pipeline.artifacts import output_dir, read_json, write_csv, write_json
 from pipeline.config import EvaluateParams, SaliencyParams, load_section
-from pipeline.devices import pick_device
+from pipeline.devices import Precision, pick_device, resolve_precision
 from pipeline.evaluation import (
     MODELS,
     SALIENCY_MAPS,
@@ -54,7 +54,7 @@ SALIENCY, PSEUDO_MASKS, OUT = layout.SALIENCY, layout.PSEUDO_MASKS, layout.EVALU
 
 
 def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, device: torch.device,
-                  params: EvaluateParams) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict[str, float]]:
+                  precision: Precision, params: EvaluateParams) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict[str, float]]:
     """Scores, per-image localization, overlay candidates and seconds per image on one fold."""
     _, test = data.split(fold)
     images = data.images[test]
@@ -68,14 +68,18 @@ def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, devic
         lambda rows: predict(baseline, baseline_config, images[rows]), len(test))
     guided_scores, seconds["guided"] = timed_per_image(
         lambda rows: predict(guided, guided_config, images[rows], _rows(guided_priors, rows)), len(test))
+    # Scores above in fp32 and the stored layout, as the released model computes them (its operating
+    # point is chosen on them); the saliency maps below on the fast path, within the tolerance the
+    # tests state (tests/test_precision.py).
+    precision.model(baseline), precision.model(guided)
     if guided_priors is not None:
         # The prior the guided model needs at inference: the baseline's saliency, timed as a line would pay it.
-        teacher = create_saliency(saliency.method, baseline, saliency.layers)
+        teacher = create_saliency(saliency.method, baseline, saliency.layers, precision)
         _, seconds["teacher_prior"] = timed_per_image(
             lambda rows: saliency_maps(teacher, baseline_config, images[rows], saliency.batch_size), len(test))
     # The guided model's own saliency, with its prior (if any) fed as an extra input channel.
     layers = saliency.layers and [f"guided.{name}" for name in saliency.layers]
-    explainer = create_saliency(saliency.method, PriorAsChannel(guided, guided_priors is not None), layers)
+    explainer = create_saliency(saliency.method, PriorAsChannel(guided, guided_priors is not None), layers, precision)
     maps = {"baseline_saliency": priors.numpy(),
             "guided_saliency": saliency_maps(explainer, guided_config, images, saliency.batch_size, guided_priors)[0],
             "pseudo_mask": data.load_masks(PSEUDO_MASKS / f"fold{fold}", test).numpy() > 0}
@@ -95,11 +99,11 @@ def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, devic
     return scores, located, panels, seconds
 
 
-def inference_timing(fold_seconds: tuple[dict[str, float], ...], where: str) -> dict:
+def inference_timing(fold_seconds: tuple[dict[str, float], ...], where: str, precision: Precision) -> dict:
     """Milliseconds per image of each model, mean over folds (the guided model's without its
-    prior; a teacher's prior costs the baseline's saliency on top)."""
+    prior; a teacher's prior costs the baseline's saliency on top), and the maps' precision."""
     ms = {name: 1000 * float(np.mean([s[name] for s in fold_seconds])) for name in fold_seconds[0]}
-    timing: dict = {"where": where, **{model: {"inference_ms_per_image": ms[model]} for model in MODELS}}
+    timing: dict = {"where": where, "saliency_precision": precision.name, **{model: {"inference_ms_per_image": ms[model]} for model in MODELS}}
     if "teacher_prior" in ms:  # only a variant reading a prior at inference pays for the baseline's saliency
         timing["guided"]["teacher_prior_ms_per_image"] = ms["teacher_prior"]
         timing["guided"]["inference_ms_per_image_with_teacher_prior"] = ms["guided"] + ms["teacher_prior"]
@@ -142,21 +146,23 @@ def _rows(priors: torch.Tensor | None, rows) -> torch.Tensor | None:
 def main() -> None:
     params = load_section("evaluate")
     saliency = load_section("saliency")
-    device = pick_device(load_section("model").device)
+    model_params = load_section("model")
+    device = pick_device(model_params.device)
+    precision = resolve_precision(model_params.precision, device)
     data = PreparedData.load(PREPARED)
     check_test_folds(data.index, PREPARED / "index.csv")
     data_report = read_json(PREPARED / "report.json")
     dataset, title = data_report["dataset"], f"{data_report['dataset']}: baseline against guided"
     sections = {"evaluate": params, "saliency.method": saliency.method, "saliency.layers": saliency.layers,
-                "saliency.batch_size": saliency.batch_size}
+                "saliency.batch_size": saliency.batch_size, "model.precision": model_params.precision}
     with stage_run("evaluate", sections, dataset) as run:
         run.link_upstream(PREPARED, BASELINE, SALIENCY, PSEUDO_MASKS, GUIDED)
         fold_scores, fold_located, fold_panels, fold_seconds = zip(
-            *[evaluate_fold(data, fold, saliency, device, params) for fold in progress(data.folds, "evaluate", "fold")])
+            *[evaluate_fold(data, fold, saliency, device, precision, params) for fold in progress(data.folds, "evaluate", "fold")])
         scores = pd.concat(fold_scores, ignore_index=True)
         located = pd.concat([t for t in fold_located if not t.empty] or [pd.DataFrame()], ignore_index=True)
         panels = {image_id: panel for found in fold_panels for image_id, panel in found.items()}
-        timing = inference_timing(fold_seconds, f"{device} ({torch.get_num_threads()} threads)")
+        timing = inference_timing(fold_seconds, f"{device} ({torch.get_num_threads()} threads)", precision)
         metrics, per_fold = classification_summary(scores, params.threshold)
         metrics["data"] = {"folds": float(len(data.folds)), "test_images": float(len(scores)),
                            "test_defective": float(scores["label"].sum())}

@@ -14,7 +14,7 @@ import numpy as np
 from pipeline import layout
 from pipeline.artifacts import output_dir, read_json, write_json, write_map
 from pipeline.config import load_section
-from pipeline.devices import pick_device
+from pipeline.devices import pick_device, resolve_precision
 from pipeline.metrics import localization_metrics, mean_over_folds
 from pipeline.model_files import load_model
 from pipeline.prepared import PreparedData
@@ -31,9 +31,11 @@ def main() -> None:
     model_params = load_section("model")
     params = load_section("saliency")
     device = pick_device(model_params.device)
+    precision = resolve_precision(model_params.precision, device)
     data = PreparedData.load(PREPARED)
     dataset = read_json(PREPARED / "report.json")["dataset"]
-    with stage_run("saliency", {"saliency": params, "model.device": model_params.device}, dataset) as run:
+    with stage_run("saliency", {"saliency": params, "model.device": model_params.device,
+                                    "model.precision": model_params.precision}, dataset) as run:
         run.link_upstream(PREPARED, BASELINE)
         report: dict = {"method": params.method, "invalid_maps": {}}
         images_per_second: dict[str, float] = {}
@@ -42,7 +44,7 @@ def main() -> None:
         with output_dir(OUT) as out:
             for fold in progress(data.folds, "saliency", "fold"):
                 model, config = load_model(BASELINE / f"fold{fold}.pt", device)
-                method = create_saliency(params.method, model, params.layers)
+                method = create_saliency(params.method, precision.model(model), params.layers, precision)
                 maps, valid, seconds = saliency_maps(method, config, data.images, params.batch_size, bar=f"fold {fold}")
                 for image_id, saliency in zip(data.index["id"], maps):
                     write_map(out / f"fold{fold}" / f"{image_id}.png", saliency)
@@ -60,7 +62,8 @@ def main() -> None:
                 run.log_artifact(out / "overlays.png")
             write_json(out / "report.json", report)
             speed = float(np.mean(list(images_per_second.values())))
-            write_json(out / layout.TIMING, {"images_per_second": speed, "per_fold": images_per_second})
+            write_json(out / layout.TIMING, {"images_per_second": speed, "per_fold": images_per_second,
+                                               "precision": precision.name})
             run.write_lineage(out)
         metrics = {"per_fold": localization}
         means = mean_over_folds(localization, keys=("mass_inside", "pointing_game"))

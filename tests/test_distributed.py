@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import distributed
 from pipeline.config import ConfigError, GuidedParams, ModelParams, TrainParams, parse_section
-from pipeline.devices import autocast_dtype, pick_device
+from pipeline.devices import BF16, FP32, pick_device, resolve_precision
 from pipeline.distributed import Ranks, shard
 from pipeline.errors import InputError, SetupError
 from pipeline.inference import predict
@@ -154,9 +154,7 @@ def test_compute_params_are_validated() -> None:
 
 def test_device_and_precision_choice() -> None:
     cpu = torch.device("cpu")
-    assert autocast_dtype("auto", cpu) is None  # bf16 on a CPU only when asked
-    assert autocast_dtype("bf16", cpu) is torch.bfloat16
-    assert autocast_dtype("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) == BF16 and resolve_precision("fp32", cpu) == FP32
     assert pick_device("cpu") == cpu
 
 

@@ -11,9 +11,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import torch
 import yaml
 from browser import check_rendered, needs_chromium
 from helpers import dvc, make_shrunk_project, project_env, stages_run
+
+from pipeline.devices import resolve_precision
 
 STAGES = ["prepare", "train_baseline", "saliency", "pseudo_labels", "train_guided", "evaluate", "release"]
 
@@ -55,6 +58,10 @@ def test_every_output_exists_and_metrics_are_in_range(project: Path) -> None:
     timing = json.loads((project / "data/evaluation/timing.json").read_text())
     assert timing["baseline"]["inference_ms_per_image"] > 0 and timing["guided"]["inference_ms_per_image"] > 0
     assert "teacher_prior_ms_per_image" not in timing["guided"]  # only the teacher variant pays for a prior
+    # Which path the maps took is a fact of the machine (model.precision: auto), so it sits beside the timings.
+    fast = resolve_precision("auto", torch.device("cpu")).name
+    assert timing["saliency_precision"] == fast
+    assert json.loads((project / "data/saliency/timing.json").read_text())["precision"] == fast
     localization = metrics["localization"]
     assert 0.0 <= localization["pseudo_mask_iou"] <= 1.0
     assert localization["n_images"] == metrics["data"]["test_defective"] > 0  # every synthetic defect has a mask
