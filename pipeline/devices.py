@@ -67,8 +67,8 @@ BF16 = Precision(torch.bfloat16, channels_last=True)
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU computes bf16 in hardware (AMX tiles or AVX-512 bf16), where oneDNN's bf16
     kernels beat fp32; elsewhere bf16 is emulated and slower than fp32."""
-    cpu = torch.cpu
-    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch's own, as its compiler uses them
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def resolve_precision(precision: str, device: torch.device) -> Precision:
@@ -79,8 +79,9 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
     if precision == "fp32":
         return FP32
     if precision == "auto":
-        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16_units()
-        return BF16 if fast else FP32
+        if device.type == "cuda":
+            return BF16 if torch.cuda.is_bf16_supported() else FP32
+        return BF16 if device.type == "cpu" and cpu_has_bf16_units() else FP32
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SetupError("model.precision is bf16, but this GPU does not support bfloat16; use fp32 or auto")
     return BF16

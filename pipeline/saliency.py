@@ -88,6 +88,11 @@ def _layer_summary(model: nn.Module) -> str:
     return ", ".join(parts) or "(no submodules)"
 
 
+def _widened(tensor: torch.Tensor) -> torch.Tensor:
+    """A bf16 or fp16 tensor in fp32; fp32 and fp64 ones as they are."""
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+
+
 @contextlib.contextmanager
 def _frozen_eval(model: nn.Module) -> Iterator[None]:
     training = [(m, m.training) for m in model.modules()]
@@ -151,14 +156,14 @@ class SaliencyMethod:
             x = self.precision.input(images.detach().to(images.device if param is None else param.device))
             x = x.clone() if x.is_inference() else x
             with self.precision.autocast(x.device):
-                score = defect_score(self.model(x.requires_grad_(self.needs_input_grad))).float()
+                score = _widened(defect_score(self.model(x.requires_grad_(self.needs_input_grad))))
             wanted = [target for _, _, target in captured] + ([x] if self.needs_input_grad else [])
             grads = [None] * len(wanted)  # stays so where no captured tensor influences the score
             if score.requires_grad and wanted:
                 grads = list(torch.autograd.grad(score.sum(), wanted, allow_unused=True))
         # The maps in fp32 whatever the forward's precision (a no-op on the fp32 path).
-        captured = [(name, value.float(), target) for name, value, target in captured]
-        grads = [grad if grad is None else grad.float() for grad in grads]
+        captured = [(name, _widened(value), target) for name, value, target in captured]
+        grads = [grad if grad is None else _widened(grad) for grad in grads]
         input_grad = grads.pop() if self.needs_input_grad else None
         return x.detach(), captured, grads, input_grad
 

@@ -53,8 +53,10 @@ PREPARED, BASELINE, GUIDED = layout.PREPARED, layout.BASELINE, layout.GUIDED
 SALIENCY, PSEUDO_MASKS, OUT = layout.SALIENCY, layout.PSEUDO_MASKS, layout.EVALUATION
 
 
-def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, device: torch.device,
-                  precision: Precision, params: EvaluateParams) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict[str, float]]:
+def evaluate_fold(
+    data: PreparedData, fold: int, saliency: SaliencyParams, device: torch.device, precision: Precision,
+    params: EvaluateParams,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict[str, float]]:
     """Scores, per-image localization, overlay candidates and seconds per image on one fold."""
     _, test = data.split(fold)
     images = data.images[test]
@@ -71,7 +73,8 @@ def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, devic
     # Scores above in fp32 and the stored layout, as the released model computes them (its operating
     # point is chosen on them); the saliency maps below on the fast path, within the tolerance the
     # tests state (tests/test_precision.py).
-    precision.model(baseline), precision.model(guided)
+    precision.model(baseline)
+    precision.model(guided)
     if guided_priors is not None:
         # The prior the guided model needs at inference: the baseline's saliency, timed as a line would pay it.
         teacher = create_saliency(saliency.method, baseline, saliency.layers, precision)
@@ -79,7 +82,8 @@ def evaluate_fold(data: PreparedData, fold: int, saliency: SaliencyParams, devic
             lambda rows: saliency_maps(teacher, baseline_config, images[rows], saliency.batch_size), len(test))
     # The guided model's own saliency, with its prior (if any) fed as an extra input channel.
     layers = saliency.layers and [f"guided.{name}" for name in saliency.layers]
-    explainer = create_saliency(saliency.method, PriorAsChannel(guided, guided_priors is not None), layers, precision)
+    explainer = create_saliency(saliency.method, PriorAsChannel(guided, guided_priors is not None), layers,
+                                precision)
     maps = {"baseline_saliency": priors.numpy(),
             "guided_saliency": saliency_maps(explainer, guided_config, images, saliency.batch_size, guided_priors)[0],
             "pseudo_mask": data.load_masks(PSEUDO_MASKS / f"fold{fold}", test).numpy() > 0}
@@ -103,7 +107,8 @@ def inference_timing(fold_seconds: tuple[dict[str, float], ...], where: str, pre
     """Milliseconds per image of each model, mean over folds (the guided model's without its
     prior; a teacher's prior costs the baseline's saliency on top), and the maps' precision."""
     ms = {name: 1000 * float(np.mean([s[name] for s in fold_seconds])) for name in fold_seconds[0]}
-    timing: dict = {"where": where, "saliency_precision": precision.name, **{model: {"inference_ms_per_image": ms[model]} for model in MODELS}}
+    timing: dict = {"where": where, "saliency_precision": precision.name,
+                    **{model: {"inference_ms_per_image": ms[model]} for model in MODELS}}
     if "teacher_prior" in ms:  # only a variant reading a prior at inference pays for the baseline's saliency
         timing["guided"]["teacher_prior_ms_per_image"] = ms["teacher_prior"]
         timing["guided"]["inference_ms_per_image_with_teacher_prior"] = ms["guided"] + ms["teacher_prior"]
@@ -158,7 +163,8 @@ def main() -> None:
     with stage_run("evaluate", sections, dataset) as run:
         run.link_upstream(PREPARED, BASELINE, SALIENCY, PSEUDO_MASKS, GUIDED)
         fold_scores, fold_located, fold_panels, fold_seconds = zip(
-            *[evaluate_fold(data, fold, saliency, device, precision, params) for fold in progress(data.folds, "evaluate", "fold")])
+            *[evaluate_fold(data, fold, saliency, device, precision, params)
+              for fold in progress(data.folds, "evaluate", "fold")])
         scores = pd.concat(fold_scores, ignore_index=True)
         located = pd.concat([t for t in fold_located if not t.empty] or [pd.DataFrame()], ignore_index=True)
         panels = {image_id: panel for found in fold_panels for image_id, panel in found.items()}
