@@ -302,12 +302,14 @@ def results_markdown(title: str, metrics: Mapping[str, Any], method: str) -> str
     return "\n".join(text)
 
 
-def combine_runs(score_csvs: Sequence[str | Path], threshold: float = 0.5) -> pd.DataFrame:
+def combine_runs(score_csvs: Sequence[str | Path], threshold: float = 0.5, ids: str | None = None) -> pd.DataFrame:
     """Mean and spread over runs of different seeds, from their ``scores.csv`` files.
 
     Each file is one run (one training seed, same prepared data); runs are numbered as given.
     One row per model: each metric's fold mean averaged over runs (``<key>``), its std over
-    runs (``<key>_seed_std``) and over folds (``<key>_fold_std``), all ddof=0.
+    runs (``<key>_seed_std``) and over folds (``<key>_fold_std``), all ddof=0. ``ids``, a
+    regular expression, keeps only the test images whose id it matches (``re.search``): one
+    kind of image, one camera position.
     """
     if len(score_csvs) < 2:
         raise MetricsError("combine_runs needs the scores.csv of at least two runs")
@@ -317,6 +319,11 @@ def combine_runs(score_csvs: Sequence[str | Path], threshold: float = 0.5) -> pd
         missing = {"fold", "id", "label", *MODELS} - set(frame.columns)
         if missing:
             raise MetricsError(f"{path} lacks column(s) {sorted(missing)}: is it an evaluation's scores.csv?")
+        if ids is not None:
+            frame = frame[frame["id"].str.contains(ids, regex=True)]
+            if not (frame["label"] == 1).any() or not (frame["label"] == 0).any():
+                raise MetricsError(f"{path}: the images whose id matches {ids!r} are not of both classes; "
+                                   "AP needs defective and defect-free images")
         frames.append(frame.assign(seed=seed))
     images = set(zip(frames[0]["fold"], frames[0]["id"]))
     for path, frame in zip(score_csvs[1:], frames[1:]):
@@ -357,9 +364,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "&& cp data/evaluation/scores.csv scores_seed$s.csv; done")
     parser.add_argument("scores", nargs="+", help="scores.csv of each run")
     parser.add_argument("--threshold", type=float, default=0.5, help="evaluate.threshold of the runs")
+    parser.add_argument("--ids", help="only the test images whose id matches this regular expression")
     parser.add_argument("--out", type=Path, help="also write the table here (.md) and beside it as .csv")
     args = parser.parse_args(argv)
-    table = combine_runs(args.scores, args.threshold)
+    table = combine_runs(args.scores, args.threshold, args.ids)
     text = combined_markdown(table)
     if args.out:
         args.out.write_text(text)

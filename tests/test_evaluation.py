@@ -296,6 +296,19 @@ def test_combine_runs_mean_and_spread_over_seeds(tmp_path):
     assert pd.read_csv(tmp_path / "seeds.csv")["model"].tolist() == ["baseline", "guided"]
 
 
+def test_combine_runs_of_the_images_whose_id_matches(tmp_path):
+    first, second = tmp_path / "seed0.csv", tmp_path / "seed1.csv"
+    SCORES.to_csv(first, index=False)
+    SCORES.to_csv(second, index=False)
+    # Fold 1 keeps e (0.1, defect-free) and h (0.6, defective): AP 1; fold 0 as a whole, 5/6.
+    table = combine_runs([first, second], ids="^[a-eh]$").set_index("model")
+    assert table.loc["baseline", "ap"] == pytest.approx((5 / 6 + 1) / 2)
+    combine_main([str(first), str(second), "--ids", "^[a-eh]$", "--out", str(tmp_path / "subset.md")])
+    assert "| baseline | 2 | 91.67 ± 0.00 |" in (tmp_path / "subset.md").read_text()
+    with pytest.raises(MetricsError, match=r"matches '\^\[ab\]' are not of both classes"):
+        combine_runs([first, second], ids="^[ab]")
+
+
 def test_combine_runs_rejects_mismatched_runs(tmp_path):
     first, other, bad = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
     SCORES.to_csv(first, index=False)
