@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
+from timing import add_machine_args, parse_machine_args, parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
 
 from pipeline.losses import AUXILIARY_LOSSES  # noqa: E402
 from pipeline.models import BACKBONES, Classifier, GuidedClassifier  # noqa: E402
@@ -157,11 +157,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="training rounds")
     parser.add_argument("--infer-rounds", type=int, default=50, help="inference rounds")
     parser.add_argument("--saliency", default="layercam", choices=list(METHODS), help="the teacher's method")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_machine_args(parser)
+    args = parse_machine_args(parser)
     for backbone in args.backbones:
         for row in measure(backbone, args):
             print(json.dumps(row), flush=True)

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
+from timing import add_machine_args, parse_machine_args, parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
 
 from pipeline.artifacts import write_image  # noqa: E402
 from pipeline.config import GuidedParams, ModelParams, TrainParams  # noqa: E402
@@ -118,10 +118,8 @@ def main() -> None:
     stages = ["score", "predict", "files"]
     parser.add_argument("--stages", nargs="+", default=stages, choices=stages)
     parser.add_argument("--data", type=Path, help="a project's data/ folder instead of synthetic models")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_machine_args(parser, device=False)
+    args = parse_machine_args(parser)
     height, width = parse_size(args.size)
     models, images = project_models(args.data) if args.data else synthetic_models(height, width, args.variants)
     images = images[torch.arange(args.images) % len(images)]

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import cpu_name, parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
+from timing import add_machine_args, cpu_name, parse_machine_args, parse_size, time_rounds  # noqa: E402
 
 from pipeline.models import (
     BACKBONES,  # noqa: E402
@@ -222,15 +222,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_machine_args(parser)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: this process's CPU time (use with --threads 1 on a busy CPU machine)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--probe", nargs=5, metavar=("BACKBONE", "SIZE", "BATCH", "DEVICE", "KEY"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_machine_args(parser)
     if args.clock == "cpu" and not args.device.startswith("cpu"):
         parser.error("--clock cpu times CPU work only; use the wall clock on an accelerator")
     if args.probe:

@@ -3,6 +3,7 @@ falls on every contender alike and ratios within one run stay meaningful; sizes 
 
 from __future__ import annotations
 
+import argparse
 import platform
 import random
 import time
@@ -50,3 +51,18 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.partition(":")[2].strip()
     return platform.processor() or platform.machine()
+
+
+def add_machine_args(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """``--device`` (CUDA where there is one) and ``--threads``, which every benchmark takes."""
+    if device:
+        parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def parse_machine_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed arguments, with torch's CPU threads set from ``--threads``."""
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

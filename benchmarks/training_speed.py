@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import cpu_name, parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
+from timing import add_machine_args, cpu_name, parse_machine_args, parse_size, time_rounds  # noqa: E402
 
 from pipeline.devices import BF16, FP32, Precision, cpu_has_bf16_units, resolve_precision  # noqa: E402
 from pipeline.models import BACKBONES, Classifier  # noqa: E402
@@ -81,11 +81,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["128x352", "256x704"], help="width x height")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    add_machine_args(parser)
+    args = parse_machine_args(parser)
     for backbone in args.backbones:
         for size in args.sizes:
             print(json.dumps(measure(backbone, size, args)), flush=True)
