@@ -33,9 +33,9 @@ class ConfigError(InputError):
 
 
 class SyntheticParams(Section):
-    items: int = Field(60, ge=2, description="physical items; all images of an item share a fold")
-    images_per_item: int = Field(8, ge=1)
-    defect_ratio: float = Field(0.25, gt=0, lt=1)
+    items: int = Field(40, ge=2, description="physical items; all images of an item share a fold")
+    images_per_item: int = Field(6, ge=1)
+    defect_ratio: float = Field(0.5, gt=0, lt=1)
     defect_contrast: float = Field(1.0, gt=0, description="defect contrast in units of the texture's noise")
 
 
@@ -93,6 +93,9 @@ class ModelParams(Section):
         "GPU with bf16, a CPU with AMX or AVX-512 bf16: detected at run time), else fp32; training and saliency maps")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per training process")
     pin_memory: bool = Field(False, description="page-locked batches, for faster copies to a CUDA GPU")
+    test_time_flips: bool = Field(
+        False, description="a saved model's defect probability is the mean over the image and its horizontal and "
+        "vertical flips (the flips it trained with): evaluation, predict, serving and export alike")
 
     @model_validator(mode="after")
     def _one_process_on_mps(self) -> ModelParams:
@@ -109,7 +112,21 @@ class TrainParams(Section):
     weight_decay: float = Field(1e-4, ge=0, lt=1)
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="cosine: lr decays to 0 over the epochs, batch by batch (a calm last epoch)")
+    sampling: Literal["undersample", "oversample"] = Field(
+        "oversample", description="how epochs balance the classes: undersample = every defective image and as many "
+        "defect-free ones; oversample = every image, the defective ones repeated (pipeline/training_data.py)")
+    warmup_epochs: float = Field(
+        0.0, ge=0, description="epochs over which the lr rises linearly from a tenth to its schedule's value; 0 = none")
+    ema_epochs: float = Field(
+        0.0, ge=0, description="time constant, in epochs, of an exponential moving average of the weights, which "
+        "becomes the saved model; 0 = none (the last weights are saved)")
     seed: int = SEED
+
+    @model_validator(mode="after")
+    def _warmup_within_the_run(self) -> TrainParams:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
+        return self
 
 
 class GuidedParams(TrainParams):

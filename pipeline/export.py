@@ -34,10 +34,9 @@ from torch import nn
 
 from pipeline.artifacts import atomic_path
 from pipeline.errors import InputError, SetupError
-from pipeline.inference import predict
+from pipeline.inference import defect_probability, predict
 from pipeline.metrics import classification_metrics
 from pipeline.model_files import needs_prior
-from pipeline.models import GuidedClassifier
 from pipeline.predict import Predictor, decision_threshold, load_any, operating_point
 from pipeline.training_data import to_input
 
@@ -56,17 +55,14 @@ class StandAlone(nn.Module):
 
     def __init__(self, model: nn.Module, config: dict, threshold: float) -> None:
         super().__init__()
-        self.model, self.with_prior = model, needs_prior(config)
+        self.model, self.config, self.with_prior = model, config, needs_prior(config)
         self.in_channels, self.mean, self.std = int(config["in_channels"]), float(config["mean"]), float(config["std"])
         self.threshold = float(threshold)
 
     def forward(self, images: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = to_input(images, self.in_channels, self.mean, self.std)  # as inference.predict normalises
-        if isinstance(self.model, GuidedClassifier):
-            logit = self.model(x, prior if self.with_prior else None)[0]
-        else:
-            logit = self.model(x)
-        score = torch.sigmoid(logit.float())
+        # The same views and average as inference.predict (test_time_flips): one definition.
+        score = defect_probability(self.model, self.config, x, prior if self.with_prior else None)
         return score, score >= self.threshold
 
 

@@ -17,6 +17,21 @@ def _forward(model: nn.Module, x: torch.Tensor, prior: torch.Tensor | None) -> t
     return model(x), None
 
 
+# The test-time views of a model saved with ``test_time_flips``: the image and the flips it
+# trained with (``training_data.random_flips``: horizontal, vertical), as dims of (B, C, H, W).
+TEST_TIME_FLIPS = ((), (-1,), (-2,))
+
+
+def defect_probability(model: nn.Module, config: dict, x: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+    """The defect probability of each normalised input (B,), averaged over the flipped views where
+    the model's config asks for them; the prior is flipped with its image."""
+    views = TEST_TIME_FLIPS if config.get("test_time_flips", False) else ((),)
+    probabilities = [torch.sigmoid(_forward(model, x.flip(dims) if dims else x,
+                                            prior.flip(dims) if dims and prior is not None else prior)[0].float())
+                     for dims in views]
+    return torch.stack(probabilities).mean(dim=0)
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -33,8 +48,7 @@ def predict(
     for batch in batches(np.arange(len(images)), batch_size):
         x = to_input(images[batch], config["in_channels"], config["mean"], config["std"]).to(device)
         prior = priors[batch].unsqueeze(1).to(device) if priors is not None else None
-        logits, _ = _forward(model, x, prior)
-        scores.append(torch.sigmoid(logits.float()).cpu())
+        scores.append(defect_probability(model, config, x, prior).cpu())
     return torch.cat(scores).numpy()
 
 

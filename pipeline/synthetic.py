@@ -3,8 +3,8 @@
 Each physical item has its own surface (grain, machining stripes or brushed metal), lighting and
 base brightness; its images vary around that. Every image carries nuisances that a naive detector
 confuses with defects (bright part edges, smooth blobs, dust specks, sensor noise, an illumination
-gradient). A minority of images carry one small, thin, low-contrast defect (a scratch, a crack or a
-pit) whose exact pixels are the true mask.
+gradient). The defective images (``defect_ratio``) carry one low-contrast defect (a scratch, a crack
+or a pit) whose pixels at half its depth or more are the true mask.
 """
 
 from __future__ import annotations
@@ -141,31 +141,43 @@ def _add_nuisances(rng: np.random.Generator, image: np.ndarray) -> None:
 
 
 def _draw_defect(rng: np.random.Generator, image: np.ndarray, kind: str, contrast: float) -> np.ndarray:
-    """Draw one defect in place and return its mask."""
+    """Draw one defect in place and return its mask: the pixels at half its depth or more.
+
+    Sized like real ones at the prepared size, so that a saliency map has something to find: a pit
+    is a soft dent a few pixels across, a scratch a long straight groove, a crack a wandering one
+    two pixels wide. Their depth is 6-12 times the sensor noise, of the order of the texture's
+    and the stains' contrast: at the default size a resnet18 from scratch learns them within the
+    default run, but not perfectly. Measured on the default set (holdout test AP after 15
+    epochs): this depth 0.955 (the default run, two threads); 0.96 times it 0.92 with one thread
+    but 0.57 with two (not learnt), 0.83 times 0.51, 1.08 times 0.97. Below this depth the
+    default run may not learn the defects at all.
+    """
     height, width = image.shape
-    layer = np.zeros((height, width), np.uint8)
     short_side = min(height, width)
+    layer = np.zeros((height, width), np.uint8)
     if kind == "pit":
-        radius = int(rng.integers(1, 3))
-        centre = (int(rng.integers(8, width - 8)), int(rng.integers(8, height - 8)))
-        cv2.circle(layer, centre, radius, 255, -1)
-        strength = rng.uniform(8.0, 14.0) * contrast
+        radius = max(2, round(rng.uniform(0.02, 0.04) * short_side))
+        centre = (int(rng.integers(radius + 4, width - radius - 4)), int(rng.integers(radius + 4, height - radius - 4)))
+        cv2.circle(layer, centre, radius, 255, -1, cv2.LINE_AA)
+        strength, blur = rng.uniform(7.0, 12.0), 0.3 * radius
     else:
-        length = rng.uniform(0.15, 0.35) * short_side
+        straight = kind == "scratch"
+        length = rng.uniform(0.3, 0.6 if straight else 0.45) * short_side
         start = np.array([rng.uniform(0.15, 0.85) * width, rng.uniform(0.15, 0.85) * height])
         direction = rng.uniform(0, 2 * np.pi)
         points = [start]
-        segments = 1 if kind == "scratch" else int(rng.integers(4, 8))
+        segments = 1 if straight else int(rng.integers(4, 8))
         for _ in range(segments):
             # Cracks wander; scratches are nearly straight.
-            direction += rng.normal(0, 0.6 if kind == "crack" else 0.05)
+            direction += rng.normal(0, 0.05 if straight else 0.6)
             step = length / segments * np.array([np.cos(direction), np.sin(direction)])
             points.append(np.clip(points[-1] + step, 2, [width - 3, height - 3]))
-        cv2.polylines(layer, [np.round(points).astype(np.int32)], False, 255, 1, cv2.LINE_8)
-        strength = rng.uniform(7.0, 17.0) * contrast
-    mask = layer > 0
+        thickness = max(1, round(short_side / (128 if straight else 64)))
+        cv2.polylines(layer, [np.round(points).astype(np.int32)], False, 255, thickness, cv2.LINE_AA)
+        strength, blur = rng.uniform(6.0, 11.0), 0.7
+    profile = cv2.GaussianBlur(layer.astype(np.float32) / 255.0, (0, 0), blur)
+    profile /= max(float(profile.max()), 1e-6)
     # Defects are mostly darker than the surface (shadowed grooves), sometimes brighter.
     sign = -1.0 if rng.random() < 0.75 else 1.0
-    profile = cv2.GaussianBlur(layer.astype(np.float32) / 255.0, (0, 0), 0.6)
-    image += sign * strength * profile / max(profile.max(), 1e-6)
-    return mask
+    image += sign * strength * contrast * profile
+    return profile >= 0.5

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import average_precision_score
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline import distributed, losses, models, objectives, training_data
 from pipeline.artifacts import load_torch, output_dir, read_json, save_torch, write_csv, write_json
@@ -60,9 +61,22 @@ def learning_rate(epoch: float, params: TrainParams) -> float:
     A function of the position alone, with no scheduler state: a run resumed from a checkpoint
     takes the same rates as an uninterrupted one.
     """
-    if params.lr_schedule == "constant":
-        return params.lr
-    return params.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / params.epochs))
+    rate = params.lr
+    if params.lr_schedule == "cosine":
+        rate *= 0.5 * (1.0 + math.cos(math.pi * epoch / params.epochs))
+    if epoch < params.warmup_epochs:
+        rate *= 0.1 + 0.9 * epoch / params.warmup_epochs
+    return rate
+
+
+def weight_average(model: nn.Module, params: TrainParams, steps_per_epoch: int) -> AveragedModel | None:
+    """The exponential moving average of ``model``'s weights and buffers (batch-norm statistics
+    too, so that the average is a consistent network), or None without ``ema_epochs``."""
+    if not params.ema_epochs:
+        return None
+    # Per step, so that the time constant in epochs holds whatever the data set's size.
+    decay = math.exp(-1.0 / (params.ema_epochs * steps_per_epoch))
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 @dataclass
@@ -85,8 +99,14 @@ class FoldTraining:
     precision: Precision
     ranks: distributed.Ranks
     pin_memory: bool
+    average: AveragedModel | None = None  # with ema_epochs: what is monitored and saved
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 0
+
+    @property
+    def result(self) -> nn.Module:
+        """The network this training yields: the weights' moving average, or the weights."""
+        return self.average.module if self.average is not None else self.model
 
 
 def train(
@@ -119,7 +139,7 @@ def train(
         totals, seen = train_epoch(run, epoch)
         end_epoch(run, data, epoch, totals, seen, time.perf_counter() - started, on_epoch, checkpoint, fingerprint)
     # Saved in the contiguous layout whatever the path trained in: the same files for every reader.
-    return FP32.model(run.model).eval(), run.config, run.history
+    return FP32.model(run.result).eval(), run.config, run.history
 
 
 def set_up(data: PreparedData, fold: int, model_params: ModelParams, params: TrainParams,
@@ -132,7 +152,7 @@ def set_up(data: PreparedData, fold: int, model_params: ModelParams, params: Tra
     mean, std = pixel_stats(data.images[train_rows])
     config = {"kind": objective.kind, "backbone": model_params.backbone, "in_channels": model_params.in_channels,
               "mean": mean, "std": std, "height": int(data.images.shape[1]), "width": int(data.images.shape[2]),
-              **objective.config()}
+              **objective.config(), **({"test_time_flips": True} if model_params.test_time_flips else {})}
     torch.manual_seed(params.seed)
     model = build_model(config, deployed=False)
     if model_params.pretrained_weights:
@@ -144,11 +164,11 @@ def set_up(data: PreparedData, fold: int, model_params: ModelParams, params: Tra
     labels = data.labels
     pin_memory = model_params.pin_memory and device.type == "cuda"
     dataset = TrainingBatches(data.images, labels, config["in_channels"], mean, std, objective.step_tensors())
+    sampler = BalancedEpochs(data.index["label"].to_numpy()[train_rows], params.seed, params.sampling == "oversample")
     return FoldTraining(
-        fold, params, objective, config, model, model, optimizer,
-        BalancedEpochs(data.index["label"].to_numpy()[train_rows], params.seed),
+        fold, params, objective, config, model, model, optimizer, sampler,
         loader(dataset, model_params.num_workers, pin_memory), train_rows, test_rows, labels, device,
-        precision, ranks, pin_memory)
+        precision, ranks, pin_memory, weight_average(model, params, math.ceil(sampler.size / params.batch_size)))
 
 
 def resume(run: FoldTraining, checkpoint: Path | None, fingerprint: str, on_epoch: Callable[[dict], None]) -> None:
@@ -157,6 +177,8 @@ def resume(run: FoldTraining, checkpoint: Path | None, fingerprint: str, on_epoc
     if state is not None:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
+        if run.average is not None:
+            run.average.load_state_dict(state["average"])
         run.history, run.start_epoch = state["history"], state["epoch"] + 1
         if run.ranks.main:
             print(f"  resuming fold {run.fold} from its checkpoint after epoch {run.start_epoch}", flush=True)
@@ -187,6 +209,8 @@ def train_epoch(run: FoldTraining, epoch: int) -> tuple[list[float], int]:
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
+        if run.average is not None:
+            run.average.update_parameters(run.model)
         totals = [total + value * len(batch) for total, value in zip(totals, values)]
     return totals, len(order)
 
@@ -231,7 +255,7 @@ def end_epoch(run: FoldTraining, data: PreparedData, epoch: int, totals: list[fl
     if run.ranks.main and len(run.test_rows):
         # Monitoring only: the test fold never selects a model or stops training.
         priors = run.objective.inference_priors(run.test_rows)
-        scores = predict(run.model, run.config, data.images[run.test_rows], priors, run.params.batch_size * 2)
+        scores = predict(run.result, run.config, data.images[run.test_rows], priors, run.params.batch_size * 2)
         record["test_ap"] = _average_precision(run.labels[run.test_rows].numpy(), scores)
     record["seconds"] = seconds
     run.history.append(record)
@@ -239,6 +263,7 @@ def end_epoch(run: FoldTraining, data: PreparedData, epoch: int, totals: list[fl
         on_epoch(record)
         if checkpoint is not None:
             save_torch(checkpoint, {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                                    "average": run.average.state_dict() if run.average is not None else None,
                                     "history": run.history, "epoch": epoch, "fingerprint": fingerprint})
 
 

@@ -28,15 +28,20 @@ def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
 
 
 class BalancedEpochs:
-    """Epochs of all defective images plus as many defect-free ones, cycling through the latter.
+    """Epochs of as many defective as defect-free images, deterministic for a seed; the state is
+    the epoch number alone, which lets an interrupted run resume with the same order.
 
-    Defects are rare, so a plain epoch would teach the model that everything is fine. Each epoch
-    shows every defective image once and a fresh slice of defect-free images, so all of them are
-    seen over the run. Deterministic for a seed; the state is the epoch number alone, which lets
-    an interrupted run resume with the same order.
+    Defects are rare, so a plain epoch would teach the model that everything is fine. Two ways
+    to balance (``TrainParams.sampling``):
+    undersample: every defective image once and a fresh slice of as many defect-free ones, so all
+    of these are seen over the run: short epochs, whose number of steps does not grow with the
+    defect-free images.
+    oversample: every image once and the defective ones repeated to as many as the defect-free
+    ones: an epoch is a pass over the whole training set, as a plain epoch is, so a larger data
+    set trains longer.
     """
 
-    def __init__(self, labels: np.ndarray, seed: int) -> None:
+    def __init__(self, labels: np.ndarray, seed: int, oversample: bool = False) -> None:
         self.positives = np.flatnonzero(labels == 1)
         self.negatives = np.flatnonzero(labels == 0)
         if len(self.positives) == 0 or len(self.negatives) == 0:
@@ -45,17 +50,34 @@ class BalancedEpochs:
                 f"{len(self.negatives)} defect-free images: check the data set and its folds"
             )
         self.seed = seed
+        self.oversample = oversample
+
+    @property
+    def size(self) -> int:
+        """Images in every epoch."""
+        if self.oversample:
+            return 2 * max(len(self.positives), len(self.negatives))
+        return len(self.positives) + min(len(self.positives), len(self.negatives))
 
     def epoch(self, number: int) -> np.ndarray:
-        per_epoch = min(len(self.positives), len(self.negatives))
-        start = number * per_epoch
-        cycle, offset = divmod(start, len(self.negatives))
-        order = np.random.default_rng([self.seed, cycle]).permutation(self.negatives)
-        if offset + per_epoch > len(order):
-            following = np.random.default_rng([self.seed, cycle + 1]).permutation(self.negatives)
-            order = np.concatenate([order, following])
-        chosen = np.concatenate([self.positives, order[offset : offset + per_epoch]])
+        if self.oversample:
+            count = max(len(self.positives), len(self.negatives))
+            chosen = np.concatenate([_cycled(self.positives, count, number, [self.seed, 1]),
+                                     _cycled(self.negatives, count, number, [self.seed, 0])])
+        else:
+            per_epoch = min(len(self.positives), len(self.negatives))
+            chosen = np.concatenate([self.positives, _cycled(self.negatives, per_epoch, number, [self.seed])])
         return np.random.default_rng([self.seed, number, 7]).permutation(chosen)
+
+
+def _cycled(indices: np.ndarray, count: int, number: int, seed: list[int]) -> np.ndarray:
+    """The ``number``-th run of ``count`` items of an endless sequence of seeded permutations of
+    ``indices``: every item once per permutation, whatever the run length."""
+    cycle, offset = divmod(number * count, len(indices))
+    orders = []
+    while len(orders) * len(indices) < offset + count:
+        orders.append(np.random.default_rng([*seed, cycle + len(orders)]).permutation(indices))
+    return np.concatenate(orders)[offset : offset + count]
 
 
 def batches(positions: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:

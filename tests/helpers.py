@@ -29,7 +29,7 @@ def real_dataset(name: str) -> tuple[Path, pytest.MarkDecorator]:
 PROJECT_FILES = ["pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore"]
 
 SHRUNK = {
-    "prepare": {"width": 64, "height": 64, "synthetic": {"items": 12, "images_per_item": 4, "defect_ratio": 0.3}},
+    "prepare": {"width": 64, "height": 64, "synthetic": {"items": 12, "images_per_item": 4, "defect_ratio": 0.5}},
     "train_baseline": {"epochs": 1, "batch_size": 8},
     "train_guided": {"epochs": 2, "batch_size": 8},
     "saliency": {"overlays": 2},

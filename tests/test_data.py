@@ -47,3 +47,19 @@ def test_to_input_normalises_and_replicates_gray_for_three_channel_models():
     x = to_input(images, in_channels=3, mean=0.5, std=0.25)
     assert x.shape == (2, 3, 3, 3)
     assert torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def test_oversampled_epoch_holds_every_image_and_repeats_the_defects_evenly():
+    labels = np.array([1] * 5 + [0] * 23)
+    sampler = BalancedEpochs(labels, seed=3, oversample=True)
+    epochs = [sampler.epoch(number) for number in range(5)]
+    for epoch in epochs:
+        assert len(epoch) == sampler.size == 46
+        assert sorted(epoch[labels[epoch] == 0]) == list(range(5, 28))  # each defect-free image once
+        assert np.bincount(epoch[labels[epoch] == 1], minlength=5).min() >= 3  # 23 draws, ~4.6 each
+    seen = np.concatenate(epochs)
+    assert list(np.bincount(seen[labels[seen] == 1])) == [23] * 5  # evenly over the run: 5 x 23 draws
+    assert np.array_equal(sampler.epoch(2), BalancedEpochs(labels, seed=3, oversample=True).epoch(2))
+    assert not np.array_equal(sampler.epoch(2), sampler.epoch(3))
+    undersampled = BalancedEpochs(labels, seed=3)
+    assert undersampled.size == len(undersampled.epoch(0)) == 10

@@ -34,7 +34,10 @@ MODEL = ModelParams(device="cpu")
 # learning rate: on 32x32 noise, BatchNorm over 4 values per channel (layer4 is 1x1) makes
 # training at 0.01 chaotic, so that float rounding alone (one process against two, or one thread
 # against two) leads elsewhere within 4 steps; at 1e-4 the weights still move 100x the tolerance.
-PARAMS = TrainParams(epochs=2, batch_size=4, lr=1e-4, seed=0)
+# Four steps (undersampled epochs of 8 images): the tolerance holds over that few. On these noise
+# images the float differences between one and two processes grow with the steps whatever the
+# sampling (measured at 12 steps: up to 2-30% on batch-norm biases, undersampled or oversampled).
+PARAMS = TrainParams(epochs=2, batch_size=4, lr=1e-4, seed=0, sampling="undersample")
 CASES = ("baseline", "consistency", "teacher")
 # Float sums in another order (per process, then across processes) are all that differs.
 TOLERANCE = {"atol": 2e-6, "rtol": 1e-4}

@@ -62,6 +62,27 @@ def test_exported_graph_gives_predicts_scores_and_decisions_from_uint8_images(ti
     assert decisions.dtype == np.bool_ and np.array_equal(decisions, expected >= 0.4)
 
 
+@pytest.mark.parametrize("name", ["baseline", "teacher"])
+def test_test_time_flips_average_the_flipped_views_in_predict_and_in_the_export(tiny, tmp_path: Path,
+                                                                                 name: str) -> None:
+    paths, images = tiny
+    model, config = load_model(paths[name])
+    batch, priors = images[:6], None
+    if name == "teacher":  # the prior is flipped with its image
+        baseline, baseline_config = load_model(paths["baseline"])
+        priors = torch.from_numpy(saliency_maps(create_saliency("layercam", baseline), baseline_config, batch)[0])
+    flipped = {**config, "test_time_flips": True}
+    views = [predict(model, config, batch.flip(dims), priors.flip(dims) if priors is not None else None)
+             for dims in ((), (-1,), (-2,))]
+    averaged = predict(model, flipped, batch, priors)
+    np.testing.assert_allclose(averaged, np.mean(views, axis=0), rtol=0, atol=1e-6)
+    assert np.abs(averaged - views[0]).max() > 1e-4  # the flips change the scores of this model
+    out = tmp_path / f"{name}.onnx"
+    assert export(model, flipped, "onnx", out, threshold=0.5) <= 1e-4
+    scores, _ = run_exported(out, "onnx", (batch,) if priors is None else (batch, priors.unsqueeze(1)))
+    np.testing.assert_allclose(scores, averaged, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_parity_on_a_test_fold_of_prepared_images(tiny, prepared: Path, tmp_path: Path, fmt: str,
                                                   capsys: pytest.CaptureFixture) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from pipeline import datasets, training
 from pipeline.artifacts import atomic_path, load_torch, output_dir, read_json, save_torch
-from pipeline.config import ConfigError, GuidedParams, ModelParams, TrainParams, load_section
+from pipeline.config import ConfigError, GuidedParams, ModelParams, TrainParams, load_section, parse_section
 from pipeline.datasets import DataError, read_gray
 from pipeline.model_files import save_model
 from pipeline.objectives import Objective
@@ -82,17 +82,18 @@ def test_same_seed_gives_identical_metrics_and_weights(data: PreparedData, refer
     assert without_timings(other_seed) != without_timings(history)
 
 
-@pytest.mark.parametrize("is_guided, lr_schedule", [(False, "constant"), (True, "constant"), (False, "cosine")],
-                         ids=["baseline", "guided", "baseline-cosine-lr"])
+@pytest.mark.parametrize("is_guided, update", [
+    (False, {}), (True, {}), (False, {"lr_schedule": "cosine"}), (True, {"ema_epochs": 1.0, "warmup_epochs": 1.5})],
+    ids=["baseline", "guided", "baseline-cosine-lr", "guided-ema-warmup"])
 def test_run_interrupted_mid_training_resumes_to_the_uninterrupted_result(
-    is_guided: bool, lr_schedule: str, data: PreparedData, reference, tmp_path: Path, capsys: pytest.CaptureFixture
+    is_guided: bool, update: dict, data: PreparedData, reference, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    params, guidance = PARAMS.model_copy(update={"lr_schedule": lr_schedule}), None
+    params, guidance = PARAMS.model_copy(update=update), None
     if is_guided:
         priors = torch.from_numpy(np.random.default_rng(1).random(data.images.shape, dtype=np.float32))
         params = GuidedParams(**params.model_dump())
         guidance = guided(params, priors, (priors > 0.8).float())
-    if is_guided or lr_schedule != PARAMS.lr_schedule:
+    if is_guided or update:
         uninterrupted, _, uninterrupted_history = train(data, 0, MODEL, params, guidance)
         reference = (uninterrupted, uninterrupted_history)
     checkpoint = tmp_path / "fold0.pt"
@@ -123,6 +124,52 @@ def test_cosine_learning_rate_decays_to_zero_batch_by_batch_and_changes_training
     assert [record["lr"] for record in reference[1]] == [PARAMS.lr] * 3
     assert history[1]["loss"] != reference[1][1]["loss"]
     assert not same_weights(model.state_dict(), reference[0].state_dict())
+
+
+def test_warm_up_ramps_the_learning_rate_from_a_tenth_then_follows_the_schedule() -> None:
+    warm = PARAMS.model_copy(update={"epochs": 4, "lr": 0.2, "warmup_epochs": 2.0})
+    assert [learning_rate(t, warm) for t in (0, 1, 1.5, 2, 3.5)] == pytest.approx([0.02, 0.11, 0.155, 0.2, 0.2])
+    cosine = warm.model_copy(update={"lr_schedule": "cosine"})
+    assert learning_rate(1, cosine) == pytest.approx(0.55 * 0.2 * (1 + 2 ** -0.5) / 2)
+    assert learning_rate(3, cosine) == pytest.approx(learning_rate(3, cosine.model_copy(update={"warmup_epochs": 0})))
+
+
+def test_variance_params_are_validated_with_a_message_naming_them() -> None:
+    for section, values, message in [
+        ("train_baseline", {"warmup_epochs": -1}, "train_baseline.warmup_epochs"),
+        ("train_guided", {"epochs": 4, "warmup_epochs": 4}, "warmup_epochs .4.0. must be below epochs .4."),
+        ("train_guided", {"ema_epochs": "long"}, "train_guided.ema_epochs"),
+        ("train_baseline", {"sampling": "balanced"}, "train_baseline.sampling"),
+        ("model", {"test_time_flips": "maybe"}, "model.test_time_flips"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_section(section, values)
+
+
+def test_weight_average_is_the_saved_model_and_is_an_exponential_average_per_step(data: PreparedData, reference) -> None:
+    """With ema_epochs the saved weights are the average, not the last ones: rebuilt here from
+    the per-step weights of a plain run with the same seed (the averaging never feeds back)."""
+    steps: list[list[torch.Tensor]] = []
+    original_step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        result = original_step(self, *args, **kwargs)
+        steps.append([p.detach().clone() for p in self.param_groups[0]["params"]])
+        return result
+
+    averaged = PARAMS.model_copy(update={"ema_epochs": 0.5})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.SGD, "step", recording_step)
+        model, _, history = train(data, 0, MODEL, averaged)
+    decay = np.exp(-1 / (0.5 * len(steps) / PARAMS.epochs))
+    expected = steps[0][0]  # the average starts at the weights after the first step
+    for weights in steps[1:]:
+        expected = decay * expected + (1 - decay) * weights[0]
+    saved = next(model.parameters())
+    assert torch.allclose(saved, expected, atol=1e-6)
+    assert not torch.allclose(saved, steps[-1][0], atol=1e-4)  # not the last weights
+    assert [r["loss"] for r in history] == [r["loss"] for r in reference[1]]  # training itself is unchanged
+    assert [r["test_ap"] for r in history] != [r["test_ap"] for r in reference[1]]  # the average is monitored
 
 
 def test_checkpoint_of_other_params_or_unreadable_is_not_resumed(

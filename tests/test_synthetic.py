@@ -40,3 +40,15 @@ def test_defects_change_the_pixels_under_their_mask():
     for a, b in zip(plain, strong):
         if b.label:
             assert np.abs(b.image[b.mask].astype(int) - a.image[a.mask].astype(int)).mean() > 10
+
+
+def test_defects_are_sized_like_real_ones_at_the_prepared_size():
+    """Several pixels of defect at 128x128 (pits a few pixels across, grooves long), so that a
+    saliency map at stride 8 or 16 has something to find; still a small part of the surface."""
+    images = [i for i in make(items=40, width=128, height=128) if i.label]
+    assert {i.kind for i in images} == {"scratch", "crack", "pit"}
+    for image in images:
+        rows, cols = np.nonzero(image.mask)
+        extent = max(np.ptp(rows), np.ptp(cols)) + 1
+        assert extent >= (4 if image.kind == "pit" else 20), (image.id, image.kind, extent)
+        assert 9 <= image.mask.sum() <= 0.02 * image.mask.size

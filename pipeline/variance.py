@@ -1,0 +1,108 @@
+"""A paired ablation of the two remedies for seed-to-seed spread that leave training unchanged:
+averaged weights (``ema_epochs``) and test-time flips (``model.test_time_flips``).
+
+The moving average never feeds back into the steps and the flips only change how a model is
+scored, so one training run per fold and seed yields every combination: the last weights and
+the averages of several time constants, each scored with and without flips, on the same test
+fold. The baseline's training params come from ``params.yaml`` (``train_baseline``, ``model``):
+
+    python -m pipeline.variance data/prepared --seeds 0,1,2 --ema-epochs 1,3,10 \\
+        --out results/kolektorsdd/variance
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pandas as pd
+from sklearn.metrics import average_precision_score
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from pipeline.artifacts import write_bytes, write_csv
+from pipeline.config import ModelParams, TrainParams, load_section
+from pipeline.devices import FP32
+from pipeline.inference import predict
+from pipeline.objectives import Objective
+from pipeline.prepared import PreparedData
+from pipeline.progress import log_line
+from pipeline.training import set_up, train_epoch, weight_average
+
+LAST = "last weights"
+
+
+class _Averages:
+    """Several moving averages updated by the loop's one ``update_parameters`` call per step."""
+
+    def __init__(self, averages: dict[str, AveragedModel]) -> None:
+        self.averages = averages
+
+    def update_parameters(self, model: nn.Module) -> None:
+        for average in self.averages.values():
+            average.update_parameters(model)
+
+
+def fold_scores(data: PreparedData, fold: int, model_params: ModelParams, params: TrainParams,
+                ema_epochs: list[float]) -> list[dict]:
+    """Train the baseline of ``fold`` once; the test AP of its last weights and of each average,
+    with and without test-time flips."""
+    run = set_up(data, fold, model_params, params, Objective())
+    steps = math.ceil(run.sampler.size / params.batch_size)
+    averages = {f"EMA {epochs:g} epochs": weight_average(run.model, params.model_copy(update={"ema_epochs": epochs}),
+                                                         steps) for epochs in ema_epochs}
+    run.average = _Averages(averages)
+    for epoch in range(params.epochs):
+        train_epoch(run, epoch)
+    labels = run.labels[run.test_rows].numpy()
+    rows = []
+    for weights, model in {LAST: run.model, **{k: a.module for k, a in averages.items()}}.items():
+        model = FP32.model(model)
+        for flips in (False, True):
+            scores = predict(model, {**run.config, "test_time_flips": flips}, data.images[run.test_rows], None,
+                             params.batch_size * 2)
+            rows.append({"seed": params.seed, "fold": fold, "weights": weights, "test_time_flips": flips,
+                         "ap": float(average_precision_score(labels, scores))})
+    return rows
+
+
+def summary_table(rows: pd.DataFrame) -> str:
+    """Markdown: AP per combination, mean over folds then seeds ± std over seeds, and per seed."""
+    per_seed = rows.groupby(["weights", "test_time_flips", "seed"], sort=False)["ap"].mean().unstack("seed")
+    lines = ["| weights | test-time flips | AP % (mean ± std over seeds) | per seed |", "| --- | --- | --- | --- |"]
+    for (weights, flips), seeds in per_seed.iterrows():
+        values = 100 * seeds.to_numpy()
+        spread = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
+        lines.append(f"| {weights} | {'yes' if flips else 'no'} | {values.mean():.2f}{spread} | "
+                     f"{' / '.join(f'{v:.1f}' for v in values)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.variance", description=__doc__.split("\n\n")[0])
+    parser.add_argument("prepared", type=Path, help="a prepared data set (data/prepared)")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
+    parser.add_argument("--ema-epochs", default="1,3,10", help="comma-separated time constants, in epochs")
+    parser.add_argument("--out", type=Path, required=True, help="folder for ablation.csv and ablation.md")
+    args = parser.parse_args(argv)
+    data = PreparedData.load(args.prepared)
+    model_params, params = load_section("model"), load_section("train_baseline")
+    ema_epochs = [float(value) for value in args.ema_epochs.split(",")]
+    rows: list[dict] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for seed in (int(value) for value in args.seeds.split(",")):
+        for fold in data.folds:
+            new = fold_scores(data, fold, model_params, params.model_copy(update={"seed": seed}), ema_epochs)
+            log_line(f"seed {seed} fold {fold}: " + ", ".join(
+                f"{r['weights']}{' +flips' if r['test_time_flips'] else ''} {r['ap']:.3f}" for r in new))
+            rows += new
+            # After every fold: a long ablation cut short keeps what it measured.
+            write_csv(args.out / "ablation.csv", pd.DataFrame(rows))
+            write_bytes(args.out / "ablation.md", summary_table(pd.DataFrame(rows)).encode())
+    print(summary_table(pd.DataFrame(rows)), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
