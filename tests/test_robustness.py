@@ -267,14 +267,15 @@ class NoTracking:
 def test_non_finite_loss_or_weights_stop_training_naming_where_and_write_no_model(
     weights: bool, call: int, message: str, data: PreparedData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 16 training images, 4 defective: balanced epochs of 8 images, 2 batches of 4.
+    # 16 training images, 4 defective: undersampled epochs of 8 images, 2 batches of 4.
+    params = PARAMS.model_copy(update={"sampling": "undersample"})
     build = training.build_model
     monkeypatch.setattr(training, "build_model",
                         lambda config, **kwargs: BreakAtTrainingCall(build(config, **kwargs), call, weights))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TrainingDiverged, match=message):
         with output_dir(tmp_path / "baseline") as out:
-            train_folds(data, MODEL, PARAMS, lambda data, fold: Objective(), tmp_path / "checkpoints",
+            train_folds(data, MODEL, params, lambda data, fold: Objective(), tmp_path / "checkpoints",
                         run=NoTracking(), out=out)
     assert not (tmp_path / "baseline").exists()
     assert leftovers(tmp_path) == []
