@@ -168,7 +168,7 @@ def set_up(data: PreparedData, fold: int, model_params: ModelParams, params: Tra
     return FoldTraining(
         fold, params, objective, config, model, model, optimizer, sampler,
         loader(dataset, model_params.num_workers, pin_memory), train_rows, test_rows, labels, device,
-        precision, ranks, pin_memory, weight_average(model, params, math.ceil(sampler.size / params.batch_size)))
+        precision, ranks, pin_memory, weight_average(model, params, sampler.steps(params.batch_size)))
 
 
 def resume(run: FoldTraining, checkpoint: Path | None, fingerprint: str, on_epoch: Callable[[dict], None]) -> None:

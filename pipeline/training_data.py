@@ -7,6 +7,7 @@ images' normalisation) serves inference too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -58,6 +59,10 @@ class BalancedEpochs:
         if self.oversample:
             return 2 * max(len(self.positives), len(self.negatives))
         return len(self.positives) + min(len(self.positives), len(self.negatives))
+
+    def steps(self, batch_size: int) -> int:
+        """Optimiser steps in every epoch (the last batch may be short)."""
+        return math.ceil(self.size / batch_size)
 
     def epoch(self, number: int) -> np.ndarray:
         if self.oversample:

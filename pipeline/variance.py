@@ -13,7 +13,6 @@ fold. The baseline's training params come from ``params.yaml`` (``train_baseline
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -49,7 +48,7 @@ def fold_scores(data: PreparedData, fold: int, model_params: ModelParams, params
     """Train the baseline of ``fold`` once; the test AP of its last weights and of each average,
     with and without test-time flips."""
     run = set_up(data, fold, model_params, params, Objective())
-    steps = math.ceil(run.sampler.size / params.batch_size)
+    steps = run.sampler.steps(params.batch_size)
     averages = {f"EMA {epochs:g} epochs": weight_average(run.model, params.model_copy(update={"ema_epochs": epochs}),
                                                          steps) for epochs in ema_epochs}
     run.average = _Averages(averages)
