@@ -23,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 from pipeline.artifacts import write_bytes, write_csv
 from pipeline.config import ModelParams, TrainParams, load_section
 from pipeline.devices import FP32
+from pipeline.errors import InputError
 from pipeline.inference import predict
 from pipeline.objectives import Objective
 from pipeline.prepared import PreparedData
@@ -30,6 +31,10 @@ from pipeline.progress import log_line
 from pipeline.training import set_up, train_epoch, weight_average
 
 LAST = "last weights"
+
+
+def average_name(epochs: float) -> str:
+    return f"EMA {epochs:g} epochs"
 
 
 class _Averages:
@@ -49,7 +54,7 @@ def fold_scores(data: PreparedData, fold: int, model_params: ModelParams, params
     with and without test-time flips."""
     run = set_up(data, fold, model_params, params, Objective())
     steps = run.sampler.steps(params.batch_size)
-    averages = {f"EMA {epochs:g} epochs": weight_average(run.model, params.model_copy(update={"ema_epochs": epochs}),
+    averages = {average_name(epochs): weight_average(run.model, params.model_copy(update={"ema_epochs": epochs}),
                                                          steps) for epochs in ema_epochs}
     run.average = _Averages(averages)
     for epoch in range(params.epochs):
@@ -63,6 +68,19 @@ def fold_scores(data: PreparedData, fold: int, model_params: ModelParams, params
                              params.batch_size * 2)
             rows.append({"seed": params.seed, "fold": fold, "weights": weights, "test_time_flips": flips,
                          "ap": float(average_precision_score(labels, scores))})
+    return rows
+
+
+def measured_rows(path: Path, ema_epochs: list[float]) -> list[dict]:
+    """The rows an earlier, interrupted call wrote to ``path``, so that a rerun trains only the
+    folds still missing; refused if that call measured other averages."""
+    if not path.is_file():
+        return []
+    rows = pd.read_csv(path).to_dict("records")
+    expected = {LAST, *(average_name(epochs) for epochs in ema_epochs)}
+    if (found := {row["weights"] for row in rows}) != expected:
+        raise InputError(f"{path} holds {', '.join(sorted(found))}, not the {', '.join(sorted(expected))} that "
+                         "--ema-epochs asks for: give the same --ema-epochs as before, or another --out")
     return rows
 
 
@@ -88,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     data = PreparedData.load(args.prepared)
     model_params, params = load_section("model"), load_section("train_baseline")
     ema_epochs = [float(value) for value in args.ema_epochs.split(",")]
-    rows: list[dict] = []
+    rows = measured_rows(args.out / "ablation.csv", ema_epochs)
+    done = {(row["seed"], row["fold"]) for row in rows}
     args.out.mkdir(parents=True, exist_ok=True)
     for seed in (int(value) for value in args.seeds.split(",")):
         for fold in data.folds:
+            if (seed, fold) in done:
+                continue
             new = fold_scores(data, fold, model_params, params.model_copy(update={"seed": seed}), ema_epochs)
             log_line(f"seed {seed} fold {fold}: " + ", ".join(
                 f"{r['weights']}{' +flips' if r['test_time_flips'] else ''} {r['ap']:.3f}" for r in new))

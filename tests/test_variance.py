@@ -38,23 +38,31 @@ def test_summary_gives_mean_and_spread_over_seeds_of_the_fold_means() -> None:
     assert "| last weights | no | 80.00 ± 14.14 | 90.0 / 70.0 |" in summary_table(rows)
 
 
-def test_command_writes_the_table_after_every_fold(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_command_writes_the_table_after_every_fold_and_a_rerun_trains_only_the_missing_folds(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline import variance
 
     calls = []
 
     def one_fold(data, fold, model_params, params, ema_epochs):
-        calls.append(fold)
+        calls.append((params.seed, fold))
         if len(calls) == 2:  # cut short in the second fold: the first is on disk
             assert "| last weights | no |" in (tmp_path / "out" / "ablation.md").read_text()
             raise KeyboardInterrupt
-        return [{"seed": params.seed, "fold": fold, "weights": LAST, "test_time_flips": False, "ap": 0.5}]
+        return [{"seed": params.seed, "fold": fold, "weights": weights, "test_time_flips": False, "ap": 0.5}
+                for weights in (LAST, "EMA 2 epochs")]
 
     monkeypatch.setattr(variance, "fold_scores", one_fold)
     monkeypatch.setattr(variance.PreparedData, "load", staticmethod(lambda path: noise_data()))
     monkeypatch.setattr(variance.PreparedData, "folds", property(lambda self: [0, 1]))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("train_baseline: {epochs: 1}\n")
+    command = ["data/prepared", "--seeds", "0", "--ema-epochs", "2", "--out", str(tmp_path / "out")]
     with pytest.raises(KeyboardInterrupt):
-        variance.main(["data/prepared", "--seeds", "0", "--out", str(tmp_path / "out")])
-    assert pd.read_csv(tmp_path / "out" / "ablation.csv")["fold"].tolist() == [0]
+        variance.main(command)
+    assert pd.read_csv(tmp_path / "out" / "ablation.csv")["fold"].tolist() == [0, 0]
+    variance.main(command)
+    assert calls == [(0, 0), (0, 1), (0, 1)]
+    assert pd.read_csv(tmp_path / "out" / "ablation.csv")["fold"].tolist() == [0, 0, 1, 1]
+    with pytest.raises(variance.InputError, match="EMA 3 epochs.*give the same --ema-epochs"):
+        variance.main(command[:4] + ["3"] + command[5:])
