@@ -120,6 +120,9 @@ class TrainParams(Section):
     ema_epochs: float = Field(
         0.0, ge=0, description="time constant, in epochs, of an exponential moving average of the weights, which "
         "becomes the saved model; 0 = none (the last weights are saved)")
+    monitor_every: int = Field(
+        1, ge=1, le=10_000, description="the test fold is scored after every N-th epoch and after the last (monitoring "
+        "only: it never selects a model); each scoring is a forward pass over the test fold, three with flips")
     seed: int = SEED
 
     @model_validator(mode="after")

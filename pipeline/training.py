@@ -250,9 +250,9 @@ def end_epoch(run: FoldTraining, data: PreparedData, epoch: int, totals: list[fl
               "seg_weight": run.objective.seg_weight(epoch),
               **{name: total / seen for name, total in zip(LOSSES, totals)}}
     record["test_ap"] = math.nan
-    # A model trained on every image (the release) has no test fold: its test AP stays NaN,
-    # which MLflow logging skips and the epoch line shows as nan.
-    if run.ranks.main and len(run.test_rows):
+    # A model trained on every image (the release) has no test fold, and epochs between two
+    # scorings are not monitored: their test AP stays NaN, which MLflow logging and the epoch line skip.
+    if run.ranks.main and len(run.test_rows) and monitored(epoch, run.params):
         # Monitoring only: the test fold never selects a model or stops training.
         priors = run.objective.inference_priors(run.test_rows)
         scores = predict(run.result, run.config, data.images[run.test_rows], priors, run.params.batch_size * 2)
@@ -265,6 +265,11 @@ def end_epoch(run: FoldTraining, data: PreparedData, epoch: int, totals: list[fl
             save_torch(checkpoint, {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                                     "average": run.average.state_dict() if run.average is not None else None,
                                     "history": run.history, "epoch": epoch, "fingerprint": fingerprint})
+
+
+def monitored(epoch: int, params: TrainParams) -> bool:
+    """Whether the test fold is scored after ``epoch`` (0-based): every ``monitor_every``-th and the last."""
+    return (epoch + 1) % params.monitor_every == 0 or epoch + 1 == params.epochs
 
 
 def _resumable_state(checkpoint: Path | None, fingerprint: str) -> dict | None:
@@ -291,7 +296,9 @@ def format_epoch(record: dict) -> str:
     parts = [f"fold {record['fold']}", f"epoch {record['epoch']:3d}", f"loss {record['loss']:.4f}"]
     if record.get("seg_weight"):
         parts.append(f"seg {record['seg_loss']:.4f} (λ={record['seg_weight']:.2f})")
-    parts += [f"test AP {record['test_ap']:.4f}", f"{record['seconds']:.1f}s"]
+    if math.isfinite(record["test_ap"]):  # NaN: an epoch not monitored, or a release without a test fold
+        parts.append(f"test AP {record['test_ap']:.4f}")
+    parts.append(f"{record['seconds']:.1f}s")
     return "  " + " | ".join(parts)
 
 

@@ -17,7 +17,7 @@ from helpers import ROOT
 from pipeline.progress import log_line, progress
 
 WORKER = [sys.executable, str(ROOT / "tests/progress_worker.py")]
-EPOCH_LINE = re.compile(r"^  fold [01] \| epoch +[123] \| loss \d+\.\d{4} \| test AP (\d+\.\d{4}|nan) \| \d+\.\d+s$")
+EPOCH_LINE = re.compile(r"^  fold [01] \| epoch +[123] \| loss \d+\.\d{4}( \| test AP \d+\.\d{4})? \| \d+\.\d+s$")
 # tqdm's "n/total [elapsed<remaining, rate]"
 BAR = r"{n}/{total} \[\d\d:\d\d<\d\d:\d\d, +(\d+\.\d+|\?)({unit}/s|s/{unit})\]"
 

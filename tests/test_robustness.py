@@ -134,6 +134,16 @@ def test_warm_up_ramps_the_learning_rate_from_a_tenth_then_follows_the_schedule(
     assert learning_rate(3, cosine) == pytest.approx(learning_rate(3, cosine.model_copy(update={"warmup_epochs": 0})))
 
 
+def test_monitoring_every_other_epoch_scores_the_test_fold_then_and_at_the_end_and_trains_the_same(
+        data: PreparedData, reference) -> None:
+    model, _, history = train(data, 0, MODEL, PARAMS.model_copy(update={"monitor_every": 2}))
+    aps = [r["test_ap"] for r in history]
+    assert np.isnan(aps[0]) and aps[1:] == [r["test_ap"] for r in reference[1]][1:]  # epochs 2 and 3 (the last)
+    assert same_weights(model.state_dict(), reference[0].state_dict())
+    assert "test AP" not in training.format_epoch(history[0]) and "test AP" in training.format_epoch(history[1])
+    assert summarize(history)["test_ap_mean"] == pytest.approx(aps[-1])
+
+
 def test_variance_params_are_validated_with_a_message_naming_them() -> None:
     for section, values, message in [
         ("train_baseline", {"warmup_epochs": -1}, "train_baseline.warmup_epochs"),
@@ -141,6 +151,7 @@ def test_variance_params_are_validated_with_a_message_naming_them() -> None:
         ("train_guided", {"ema_epochs": "long"}, "train_guided.ema_epochs"),
         ("train_baseline", {"sampling": "balanced"}, "train_baseline.sampling"),
         ("model", {"test_time_flips": "maybe"}, "model.test_time_flips"),
+        ("train_guided", {"monitor_every": 0}, "train_guided.monitor_every"),
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_section(section, values)
