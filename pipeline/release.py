@@ -24,7 +24,7 @@ import pandas as pd
 from pipeline import layout
 from pipeline.artifacts import read_json, write_json, write_map
 from pipeline.config import GuidedParams, ModelParams, PseudoLabelParams, ReleaseParams, SaliencyParams, TrainParams
-from pipeline.devices import pick_device
+from pipeline.devices import pick_device, resolve_precision
 from pipeline.errors import InputError, MissingInputError, PipelineError
 from pipeline.metrics import MetricsError, gate_failures, operating_point_summary
 from pipeline.model_files import load_model, save_model
@@ -123,8 +123,10 @@ def write_guidance(data: PreparedData, baseline_file: Path, sections: ReleaseSec
     """The release baseline's saliency maps and pseudo-masks, written as the saliency and
     pseudo_labels stages write a fold's (``out/{saliency,pseudo_masks}/fold0/``), so that the
     guided model reads them through ``objectives.load_guidance`` as the fold models do."""
-    model, config = load_model(baseline_file, pick_device(sections.model.device))
-    method = create_saliency(sections.saliency.method, model, sections.saliency.layers)
+    device = pick_device(sections.model.device)
+    precision = resolve_precision(sections.model.precision, device)  # as the saliency stage computes
+    model, config = load_model(baseline_file, device)
+    method = create_saliency(sections.saliency.method, precision.model(model), sections.saliency.layers, precision)
     maps, _, _ = saliency_maps(method, config, data.images, sections.saliency.batch_size)
     ids = data.index["id"].tolist()
     for image_id, saliency in zip(ids, maps):
@@ -187,6 +189,8 @@ def run_release(sections: ReleaseSections, paths: ReleasePaths) -> None:
     fingerprint = release_fingerprint(sections, *(folder / "run.json" for folder in (paths.prepared, paths.evaluation)))
     with stage_run("release", sections.logged(), dataset=dataset) as run:
         run.link_upstream(paths.prepared, paths.evaluation)
+        device = pick_device(sections.model.device)
+        run.tag_compute(device, resolve_precision(sections.model.precision, device))
         with output_dir(paths.out) as out:
             files = train_release(data, sections, out, paths.checkpoints, fingerprint, run)
             write_json(out / layout.OPERATING_POINT, point)

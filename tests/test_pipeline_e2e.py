@@ -114,6 +114,10 @@ def test_mlflow_holds_one_run_per_stage_and_both_registered_models(project: Path
         assert run.info.status == "FINISHED", stage
         assert run.data.metrics, f"{stage} logged no metrics"
         assert run.data.tags["git_commit"] != "unknown"
+    computed = {stage: run.data.tags.get("compute.precision") for stage, (run,) in by_stage.items()}
+    resolved = resolve_precision("auto", torch.device("cpu")).name  # the shrunk config asks for auto
+    assert computed == {**{stage: None for stage in STAGES}, **{stage: resolved for stage in (
+        "train_baseline", "saliency", "train_guided", "evaluate", "release")}}
     # One `dvc repro` is one pipeline run: all stages share its id.
     assert len({run.data.tags["pipeline_run"] for run in runs}) == 1
     evaluation = by_stage["evaluate"][0]
