@@ -5,8 +5,8 @@
     python -m pipeline.sweep summarize prepare.defective_images results/kolektorsdd/defective_images
 
 ``run`` queues every (value, seed) point not done yet as a named experiment
-(``dvc exp run --queue -n <point> -S <param>=<value> -S seed=<seed>``), starts ``-j`` queue
-workers (``dvc queue start``), waits for the points, then saves each finished point's params,
+(``dvc exp run --queue -n <point> -S <param>=<value> -S seed=<seed> evaluate``: up to the
+evaluation, not the release), starts ``-j`` queue workers (``dvc queue start``), waits for the points, then saves each finished point's params,
 metrics and scores in ``<out>/runs/<name>/`` (a few small files) and summarizes. The top-level
 ``seed`` sets every seed that varies between repetitions (pipeline/config.py: DERIVED_SEEDS);
 the folds stay the same. Interrupted (the command killed, a point failed), it goes on where it
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from pipeline import layout
 from pipeline.artifacts import output_dir, read_json, write_csv
 from pipeline.config import DERIVED_SEEDS, PARAMS_FILE, RUN_SEED, ConfigError, parse_params
 from pipeline.errors import MissingInputError
@@ -40,6 +41,11 @@ from pipeline.progress import log_line, progress
 from pipeline.visualisation import plot_metric_vs_count, results_table_markdown
 
 # Files of a finished experiment kept per point; metrics (data/metrics/*.json) are added to them.
+# A point runs up to the evaluation: the release would train both models once more on every image,
+# which no summary reads (at 256x704 on a CPU, as long again as the folds).
+LAST_STAGE = "evaluate"
+# ...so a point's commit holds the release metrics of the commit it started from, not its own.
+STALE_METRICS = layout.metrics_file("release").name
 POINT_FILES = ("params.yaml", "data/evaluation/scores.csv", "data/evaluation/results.md")
 # Executor states of `dvc exp show --json` in which a point needs no new queue entry.
 PENDING = ("queued", "running")
@@ -155,7 +161,7 @@ def queue_points(points: dict[str, list[str]], states: dict[str, Experiment]) ->
         if state == "failed":
             _dvc("queue", "remove", name)  # frees the name for the new entry
         print(f"[sweep] {name}: queued", flush=True)
-        _dvc("exp", "run", "--queue", "-n", name, *[arg for item in overrides for arg in ("-S", item)])
+        _dvc("exp", "run", "--queue", "-n", name, *[arg for item in overrides for arg in ("-S", item)], LAST_STAGE)
         queued.append(name)
     return queued
 
@@ -191,7 +197,8 @@ def save_point(dest: Path, rev: str) -> None:
     metrics = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:data/metrics"], capture_output=True,
                              text=True, check=True).stdout.split()
     with output_dir(dest) as building:
-        for path in [*POINT_FILES, *(f"data/metrics/{name}" for name in metrics if name.endswith(".json"))]:
+        for path in [*POINT_FILES, *(f"data/metrics/{name}" for name in metrics
+                                    if name.endswith(".json") and name != STALE_METRICS)]:
             with dvc.api.open(path, repo=".", rev=rev, mode="rb") as source:
                 (building / Path(path).name).write_bytes(source.read())
 

@@ -167,15 +167,21 @@ def test_exp_run_with_a_saliency_param_reruns_saliency_onwards_never_baseline_tr
 @pytest.mark.slow
 def test_sweep_runs_each_point_as_an_experiment_saves_it_and_plots_ap_against_the_count(project: Path) -> None:
     # Last in this module: the project has been reproduced, so the first point reruns nothing.
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("knowledge-guided")
+    releases = len(client.search_runs([experiment.experiment_id], "tags.stage = 'release'"))
     command = [sys.executable, "-m", "pipeline.sweep", "run", "pseudo_labels.true_masks", "0,all",
                "--out", "sweep"]
     result = subprocess.run(command, cwd=project, env=project_env(project), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
+    # A point runs up to the evaluation, never the release (which no summary reads).
+    assert len(client.search_runs([experiment.experiment_id], "tags.stage = 'release'")) == releases
     runs = sorted(path.name for path in (project / "sweep/runs").iterdir())
     assert runs == ["true-masks-0-seed0", "true-masks-all-seed0"]
     for run in runs:
-        assert {"params.yaml", "evaluate.json", "prepare.json", "pseudo_labels.json", "scores.csv"} <= {
-            path.name for path in (project / "sweep/runs" / run).iterdir()}
+        saved = {path.name for path in (project / "sweep/runs" / run).iterdir()}
+        assert {"params.yaml", "evaluate.json", "prepare.json", "pseudo_labels.json", "scores.csv"} <= saved
+        assert "release.json" not in saved  # the release did not run for the point
     summary = pd.read_csv(project / "sweep/summary.csv")
     assert sorted(summary["model"]) == ["baseline", "baseline", "guided", "guided"]
     assert summary["true_masks"].min() == 0 and summary["true_masks"].max() > 0
@@ -185,7 +191,5 @@ def test_sweep_runs_each_point_as_an_experiment_saves_it_and_plots_ap_against_th
     # A rerun keeps the finished points instead of training again.
     again = subprocess.run(command, cwd=project, env=project_env(project), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done before, kept") == 2
-    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("knowledge-guided")
     sweeps = client.search_runs([experiment.experiment_id], "tags.stage = 'sweep'")
     assert sweeps and "summary.csv" in {item.path for item in client.list_artifacts(sweeps[0].info.run_id)}
