@@ -190,7 +190,7 @@ def run_release(sections: ReleaseSections, paths: ReleasePaths) -> None:
     with stage_run("release", sections.logged(), dataset=dataset) as run:
         run.link_upstream(paths.prepared, paths.evaluation)
         device = pick_device(sections.model.device)
-        run.tag_compute(device, resolve_precision(sections.model.precision, device))
+        run.tag_compute(str(device), resolve_precision(sections.model.precision, device).name)
         with output_dir(paths.out) as out:
             files = train_release(data, sections, out, paths.checkpoints, fingerprint, run)
             write_json(out / layout.OPERATING_POINT, point)

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps CI logs readable
 
@@ -28,11 +28,6 @@ from pydantic import BaseModel  # noqa: E402
 from pipeline.artifacts import read_json, write_json  # noqa: E402
 from pipeline.config import project_root  # noqa: E402
 from pipeline.errors import SetupError  # noqa: E402
-
-if TYPE_CHECKING:
-    import torch
-
-    from pipeline.devices import Precision
 
 DEFAULT_EXPERIMENT = "knowledge-guided"
 LINEAGE_FILE = "run.json"
@@ -202,10 +197,10 @@ class StageRun:
         else:
             mlflow.log_artifact(str(path), artifact_path=folder)
 
-    def tag_compute(self, device: torch.device, precision: Precision) -> None:
-        """Tag the run with the device and precision it computed in: the params hold what was asked
-        (``model.precision: auto``), these what that resolved to on this machine."""
-        mlflow.set_tags({"compute.device": str(device), "compute.precision": precision.name})
+    def tag_compute(self, device: str, precision: str) -> None:
+        """Tag the run with the device and precision (``Precision.name``) it computed in: the params
+        hold what was asked (``model.precision: auto``), these what that resolved to on this machine."""
+        mlflow.set_tags({"compute.device": device, "compute.precision": precision})
 
     def link_upstream(self, *output_dirs: str | Path) -> dict[str, str]:
         """Tag this run with the MLflow runs that produced the given stage outputs."""

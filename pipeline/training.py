@@ -337,7 +337,7 @@ def run_training_stage(stage: TrainingStage, model_params: ModelParams, params: 
             return
         with stage_run(stage.name, sections, dataset=dataset) as run:
             run.link_upstream(*stage.upstream)
-            run.tag_compute(device, resolve_precision(model_params.precision, device))
+            run.tag_compute(str(device), resolve_precision(model_params.precision, device).name)
             with output_dir(stage.out) as out:
                 history = train_folds(data, model_params, params, objective_for, stage.checkpoints, fingerprint,
                                       run, out)

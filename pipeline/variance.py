@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             # After every fold: a long ablation cut short keeps what it measured.
             write_csv(args.out / "ablation.csv", pd.DataFrame(rows))
             write_bytes(args.out / "ablation.md", summary_table(pd.DataFrame(rows)).encode())
-    print(summary_table(pd.DataFrame(rows)), end="")
+    table = summary_table(pd.DataFrame(rows))
+    write_bytes(args.out / "ablation.md", table.encode())  # also when every fold was measured before
+    print(table, end="")
     return 0
 
 

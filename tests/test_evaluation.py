@@ -63,18 +63,24 @@ def test_check_test_folds_names_the_fold_without_a_defect():
         check_test_folds(_index({-1: [0, 1]}))
 
 
-def test_timed_per_image_warms_up_and_keeps_the_fastest_pass():
-    calls, durations = [], iter([0.0, 0.5, 0.02, 0.3])  # warm-up, then three timed passes
+def test_timed_per_image_warms_up_scores_every_image_once_and_keeps_the_fastest_pass():
+    calls, durations = [], iter([0.0, 0.5, 0.02, 0.3])  # warm-up, the pass over all, two timed samples
 
     def infer(rows: slice) -> str:
         calls.append(rows)
         time.sleep(next(durations))
         return f"scores {len(calls)}"
 
-    result, seconds = timed_per_image(infer, count=10, warmup=2, repeats=3)
-    assert calls == [slice(0, 2)] + [slice(None)] * 3  # the warm-up is separate and not timed
-    assert result == "scores 4"
-    assert 0.002 <= seconds < 0.02  # the 0.02 s pass over 10 images, not the 0.5 s one
+    result, seconds = timed_per_image(infer, count=10, warmup=2, repeats=3, sample=4)
+    # The warm-up is separate and not timed; one pass over every image, whose result is returned;
+    # the other passes time a sample.
+    assert calls == [slice(0, 2), slice(None), slice(0, 4), slice(0, 4)]
+    assert result == "scores 2"
+    assert 0.005 <= seconds < 0.02  # the 0.02 s pass over 4 images, not the 0.5 s one over 10
+    calls.clear()
+    durations = iter([0.0, 0.0, 0.0])
+    timed_per_image(infer, count=3, warmup=2, repeats=2, sample=32)
+    assert calls == [slice(0, 2), slice(None), slice(0, 3)]  # a sample never beyond the images
     with pytest.raises(ValueError):
         timed_per_image(infer, count=0)
 

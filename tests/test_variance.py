@@ -64,5 +64,9 @@ def test_command_writes_the_table_after_every_fold_and_a_rerun_trains_only_the_m
     variance.main(command)
     assert calls == [(0, 0), (0, 1), (0, 1)]
     assert pd.read_csv(tmp_path / "out" / "ablation.csv")["fold"].tolist() == [0, 0, 1, 1]
+    # Rows measured elsewhere and added to the file: a rerun with nothing to train still writes the table.
+    (tmp_path / "out" / "ablation.md").unlink()
+    variance.main(command)
+    assert calls == [(0, 0), (0, 1), (0, 1)] and "| EMA 2 epochs | no |" in (tmp_path / "out" / "ablation.md").read_text()
     with pytest.raises(variance.InputError, match="EMA 3 epochs.*give the same --ema-epochs"):
         variance.main(command[:4] + ["3"] + command[5:])
