@@ -162,7 +162,7 @@ def main() -> None:
                 "saliency.batch_size": saliency.batch_size, "model.precision": model_params.precision}
     with stage_run("evaluate", sections, dataset) as run:
         run.link_upstream(PREPARED, BASELINE, SALIENCY, PSEUDO_MASKS, GUIDED)
-        run.tag_compute(device, precision)
+        run.tag_compute(str(device), precision.name)
         fold_scores, fold_located, fold_panels, fold_seconds = zip(
             *[evaluate_fold(data, fold, saliency, device, precision, params)
               for fold in progress(data.folds, "evaluate", "fold")])

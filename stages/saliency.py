@@ -37,7 +37,7 @@ def main() -> None:
     with stage_run("saliency", {"saliency": params, "model.device": model_params.device,
                                     "model.precision": model_params.precision}, dataset) as run:
         run.link_upstream(PREPARED, BASELINE)
-        run.tag_compute(device, precision)
+        run.tag_compute(str(device), precision.name)
         report: dict = {"method": params.method, "invalid_maps": {}}
         images_per_second: dict[str, float] = {}
         localization: dict[str, dict] = {}
