@@ -17,7 +17,6 @@ several seeds (see ``combine_runs``).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path

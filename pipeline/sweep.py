@@ -6,8 +6,9 @@
 
 ``run`` queues every (value, seed) point not done yet as a named experiment
 (``dvc exp run --queue -n <point> -S <param>=<value> -S seed=<seed> evaluate``: up to the
-evaluation, not the release), starts ``-j`` queue workers (``dvc queue start``), waits for the points, then saves each finished point's params,
-metrics and scores in ``<out>/runs/<name>/`` (a few small files) and summarizes. The top-level
+evaluation, not the release), starts ``-j`` queue workers (``dvc queue start``), waits for the
+points, then saves each finished point's params, metrics and scores in ``<out>/runs/<name>/`` (a
+few small files) and summarizes. The top-level
 ``seed`` sets every seed that varies between repetitions (pipeline/config.py: DERIVED_SEEDS);
 the folds stay the same. Interrupted (the command killed, a point failed), it goes on where it
 stopped: saved points are kept, experiments already finished on this commit are saved without
