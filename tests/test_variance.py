@@ -70,3 +70,32 @@ def test_command_writes_the_table_after_every_fold_and_a_rerun_trains_only_the_m
     assert calls == [(0, 0), (0, 1), (0, 1)] and "| EMA 2 epochs | no |" in (tmp_path / "out" / "ablation.md").read_text()
     with pytest.raises(variance.InputError, match="EMA 3 epochs.*give the same --ema-epochs"):
         variance.main(command[:4] + ["3"] + command[5:])
+
+
+def test_overrides_train_the_set_keys_and_a_rerun_must_give_the_same_ones(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import variance
+
+    trained = []
+
+    def one_fold(data, fold, model_params, params, ema_epochs):
+        trained.append(params)
+        return [{"seed": params.seed, "fold": fold, "weights": weights, "test_time_flips": False, "ap": 0.5,
+                 "false_alarms": 3.0} for weights in (LAST, "EMA 2 epochs")]
+
+    monkeypatch.setattr(variance, "fold_scores", one_fold)
+    monkeypatch.setattr(variance.PreparedData, "load", staticmethod(lambda path: noise_data()))
+    monkeypatch.setattr(variance.PreparedData, "folds", property(lambda self: [0]))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("train_baseline: {epochs: 4}\n")
+    command = ["data/prepared", "--ema-epochs", "2", "--out", "out"]
+    with pytest.raises(variance.InputError, match="warmup_epochs.*must be below epochs"):
+        variance.main(command[:3] + ["--set", "warmup_epochs=4"] + command[3:])
+    with pytest.raises(variance.InputError, match="'warmup=1'.*train_baseline's keys"):
+        variance.main(command[:3] + ["--set", "warmup=1"] + command[3:])
+    assert not trained
+    variance.main(["data/prepared", "--ema-epochs", "2", "--set", "warmup_epochs=1.5", "--out", "out"])
+    assert trained[0].warmup_epochs == 1.5 and trained[0].epochs == 4
+    assert "| last weights | no | 50.00 | 50.0 | 3.0 |" in (tmp_path / "out" / "ablation.md").read_text()
+    with pytest.raises(variance.InputError, match="trained with --set warmup_epochs=1.5, not \\(none\\)"):
+        variance.main(["data/prepared", "--ema-epochs", "2", "--out", "out"])
