@@ -115,6 +115,9 @@ class TrainParams(Section):
     sampling: Literal["undersample", "oversample"] = Field(
         "oversample", description="how epochs balance the classes: undersample = every defective image and as many "
         "defect-free ones; oversample = every image, the defective ones repeated (pipeline/training_data.py)")
+    hard_negatives: float = Field(
+        0.0, ge=0, le=1, description="undersample only: share of each epoch's defect-free images that are those the "
+        "classifier scored highest when it last saw them (hard negatives), the rest a fresh slice; 0 = none")
     warmup_epochs: float = Field(
         0.0, ge=0, description="epochs over which the lr rises linearly from a tenth to its schedule's value; 0 = none")
     ema_epochs: float = Field(
@@ -129,6 +132,13 @@ class TrainParams(Section):
     def _warmup_within_the_run(self) -> TrainParams:
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
+        return self
+
+    @model_validator(mode="after")
+    def _hard_negatives_undersample(self) -> TrainParams:
+        if self.hard_negatives and self.sampling != "undersample":
+            raise ValueError("hard_negatives needs sampling: undersample (an oversampled epoch holds every "
+                             "defect-free image already)")
         return self
 
 

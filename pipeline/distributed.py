@@ -217,6 +217,18 @@ def all_sum(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     return values
 
 
+def whole_batch(values: torch.Tensor, size: int, ranks: Ranks) -> torch.Tensor:
+    """A global batch's per-sample values (detached, fp32) from this process's share of them
+    (``shard``), in batch order in every process; the padding contributes nothing."""
+    if ranks.world == 1:
+        return values
+    real = real_samples(size, ranks).bool()
+    mine = torch.from_numpy(shard(size, ranks)).to(values.device)[real.to(values.device)]
+    whole = values.new_zeros(size)
+    whole[mine] = values[real.to(values.device)]
+    return all_sum(whole, ranks)
+
+
 def for_processes(model: nn.Module, ranks: Ranks) -> nn.Module:
     """The model with BatchNorm synchronised across the processes (unchanged in one process)."""
     return sync_batchnorm(model) if ranks.world > 1 else model

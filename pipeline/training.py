@@ -164,7 +164,8 @@ def set_up(data: PreparedData, fold: int, model_params: ModelParams, params: Tra
     labels = data.labels
     pin_memory = model_params.pin_memory and device.type == "cuda"
     dataset = TrainingBatches(data.images, labels, config["in_channels"], mean, std, objective.step_tensors())
-    sampler = BalancedEpochs(data.index["label"].to_numpy()[train_rows], params.seed, params.sampling == "oversample")
+    sampler = BalancedEpochs(data.index["label"].to_numpy()[train_rows], params.seed, params.sampling == "oversample",
+                             params.hard_negatives)
     return FoldTraining(
         fold, params, objective, config, model, model, optimizer, sampler,
         loader(dataset, model_params.num_workers, pin_memory), train_rows, test_rows, labels, device,
@@ -179,6 +180,7 @@ def resume(run: FoldTraining, checkpoint: Path | None, fingerprint: str, on_epoc
         run.optimizer.load_state_dict(state["optimizer"])
         if run.average is not None:
             run.average.load_state_dict(state["average"])
+        run.sampler.load_state_dict(state["sampler"])
         run.history, run.start_epoch = state["history"], state["epoch"] + 1
         if run.ranks.main:
             print(f"  resuming fold {run.fold} from its checkpoint after epoch {run.start_epoch}", flush=True)
@@ -191,15 +193,17 @@ def train_epoch(run: FoldTraining, epoch: int) -> tuple[list[float], int]:
     """One epoch's steps; returns the summed losses (weighted by batch size) and the images seen."""
     run.model.train()
     generator = torch.Generator().manual_seed(run.params.seed * 100_003 + epoch)
-    order = run.train_rows[run.sampler.epoch(epoch)]
+    positions = run.sampler.epoch(epoch)  # into the training rows
+    order = run.train_rows[positions]
     global_batches = list(batches(order, run.params.batch_size))
+    sampled = list(batches(positions, run.params.batch_size))
     shares = [distributed.shard(len(batch), run.ranks) for batch in global_batches]
     run.loader.batch_sampler.batches = [batch[share] for batch, share in zip(global_batches, shares)]
     totals = [0.0] * len(LOSSES)
     steps = progress(zip(global_batches, shares, run.loader), f"epoch {epoch + 1}", "batch", len(global_batches),
                      leave=False, shown=run.ranks.main)
     for number, (batch, mine, fetched) in enumerate(steps):
-        loss, values = batch_losses(run, batch, mine, fetched, generator, run.objective.seg_weight(epoch))
+        loss, values, logits = batch_losses(run, batch, mine, fetched, generator, run.objective.seg_weight(epoch))
         if not math.isfinite(values[0]):
             raise TrainingDiverged(
                 f"fold {run.fold}: loss is {values[0]} at epoch {epoch + 1}, batch {number + 1}; "
@@ -211,13 +215,16 @@ def train_epoch(run: FoldTraining, epoch: int) -> tuple[list[float], int]:
         run.optimizer.step()
         if run.average is not None:
             run.average.update_parameters(run.model)
+        if run.sampler.hard_share:
+            run.sampler.record(sampled[number], distributed.whole_batch(logits, len(batch), run.ranks).cpu().numpy())
         totals = [total + value * len(batch) for total, value in zip(totals, values)]
     return totals, len(order)
 
 
 def batch_losses(run: FoldTraining, batch: np.ndarray, mine: np.ndarray, fetched: dict[str, torch.Tensor],
-           generator: torch.Generator, weight: float) -> tuple[torch.Tensor, list[float]]:
-    """This process's loss on its share of a global batch, and the global batch's losses."""
+           generator: torch.Generator, weight: float) -> tuple[torch.Tensor, list[float], torch.Tensor]:
+    """This process's loss on its share of a global batch, the global batch's losses and this
+    process's (detached) logits."""
     # Drawn for the global batch in every process: the same flips whatever the processes.
     flags = tuple(flag[mine].to(run.device) for flag in flip_flags(generator, len(batch)))
     fetched = {name: tensor.to(run.device, non_blocking=run.pin_memory) for name, tensor in fetched.items()}
@@ -236,7 +243,7 @@ def batch_losses(run: FoldTraining, batch: np.ndarray, mine: np.ndarray, fetched
     # The global batch's losses (each process holds its term of them): every process sees the
     # same values, so all stop together on a non-finite one.
     values = distributed.all_sum(torch.stack([loss, cls_loss, seg_loss]).detach(), run.ranks) / run.ranks.world
-    return loss, values.tolist()
+    return loss, values.tolist(), logits.detach().flatten()
 
 
 def end_epoch(run: FoldTraining, data: PreparedData, epoch: int, totals: list[float], seen: int, seconds: float,
@@ -264,6 +271,7 @@ def end_epoch(run: FoldTraining, data: PreparedData, epoch: int, totals: list[fl
         if checkpoint is not None:
             save_torch(checkpoint, {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                                     "average": run.average.state_dict() if run.average is not None else None,
+                                    "sampler": run.sampler.state_dict(),
                                     "history": run.history, "epoch": epoch, "fingerprint": fingerprint})
 
 

@@ -40,9 +40,15 @@ class BalancedEpochs:
     oversample: every image once and the defective ones repeated to as many as the defect-free
     ones: an epoch is a pass over the whole training set, as a plain epoch is, so a larger data
     set trains longer.
+
+    Hard negatives (undersampled epochs, ``hard_share`` > 0): that share of an epoch's defect-free
+    images are those the classifier scored highest when it last saw them (``record``), among the
+    ones the fresh slice left out; an image not yet seen counts as hardest. The rest is the fresh
+    slice, shorter by as many, so every defect-free image is still seen over the run. The scores
+    are then part of the state (``state_dict``): a resumed run needs them to draw the same epochs.
     """
 
-    def __init__(self, labels: np.ndarray, seed: int, oversample: bool = False) -> None:
+    def __init__(self, labels: np.ndarray, seed: int, oversample: bool = False, hard_share: float = 0.0) -> None:
         self.positives = np.flatnonzero(labels == 1)
         self.negatives = np.flatnonzero(labels == 0)
         if len(self.positives) == 0 or len(self.negatives) == 0:
@@ -50,8 +56,15 @@ class BalancedEpochs:
                 f"training needs both classes; got {len(self.positives)} defective and "
                 f"{len(self.negatives)} defect-free images: check the data set and its folds"
             )
+        if oversample and hard_share:
+            raise InputError("hard negatives need undersampled epochs: an oversampled epoch holds every "
+                             "defect-free image already")
         self.seed = seed
         self.oversample = oversample
+        self.hard_share = hard_share
+        self.negative_scores = np.full(len(self.negatives), np.inf)  # the last logit of each defect-free image
+        self._negative_slot = np.full(len(labels), -1)
+        self._negative_slot[self.negatives] = np.arange(len(self.negatives))
 
     @property
     def size(self) -> int:
@@ -71,8 +84,34 @@ class BalancedEpochs:
                                      _cycled(self.negatives, count, number, [self.seed, 0])])
         else:
             per_epoch = min(len(self.positives), len(self.negatives))
-            chosen = np.concatenate([self.positives, _cycled(self.negatives, per_epoch, number, [self.seed])])
+            hard = round(self.hard_share * per_epoch)
+            fresh = _cycled(self.negatives, per_epoch - hard, number, [self.seed])
+            chosen = np.concatenate([self.positives, fresh, self._hardest(hard, fresh, number)])
         return np.random.default_rng([self.seed, number, 7]).permutation(chosen)
+
+    def _hardest(self, count: int, taken: np.ndarray, number: int) -> np.ndarray:
+        """The ``count`` defect-free images outside ``taken`` with the highest last scores; ties
+        (images not yet seen) in an order seeded by the epoch."""
+        if count == 0:
+            return self.negatives[:0]
+        slots = np.setdiff1d(np.arange(len(self.negatives)), self._negative_slot[taken])
+        tiebreak = np.random.default_rng([self.seed, number, 3]).permutation(len(slots))
+        # lexsort orders by its last key first: highest score, then the seeded tiebreak.
+        return self.negatives[slots[np.lexsort((tiebreak, -self.negative_scores[slots]))[:count]]]
+
+    def record(self, positions: np.ndarray, logits: np.ndarray) -> None:
+        """The classifier's training logits for the images at ``positions`` (of the labels given):
+        the defect-free ones' become their last scores."""
+        slots = self._negative_slot[positions]
+        negative = slots >= 0
+        self.negative_scores[slots[negative]] = logits[negative]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        # A tensor: checkpoints load with torch.load(weights_only=True), which refuses numpy arrays.
+        return {"negative_scores": torch.from_numpy(self.negative_scores.copy())}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.negative_scores = state["negative_scores"].numpy().astype(float)
 
 
 def _cycled(indices: np.ndarray, count: int, number: int, seed: list[int]) -> np.ndarray:

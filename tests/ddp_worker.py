@@ -29,6 +29,9 @@ def main(out: Path) -> None:
             priors = objective.inference_priors(test_rows)
             results[name] = {"state": model.state_dict(), "history": history,
                              "scores": predict(model, config, data.images[test_rows], priors)}
+        # Per-sample values of a global batch of 5 (one padded sample): each process holds its share.
+        mine, real = distributed.shard(5, ranks), distributed.real_samples(5, ranks)
+        results["whole_batch"] = distributed.whole_batch(torch.tensor(mine, dtype=torch.float32) * real, 5, ranks)
         # Resuming: the first epoch's checkpoint, then a second run that resumes and trains epoch 2.
         params, _ = case("baseline", data)
         checkpoint = out / "fold0.pt"

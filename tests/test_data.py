@@ -63,3 +63,42 @@ def test_oversampled_epoch_holds_every_image_and_repeats_the_defects_evenly():
     assert not np.array_equal(sampler.epoch(2), sampler.epoch(3))
     undersampled = BalancedEpochs(labels, seed=3)
     assert undersampled.size == len(undersampled.epoch(0)) == 10
+
+
+def test_hard_negatives_are_the_highest_scored_defect_free_images_beside_a_shorter_fresh_slice():
+    labels = np.array([1] * 4 + [0] * 16)
+    sampler = BalancedEpochs(labels, seed=2, hard_share=0.5)
+    plain = BalancedEpochs(labels, seed=2)
+    first = sampler.epoch(0)
+    assert len(first) == len(set(first)) == plain.size == 8 and sorted(first[labels[first] == 1]) == [0, 1, 2, 3]
+    # Every defect-free image scored once, images 10 and 17 highest (and 5: a defect does not count).
+    sampler.record(np.arange(20), np.where(np.isin(np.arange(20), [2, 10, 17]), 5.0, -5.0))
+    epoch = sampler.epoch(1)
+    negatives = set(epoch[labels[epoch] == 0])
+    fresh = BalancedEpochs(labels, seed=2, hard_share=0.5)  # what epoch 1's shorter fresh slice holds
+    fresh.negative_scores[:] = -np.inf
+    slice_only = set(fresh.epoch(1)[labels[fresh.epoch(1)] == 0]) - {10, 17}
+    assert {10, 17} <= negatives and len(negatives) == 4 and len(set(epoch)) == 8
+    assert len(slice_only & negatives) >= 2
+    # The state: another sampler given it draws the same epochs; without it, others.
+    restored = BalancedEpochs(labels, seed=2, hard_share=0.5)
+    restored.load_state_dict(sampler.state_dict())
+    sampler.record(np.arange(20), np.zeros(20))  # the state given is a copy
+    assert np.array_equal(restored.epoch(1), epoch)
+    assert not np.array_equal(BalancedEpochs(labels, seed=2, hard_share=0.5).epoch(1), epoch)
+
+
+def test_hard_negatives_still_show_every_defect_free_image_over_the_run_and_need_undersampling():
+    labels = np.array([1] * 4 + [0] * 12)
+    sampler = BalancedEpochs(labels, seed=0, hard_share=0.5)
+    sampler.record(np.arange(16), np.where(np.arange(16) == 4, 9.0, 0.0))
+    seen = []
+    for number in range(6):  # 2 fresh a epoch: the 12 are seen within 6 epochs however hard picks fall
+        epoch = sampler.epoch(number)
+        sampler.record(epoch, np.where(epoch == 4, 9.0, 0.0))  # image 4 always hardest
+        seen.append(epoch)
+    seen = np.concatenate(seen)
+    assert set(seen[labels[seen] == 0]) == set(range(4, 16))
+    assert (seen == 4).sum() == 6  # in every epoch: a hard negative where the fresh slice did not hold it
+    with pytest.raises(ValueError, match="hard negatives need undersampled epochs"):
+        BalancedEpochs(labels, seed=0, oversample=True, hard_share=0.5)

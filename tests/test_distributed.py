@@ -40,7 +40,9 @@ MODEL = ModelParams(device="cpu", precision="fp32")
 # images the float differences between one and two processes grow with the steps whatever the
 # sampling (measured at 12 steps: up to 2-30% on batch-norm biases, undersampled or oversampled).
 PARAMS = TrainParams(epochs=2, batch_size=4, lr=1e-4, seed=0, sampling="undersample")
-CASES = ("baseline", "consistency", "teacher")
+# hard_negatives: the second epoch's defect-free images are chosen by the logits of the first,
+# which every process gathers from the others' shares.
+CASES = ("baseline", "consistency", "teacher", "hard_negatives")
 # Float sums in another order (per process, then across processes) are all that differs.
 TOLERANCE = {"atol": 2e-6, "rtol": 1e-4}
 
@@ -51,6 +53,8 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error
 def case(name: str, data: PreparedData) -> tuple[TrainParams, Objective]:
     if name == "baseline":
         return PARAMS, Objective()
+    if name == "hard_negatives":
+        return PARAMS.model_copy(update={"hard_negatives": 0.5}), Objective()
     priors = torch.from_numpy(np.random.default_rng(1).random(data.images.shape, dtype=np.float32))
     params = GuidedParams(**PARAMS.model_dump(), variant=name)
     return params, guided(params, priors, (priors > 0.8).float())
@@ -96,8 +100,9 @@ def test_two_processes_train_the_model_of_one_with_the_same_global_batch(
         torch.testing.assert_close(ddp["state"][key], value, **TOLERANCE, msg=key)
     np.testing.assert_allclose(ddp["scores"], one["scores"], atol=1e-5)
     torch.manual_seed(PARAMS.seed)
-    config = {"kind": "guided" if name != "baseline" else "baseline", "backbone": "resnet18", "in_channels": 1,
-              "variant": name}
+    baseline = name in ("baseline", "hard_negatives")
+    config = {"kind": "baseline" if baseline else "guided", "backbone": "resnet18", "in_channels": 1,
+              **({} if baseline else {"variant": name})}
     initial = build_model(config, deployed=False).state_dict()
     moved = max((one["state"][k] - initial[k]).abs().max().item() for k in initial if k.endswith("weight"))
     assert moved > 100 * TOLERANCE["atol"]
@@ -114,6 +119,12 @@ def test_two_processes_resume_from_a_checkpoint_to_the_uninterrupted_result(two_
         assert torch.equal(resumed["state"][key], value), key
     strip = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]  # noqa: E731
     assert strip(resumed["history"]) == strip(uninterrupted["history"])
+
+
+@pytest.mark.slow
+def test_two_processes_gather_the_per_sample_values_of_a_global_batch(two_processes: Path) -> None:
+    gathered = torch.load(two_processes / "results.pt", weights_only=False)["whole_batch"]
+    assert gathered.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
 @pytest.mark.slow

@@ -83,8 +83,9 @@ def test_same_seed_gives_identical_metrics_and_weights(data: PreparedData, refer
 
 
 @pytest.mark.parametrize("is_guided, update", [
-    (False, {}), (True, {}), (False, {"lr_schedule": "cosine"}), (True, {"ema_epochs": 1.0, "warmup_epochs": 1.5})],
-    ids=["baseline", "guided", "baseline-cosine-lr", "guided-ema-warmup"])
+    (False, {}), (True, {}), (False, {"lr_schedule": "cosine"}), (True, {"ema_epochs": 1.0, "warmup_epochs": 1.5}),
+    (False, {"sampling": "undersample", "hard_negatives": 0.5})],
+    ids=["baseline", "guided", "baseline-cosine-lr", "guided-ema-warmup", "baseline-hard-negatives"])
 def test_run_interrupted_mid_training_resumes_to_the_uninterrupted_result(
     is_guided: bool, update: dict, data: PreparedData, reference, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -126,6 +127,34 @@ def test_cosine_learning_rate_decays_to_zero_batch_by_batch_and_changes_training
     assert not same_weights(model.state_dict(), reference[0].state_dict())
 
 
+def test_hard_negatives_change_which_defect_free_images_train(data: PreparedData) -> None:
+    undersampled = PARAMS.model_copy(update={"sampling": "undersample"})
+    model, _, history = train(data, 0, MODEL, undersampled)
+    hard, _, hard_history = train(data, 0, MODEL, undersampled.model_copy(update={"hard_negatives": 0.5}))
+    assert without_timings(hard_history) != without_timings(history)
+    assert not same_weights(hard.state_dict(), model.state_dict())
+
+
+def test_hard_negative_scores_are_each_defect_free_images_last_training_logit(data: PreparedData) -> None:
+    params = PARAMS.model_copy(update={"sampling": "undersample", "hard_negatives": 0.5, "batch_size": 3})
+    run = training.set_up(data, 0, MODEL, params, Objective())
+    logits, forward = [], run.objective.forward
+
+    def recorded(*args):
+        out = forward(*args)
+        logits.append(out[0].detach().float().flatten())
+        return out
+
+    run.objective.forward = recorded
+    positions = run.sampler.epoch(0)
+    training.train_epoch(run, 0)
+    by_position = dict(zip(positions.tolist(), torch.cat(logits).tolist()))
+    negatives = run.sampler.negatives
+    expected = [by_position.get(position, np.inf) for position in negatives]
+    np.testing.assert_array_equal(run.sampler.negative_scores, expected)
+    assert np.isfinite(run.sampler.negative_scores).sum() == len(positions) // 2
+
+
 def test_warm_up_ramps_the_learning_rate_from_a_tenth_then_follows_the_schedule() -> None:
     warm = PARAMS.model_copy(update={"epochs": 4, "lr": 0.2, "warmup_epochs": 2.0})
     assert [learning_rate(t, warm) for t in (0, 1, 1.5, 2, 3.5)] == pytest.approx([0.02, 0.11, 0.155, 0.2, 0.2])
@@ -152,6 +181,8 @@ def test_variance_params_are_validated_with_a_message_naming_them() -> None:
         ("train_baseline", {"sampling": "balanced"}, "train_baseline.sampling"),
         ("model", {"test_time_flips": "maybe"}, "model.test_time_flips"),
         ("train_guided", {"monitor_every": 0}, "train_guided.monitor_every"),
+        ("train_baseline", {"hard_negatives": 1.5}, "train_baseline.hard_negatives"),
+        ("train_guided", {"hard_negatives": 0.5}, "hard_negatives needs sampling: undersample"),
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_section(section, values)
