@@ -216,6 +216,8 @@ def train_epoch(run: FoldTraining, epoch: int) -> tuple[list[float], int]:
         if run.average is not None:
             run.average.update_parameters(run.model)
         if run.sampler.hard_share:
+            # The step's own logits (flipped images, training mode): scoring the defect-free images
+            # apart would cost a forward pass over all of them every epoch.
             run.sampler.record(sampled[number], distributed.whole_batch(logits, len(batch), run.ranks).cpu().numpy())
         totals = [total + value * len(batch) for total, value in zip(totals, values)]
     return totals, len(order)

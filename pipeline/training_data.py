@@ -46,6 +46,8 @@ class BalancedEpochs:
     ones the fresh slice left out; an image not yet seen counts as hardest. The rest is the fresh
     slice, shorter by as many, so every defect-free image is still seen over the run. The scores
     are then part of the state (``state_dict``): a resumed run needs them to draw the same epochs.
+    Several training processes gather every process's share of the scores and so draw the same
+    epochs; those equal one process's up to float rounding, which can swap two near-equal scores.
     """
 
     def __init__(self, labels: np.ndarray, seed: int, oversample: bool = False, hard_share: float = 0.0) -> None:
