@@ -222,10 +222,9 @@ def whole_batch(values: torch.Tensor, size: int, ranks: Ranks) -> torch.Tensor:
     (``shard``), in batch order in every process; the padding contributes nothing."""
     if ranks.world == 1:
         return values
-    real = real_samples(size, ranks).bool()
-    mine = torch.from_numpy(shard(size, ranks)).to(values.device)[real.to(values.device)]
+    real = real_samples(size, ranks).bool().to(values.device)
     whole = values.new_zeros(size)
-    whole[mine] = values[real.to(values.device)]
+    whole[torch.from_numpy(shard(size, ranks)).to(values.device)[real]] = values[real]
     return all_sum(whole, ranks)
 
 

@@ -193,10 +193,8 @@ def train_epoch(run: FoldTraining, epoch: int) -> tuple[list[float], int]:
     """One epoch's steps; returns the summed losses (weighted by batch size) and the images seen."""
     run.model.train()
     generator = torch.Generator().manual_seed(run.params.seed * 100_003 + epoch)
-    positions = run.sampler.epoch(epoch)  # into the training rows
-    order = run.train_rows[positions]
-    global_batches = list(batches(order, run.params.batch_size))
-    sampled = list(batches(positions, run.params.batch_size))
+    sampled = list(batches(run.sampler.epoch(epoch), run.params.batch_size))  # positions in the training rows
+    global_batches = [run.train_rows[positions] for positions in sampled]
     shares = [distributed.shard(len(batch), run.ranks) for batch in global_batches]
     run.loader.batch_sampler.batches = [batch[share] for batch, share in zip(global_batches, shares)]
     totals = [0.0] * len(LOSSES)
@@ -220,7 +218,7 @@ def train_epoch(run: FoldTraining, epoch: int) -> tuple[list[float], int]:
             # apart would cost a forward pass over all of them every epoch.
             run.sampler.record(sampled[number], distributed.whole_batch(logits, len(batch), run.ranks).cpu().numpy())
         totals = [total + value * len(batch) for total, value in zip(totals, values)]
-    return totals, len(order)
+    return totals, sum(len(batch) for batch in global_batches)
 
 
 def batch_losses(run: FoldTraining, batch: np.ndarray, mine: np.ndarray, fetched: dict[str, torch.Tensor],

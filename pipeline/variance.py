@@ -25,7 +25,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from pipeline.artifacts import write_bytes, write_csv
-from pipeline.config import ModelParams, TrainParams, load_section
+from pipeline.config import ModelParams, TrainParams, load_section, parse_section
 from pipeline.devices import FP32
 from pipeline.errors import InputError
 from pipeline.inference import predict
@@ -86,10 +86,7 @@ def with_overrides(params: TrainParams, overrides: list[str]) -> TrainParams:
             raise InputError(f"--set {override!r}: write KEY=VALUE with KEY one of train_baseline's keys "
                              f"({', '.join(TrainParams.model_fields)})")
         update[key] = yaml.safe_load(value)
-    try:
-        return TrainParams.model_validate({**params.model_dump(), **update})
-    except ValueError as error:
-        raise InputError(f"--set {' '.join(overrides)}: {error}") from None
+    return parse_section("train_baseline", {**params.model_dump(), **update}, source=f"--set {' '.join(overrides)}")
 
 
 def measured_rows(path: Path, ema_epochs: list[float], overrides: list[str]) -> list[dict]:
