@@ -8,7 +8,7 @@ Prints one JSON line per (backbone, variant):
 * ``inference_ratio``: latency of the deployed guided model over the deployed baseline's, same
   images. For ``teacher`` it includes what that variant really needs at inference: the
   baseline's saliency map (one forward and one backward of the baseline through
-  ``pipeline.saliency``), then the guided forward; no goal, the cost is reported. The other
+  ``pipeline.knowledge.saliency``), then the guided forward; no goal, the cost is reported. The other
   variants claim no added cost: goal <= 1.05.
 
 The machine may be busy: every round runs each function once, in a shuffled order (inference,
@@ -37,17 +37,17 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import add_machine_args, parse_machine_args, parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
 
-from pipeline.losses import AUXILIARY_LOSSES  # noqa: E402
-from pipeline.models import BACKBONES, Classifier, GuidedClassifier  # noqa: E402
-from pipeline.saliency import METHODS, create_saliency  # noqa: E402
-from pipeline.variants import SALIENCY_MAPS, VARIANTS  # noqa: E402
+from pipeline.knowledge.saliency import METHODS, create_saliency  # noqa: E402
+from pipeline.models.losses import AUXILIARY_LOSSES  # noqa: E402
+from pipeline.models.networks import BACKBONES, Classifier, GuidedClassifier  # noqa: E402
+from pipeline.models.variants import SALIENCY_MAPS, VARIANTS  # noqa: E402
 
 TRAIN_GOAL, INFERENCE_GOAL = 1.3, 1.05
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prior: torch.Tensor,
                mask: torch.Tensor, prior_dropout: float = 0.5) -> Callable[[], None]:
-    """One step as ``pipeline.training.train`` takes it (λ = 1: the weight costs nothing)."""
+    """One step as ``pipeline.training.loop.train`` takes it (λ = 1: the weight costs nothing)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     guided = isinstance(model, GuidedClassifier)
     model.train()

@@ -3,11 +3,11 @@
 Prints one JSON line per (device, variant, stage) on the CPU, and on the GPU too where
 ``torch.cuda.is_available()``:
 
-* ``score``: the model's forward on a batch (``pipeline.inference.predict``); for the teacher
+* ``score``: the model's forward on a batch (``pipeline.models.inference.predict``); for the teacher
   variant with the baseline's saliency map first, which it reads as its prior.
-* ``predict``: what ``pipeline.predict`` computes per batch: resizing, the score and the model's
+* ``predict``: what ``pipeline.deployment.predict`` computes per batch: resizing, the score and the model's
   own saliency map for the overlay (no file input and output).
-* ``files``: ``pipeline.predict.predict_files`` on PNG files: reading, the above, the overlay
+* ``files``: ``pipeline.deployment.predict.predict_files`` on PNG files: reading, the above, the overlay
   PNGs and the CSV. CPU only (disk and PNG coding, not the device, dominate).
 
 Models are trained for one epoch on the embedded synthetic data (speed does not depend on how
@@ -37,18 +37,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import add_machine_args, parse_machine_args, parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
 
-from pipeline.artifacts import write_image  # noqa: E402
 from pipeline.config import GuidedParams, ModelParams, TrainParams  # noqa: E402
-from pipeline.inference import predict  # noqa: E402
-from pipeline.model_files import needs_prior  # noqa: E402
-from pipeline.objectives import GuidedObjective, guidance_for  # noqa: E402
-from pipeline.predict import LoadedModel, Predictor, load_file, predict_files  # noqa: E402
-from pipeline.prepared import PreparedData  # noqa: E402
-from pipeline.pseudo_labels import pseudo_mask  # noqa: E402
-from pipeline.saliency import create_saliency, saliency_maps  # noqa: E402
-from pipeline.synthetic import generate  # noqa: E402
-from pipeline.training import train  # noqa: E402
-from pipeline.variants import VARIANTS  # noqa: E402
+from pipeline.core.artifacts import write_image  # noqa: E402
+from pipeline.data.prepared import PreparedData  # noqa: E402
+from pipeline.data.synthetic import generate  # noqa: E402
+from pipeline.deployment.predict import LoadedModel, Predictor, load_file, predict_files  # noqa: E402
+from pipeline.knowledge.pseudo_labels import pseudo_mask  # noqa: E402
+from pipeline.knowledge.saliency import create_saliency, saliency_maps  # noqa: E402
+from pipeline.models.files import needs_prior  # noqa: E402
+from pipeline.models.inference import predict  # noqa: E402
+from pipeline.models.variants import VARIANTS  # noqa: E402
+from pipeline.training.loop import train  # noqa: E402
+from pipeline.training.objectives import GuidedObjective, guidance_for  # noqa: E402
 
 
 def synthetic_models(height: int, width: int, variants: list[str]) -> tuple[dict[str, LoadedModel], torch.Tensor]:

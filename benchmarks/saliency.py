@@ -53,13 +53,19 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import add_machine_args, cpu_name, parse_machine_args, parse_size, time_rounds  # noqa: E402
+from timing import (  # noqa: E402
+    add_machine_args,
+    cpu_name,
+    parse_machine_args,
+    parse_size,
+    time_rounds,
+)
 
-from pipeline.models import (
+from pipeline.knowledge.saliency import METHODS, create_saliency, defect_score  # noqa: E402
+from pipeline.models.networks import (
     BACKBONES,  # noqa: E402
     Classifier,  # noqa: E402
 )
-from pipeline.saliency import METHODS, create_saliency, defect_score  # noqa: E402
 
 GOALS = {"gradcam": ("floor_b", 1.1), "layercam": ("floor_b", 1.1), "fullgrad": ("floor_a", 1.5)}
 PEER_GOALS = {"gradcam": 2.0, "layercam": 2.0, "fullgrad": 5.0}  # minimum speed-up over grad-cam

@@ -1,7 +1,7 @@
 """Requests per second and latency of the REST scoring endpoint (``mlflow models serve``) on the CPU.
 
 A baseline trained one epoch on the embedded synthetic data (speed does not depend on how well it
-is trained), or a model file (``--model``), is logged with ``pipeline.serving.log_scoring_model``
+is trained), or a model file (``--model``), is logged with ``pipeline.deployment.serving.log_scoring_model``
 into a temporary MLflow store, served on 127.0.0.1 with one worker, and sent PNG files over HTTP
 from this process, one request at a time. Contenders, interleaved in rounds
 (``benchmarks/timing.py``): ``single`` (one image per request), ``batch16`` (16 images per
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from predict import parse_size, synthetic_models  # noqa: E402  (benchmarks/predict.py)
 from timing import time_rounds  # noqa: E402  (benchmarks/timing.py)
 
-from pipeline.model_files import save_model  # noqa: E402
-from pipeline.serving import log_scoring_model, request_body, served  # noqa: E402
+from pipeline.deployment.serving import log_scoring_model, request_body, served  # noqa: E402
+from pipeline.models.files import save_model  # noqa: E402
 
 BATCH = 16
 

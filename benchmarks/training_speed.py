@@ -1,7 +1,7 @@
 """Training speed of the compute paths of ``model.precision``, measured in one run.
 
 One SGD step of the classifier (forward, BCE loss, backward, update; batch 16, one input channel)
-as ``pipeline.training`` takes it, on three paths:
+as ``pipeline.training.loop`` takes it, on three paths:
 
 * ``fp32``: contiguous fp32, what ``precision: fp32`` (and ``auto`` without bf16 units) runs;
 * ``channels_last``: fp32 in channels_last, to see what the layout alone buys;
@@ -30,10 +30,22 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import add_machine_args, cpu_name, parse_machine_args, parse_size, time_rounds  # noqa: E402
+from timing import (  # noqa: E402
+    add_machine_args,
+    cpu_name,
+    parse_machine_args,
+    parse_size,
+    time_rounds,
+)
 
-from pipeline.devices import BF16, FP32, Precision, cpu_has_bf16_units, resolve_precision  # noqa: E402
-from pipeline.models import BACKBONES, Classifier  # noqa: E402
+from pipeline.core.devices import (  # noqa: E402
+    BF16,
+    FP32,
+    Precision,
+    cpu_has_bf16_units,
+    resolve_precision,
+)
+from pipeline.models.networks import BACKBONES, Classifier  # noqa: E402
 
 PATHS = {"fp32": FP32, "channels_last": Precision(None, channels_last=True), "fast": BF16}
 

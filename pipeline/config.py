@@ -15,15 +15,22 @@ from typing import Annotated, Literal, TypeVar, overload
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from pipeline.datasets import SOURCE_KINDS
-from pipeline.errors import InputError
-from pipeline.labelme import LabelmeParams
-from pipeline.metrics import OPERATING_POINTS, MetricsError, OperatingPoint, parse_condition
-from pipeline.model_files import KINDS
-from pipeline.models import BACKBONES
-from pipeline.saliency import METHODS
-from pipeline.sections import SEED, Section
-from pipeline.variants import VARIANTS
+from pipeline.core.errors import InputError
+from pipeline.core.layout import project_root
+from pipeline.core.sections import SEED, Section
+from pipeline.data.labelme import LabelmeParams
+from pipeline.data.sources import SOURCE_KINDS
+from pipeline.metrics.classification import (
+    OPERATING_POINTS,
+    MetricsError,
+    OperatingPoint,
+    parse_condition,
+)
+from pipeline.knowledge.pseudo_labels import PseudoLabelParams
+from pipeline.knowledge.saliency import METHODS
+from pipeline.models.files import KINDS
+from pipeline.models.networks import BACKBONES
+from pipeline.models.variants import VARIANTS
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -114,7 +121,7 @@ class TrainParams(Section):
         "constant", description="cosine: lr decays to 0 over the epochs, batch by batch (a calm last epoch)")
     sampling: Literal["undersample", "oversample"] = Field(
         "oversample", description="how epochs balance the classes: undersample = every defective image and as many "
-        "defect-free ones; oversample = every image, the defective ones repeated (pipeline/training_data.py)")
+        "defect-free ones; oversample = every image, the defective ones repeated (pipeline/data/training_data.py)")
     hard_negatives: float = Field(
         0.0, ge=0, le=1, description="undersample only: share of each epoch's defect-free images that are those the "
         "classifier scored highest when it last saw them (hard negatives), the rest a fresh slice; 0 = none")
@@ -145,7 +152,7 @@ class TrainParams(Section):
 class GuidedParams(TrainParams):
     # Default chosen on KolektorSDD (README, "Guided variants"): best AP, no added inference cost.
     variant: Literal[tuple(VARIANTS)] = Field(  # type: ignore[valid-type]
-        "consistency", description="how the baseline's knowledge is used; see pipeline/variants.py and the README")
+        "consistency", description="how the baseline's knowledge is used; see pipeline/models/variants.py and the README")
     seg_weight: float = Field(1.0, ge=0, description="λ at the first epoch: weight of the auxiliary loss")
     seg_weight_schedule: Literal["linear", "constant"] = "linear"
     prior_dropout: float = Field(0.5, ge=0, le=1, description="variant none: share of training images whose prior is zeroed")
@@ -163,13 +170,6 @@ class SaliencyParams(Section):
     layers: list[str] | None = Field(None, description="layer names; null = the backbone's defaults")
     batch_size: int = Field(16, ge=1, le=1024)
     overlays: int = Field(6, ge=0, le=100)
-
-
-class PseudoLabelParams(Section):
-    blur: int = Field(0, ge=0, le=51, description="odd Gaussian kernel applied before Otsu; 0 = none")
-    true_masks: Annotated[int, Field(ge=0)] | Literal["all"] = Field(
-        0, description="defective training images whose true mask replaces the pseudo-mask (mixed supervision)")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="which images get their true masks")
 
 
 class EvaluateParams(Section):
@@ -314,27 +314,6 @@ def load_section(name: str, path: Path = PARAMS_FILE) -> Section:
     """
     sections = parse_params(read_params(path), source=str(path))
     return _with_project_paths(name, sections[name])
-
-
-def project_root() -> Path:
-    """The project's root, also from inside the temporary copy a queued experiment runs in.
-
-    ``dvc exp run --queue`` / ``--temp`` run the stages in ``<root>/.dvc/tmp/exps/tmp<random>/``,
-    deleted afterwards, and set ``DVC_ROOT`` to ``<root>`` for them (``dvc repro`` sets it to the
-    repository root, the working directory). ``DVC_ROOT`` counts only where the working directory
-    lies inside it, so a stale value exported in a shell cannot redirect a stage run by hand; the
-    ``.dvc/tmp/exps`` layout is the fallback. Otherwise (no DVC): the working directory.
-    """
-    cwd = Path.cwd().resolve()
-    declared = os.environ.get("DVC_ROOT")
-    if declared:
-        root = Path(declared).resolve()
-        if (root / ".dvc").is_dir() and (cwd == root or root in cwd.parents):
-            return root
-    for parent in cwd.parents:
-        if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
-            return parent.parent.parent.parent
-    return cwd
 
 
 def _with_project_paths(name: str, section: S) -> S:

@@ -2,7 +2,7 @@
 
 Classification per fold and over folds, localization against the true masks wherever they exist,
 inference time per image of each model (the guided model's without its teacher prior, whose cost
-is reported beside it). The logic lives in ``pipeline.evaluation``; this script runs the models.
+is reported beside it). The logic lives in ``pipeline.evaluation.results``; this script runs the models.
 Outputs: data/evaluation/{scores.csv, per_fold.csv, localization.csv, localization_per_fold.csv,
 results.md, report.html, pr_curves.png, overlays.png, errors_<model>_{misses,false_alarms}.png,
 training_{baseline,guided}.png, summary.json, timing.json, run.json};
@@ -17,11 +17,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import layout
-from pipeline.artifacts import output_dir, read_json, write_csv, write_json
 from pipeline.config import EvaluateParams, SaliencyParams, load_section
-from pipeline.devices import Precision, pick_device, resolve_precision
-from pipeline.evaluation import (
+from pipeline.core import layout
+from pipeline.core.artifacts import output_dir, read_json, write_csv, write_json
+from pipeline.core.devices import Precision, pick_device, resolve_precision
+from pipeline.core.progress import progress
+from pipeline.core.runner import run_stage
+from pipeline.core.tracking import stage_run
+from pipeline.data.prepared import PreparedData
+from pipeline.metrics.classification import pr_curve
+from pipeline.evaluation.report import ReportInputs, write_report
+from pipeline.evaluation.results import (
     MODELS,
     SALIENCY_MAPS,
     check_test_folds,
@@ -37,17 +43,11 @@ from pipeline.evaluation import (
     summarize_localization,
     timed_per_image,
 )
-from pipeline.inference import predict, segment
-from pipeline.metrics import pr_curve
-from pipeline.model_files import inference_priors, load_model
-from pipeline.models import GuidedClassifier, PriorAsChannel
-from pipeline.prepared import PreparedData
-from pipeline.progress import progress
-from pipeline.report import ReportInputs, write_report
-from pipeline.runner import run_stage
-from pipeline.saliency import create_saliency, saliency_maps
-from pipeline.tracking import stage_run
-from pipeline.visualisation import plot_pr_curves, save_png
+from pipeline.metrics.figures import plot_pr_curves, save_png
+from pipeline.knowledge.saliency import create_saliency, saliency_maps
+from pipeline.models.files import inference_priors, load_model
+from pipeline.models.inference import predict, segment
+from pipeline.models.networks import GuidedClassifier, PriorAsChannel
 
 PREPARED, BASELINE, GUIDED = layout.PREPARED, layout.BASELINE, layout.GUIDED
 SALIENCY, PSEUDO_MASKS, OUT = layout.SALIENCY, layout.PSEUDO_MASKS, layout.EVALUATION

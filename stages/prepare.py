@@ -9,12 +9,21 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from pipeline import datasets, layout, synthetic
-from pipeline.artifacts import output_dir, write_csv, write_json
 from pipeline.config import PrepareParams, load_section
-from pipeline.prepared import SUBSETS_FILE, RawImage, count_table, defective_subsets, group_table, write_prepared
-from pipeline.runner import run_stage
-from pipeline.tracking import stage_run
+from pipeline.core import layout
+from pipeline.core.artifacts import output_dir, write_csv, write_json
+from pipeline.core.runner import run_stage
+from pipeline.core.tracking import stage_run
+from pipeline.data import sources as datasets
+from pipeline.data import synthetic
+from pipeline.data.prepared import (
+    SUBSETS_FILE,
+    RawImage,
+    count_table,
+    defective_subsets,
+    group_table,
+    write_prepared,
+)
 
 OUT = layout.PREPARED
 

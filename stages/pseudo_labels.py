@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import layout
-from pipeline.artifacts import output_dir, read_json, write_json
 from pipeline.config import load_section
-from pipeline.metrics import mask_iou, mean_over_folds
-from pipeline.prepared import PreparedData
-from pipeline.pseudo_labels import write_fold_targets
-from pipeline.runner import run_stage
-from pipeline.tracking import stage_run
+from pipeline.core import layout
+from pipeline.core.artifacts import output_dir, read_json, write_json
+from pipeline.core.runner import run_stage
+from pipeline.core.tracking import stage_run
+from pipeline.data.prepared import PreparedData
+from pipeline.metrics.classification import mask_iou, mean_over_folds
+from pipeline.knowledge.pseudo_labels import write_fold_targets
 
 PREPARED, SALIENCY, OUT = layout.PREPARED, layout.SALIENCY, layout.PSEUDO_MASKS
 

@@ -2,17 +2,17 @@
 cross-validation's pooled out-of-fold scores, registered as the alias ``candidate``.
 
 ``release.model`` says which model (guided: its baseline, saliency and pseudo-masks first);
-``release.operating_point`` where the threshold lies. The logic lives in ``pipeline.release``.
+``release.operating_point`` where the threshold lies. The logic lives in ``pipeline.deployment.release``.
 Outputs: data/release/{baseline.pt, guided.pt, operating_point.json, run.json, saliency/,
 pseudo_masks/}; data/metrics/release.json.
 """
 
 from __future__ import annotations
 
-from pipeline import layout
 from pipeline.config import load_section
-from pipeline.release import ReleasePaths, ReleaseSections, run_release
-from pipeline.runner import run_stage
+from pipeline.core import layout
+from pipeline.core.runner import run_stage
+from pipeline.deployment.release import ReleasePaths, ReleaseSections, run_release
 
 PATHS = ReleasePaths(prepared=layout.PREPARED, evaluation=layout.EVALUATION,
                      evaluation_metrics=layout.metrics_file("evaluate"), out=layout.RELEASE,

@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import layout
-from pipeline.artifacts import output_dir, read_json, write_json, write_map
 from pipeline.config import load_section
-from pipeline.devices import pick_device, resolve_precision
-from pipeline.metrics import localization_metrics, mean_over_folds
-from pipeline.model_files import load_model
-from pipeline.prepared import PreparedData
-from pipeline.progress import log_line, progress
-from pipeline.runner import run_stage
-from pipeline.saliency import create_saliency, saliency_maps
-from pipeline.tracking import stage_run
-from pipeline.visualisation import heatmap_overlay, mask_outline, overlay_grid, save_png
+from pipeline.core import layout
+from pipeline.core.artifacts import output_dir, read_json, write_json, write_map
+from pipeline.core.devices import pick_device, resolve_precision
+from pipeline.core.progress import log_line, progress
+from pipeline.core.runner import run_stage
+from pipeline.core.tracking import stage_run
+from pipeline.data.prepared import PreparedData
+from pipeline.metrics.classification import localization_metrics, mean_over_folds
+from pipeline.metrics.figures import (
+    heatmap_overlay,
+    mask_outline,
+    overlay_grid,
+    save_png,
+)
+from pipeline.knowledge.saliency import create_saliency, saliency_maps
+from pipeline.models.files import load_model
 
 PREPARED, BASELINE, OUT = layout.PREPARED, layout.BASELINE, layout.SALIENCY
 

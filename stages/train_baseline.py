@@ -6,11 +6,11 @@ data/plots/train_baseline.csv (per-epoch losses and test AP).
 
 from __future__ import annotations
 
-from pipeline import layout
 from pipeline.config import load_section
-from pipeline.objectives import Objective
-from pipeline.runner import run_stage
-from pipeline.training import TrainingStage, run_training_stage
+from pipeline.core import layout
+from pipeline.core.runner import run_stage
+from pipeline.training.loop import TrainingStage, run_training_stage
+from pipeline.training.objectives import Objective
 
 STAGE = TrainingStage("train_baseline", "baseline", layout.PREPARED, upstream=(layout.PREPARED,),
                       out=layout.BASELINE, metrics=layout.metrics_file("train_baseline"),

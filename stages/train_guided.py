@@ -1,7 +1,7 @@
 """Stage train_guided: the same backbone retrained with the baseline's knowledge.
 
 What the guided model reads and what its auxiliary loss targets depend on the variant
-(``pipeline/variants.py``): the baseline's saliency map as a prior channel, the Otsu pseudo-masks
+(``pipeline/models/variants.py``): the baseline's saliency map as a prior channel, the Otsu pseudo-masks
 as the segmentation head's target with a loss weight that decays over the epochs, or the
 saliency maps as the target of the consistency loss. Under mixed supervision an image's true
 mask replaces its pseudo-mask and, where the target is the saliency, its saliency map. One model
@@ -12,13 +12,13 @@ data/plots/train_guided.csv.
 
 from __future__ import annotations
 
-from pipeline import layout
 from pipeline.config import load_section
-from pipeline.objectives import GuidedObjective, load_guidance
-from pipeline.prepared import PreparedData
-from pipeline.runner import run_stage
-from pipeline.training import TrainingStage, run_training_stage
-from pipeline.variants import VARIANTS
+from pipeline.core import layout
+from pipeline.core.runner import run_stage
+from pipeline.data.prepared import PreparedData
+from pipeline.models.variants import VARIANTS
+from pipeline.training.loop import TrainingStage, run_training_stage
+from pipeline.training.objectives import GuidedObjective, load_guidance
 
 STAGE = TrainingStage("train_guided", "guided", layout.PREPARED,
                       upstream=(layout.PREPARED, layout.SALIENCY, layout.PSEUDO_MASKS), out=layout.GUIDED,

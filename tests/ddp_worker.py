@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import distributed, losses
-from pipeline.inference import predict
-from pipeline.training import TrainingDiverged, train
+from pipeline.core import distributed
+from pipeline.models import losses
+from pipeline.models.inference import predict
+from pipeline.training.loop import TrainingDiverged, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import noise_data  # noqa: E402

@@ -16,7 +16,7 @@ import yaml
 if TYPE_CHECKING:  # annotations only: the helpers import torch lazily, where it is needed
     import torch
 
-    from pipeline.prepared import PreparedData
+    from pipeline.data.prepared import PreparedData
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,8 +88,8 @@ def train_tiny_models(folder: Path, size: int = 32, n: int = 8) -> tuple[dict[st
     import torch
 
     from pipeline.config import GuidedParams, ModelParams, TrainParams
-    from pipeline.model_files import save_model
-    from pipeline.training import train
+    from pipeline.models.files import save_model
+    from pipeline.training.loop import train
 
     data = tiny_data(size, n)
     images = data.images
@@ -113,7 +113,7 @@ def tiny_data(size: int = 64, n: int = 8) -> PreparedData:
     import pandas as pd
     import torch
 
-    from pipeline.prepared import PreparedData
+    from pipeline.data.prepared import PreparedData
 
     generator = torch.Generator().manual_seed(1)
     index = pd.DataFrame({"id": [f"i{k}" for k in range(n)], "label": [1, 0] * (n // 2),
@@ -124,8 +124,8 @@ def tiny_data(size: int = 64, n: int = 8) -> PreparedData:
 
 def guided(params, priors: torch.Tensor, pseudo_masks: torch.Tensor):
     """The guided objective of ``params`` (GuidedParams) for saliency maps and pseudo-masks of every row."""
-    from pipeline.objectives import GuidedObjective, guidance_for
-    from pipeline.variants import VARIANTS
+    from pipeline.models.variants import VARIANTS
+    from pipeline.training.objectives import GuidedObjective, guidance_for
 
     return GuidedObjective(guidance_for(VARIANTS[params.variant], priors, pseudo_masks), params)
 
@@ -136,7 +136,7 @@ def noise_data() -> PreparedData:
     import pandas as pd
     import torch
 
-    from pipeline.prepared import PreparedData
+    from pipeline.data.prepared import PreparedData
 
     n = 24
     index = pd.DataFrame({"id": [f"im{i}" for i in range(n)], "label": [int(i % 4 == 0) for i in range(n)],

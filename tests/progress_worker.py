@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from pipeline.config import ModelParams, TrainParams
-from pipeline.objectives import Objective
-from pipeline.predict import Predictor, load_file, predict_files
-from pipeline.saliency import create_saliency, saliency_maps
-from pipeline.training import train_folds
+from pipeline.deployment.predict import Predictor, load_file, predict_files
+from pipeline.knowledge.saliency import create_saliency, saliency_maps
+from pipeline.training.loop import train_folds
+from pipeline.training.objectives import Objective
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import tiny_data  # noqa: E402

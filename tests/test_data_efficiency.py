@@ -8,12 +8,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline.artifacts import read_image, read_json, write_json, write_map
 from pipeline.config import ConfigError, parse_section
-from pipeline.layout import TRUE_MASKS
-from pipeline.objectives import consistency_targets
-from pipeline.prepared import PreparedData, SubsetError, defective_subsets
-from pipeline.pseudo_labels import otsu_mask
+from pipeline.core.artifacts import read_image, read_json, write_json, write_map
+from pipeline.core.layout import TRUE_MASKS
+from pipeline.data.prepared import PreparedData, SubsetError, defective_subsets
+from pipeline.knowledge.pseudo_labels import otsu_mask
+from pipeline.training.objectives import consistency_targets
 from stages import prepare, pseudo_labels, train_guided
 
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.datasets: the real KolektorSDD where it is present, small trees written here."""
+"""Tests for pipeline.data.sources: the real KolektorSDD where it is present, small trees written here."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import real_dataset
 
-from pipeline.datasets import (
+from pipeline.data.sources import (
     DataError,
     SourceImage,
     SourceSet,

@@ -14,19 +14,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SHRUNK, dvc, guided, make_shrunk_project, merge, noise_data, project_env
+from helpers import (
+    SHRUNK,
+    dvc,
+    guided,
+    make_shrunk_project,
+    merge,
+    noise_data,
+    project_env,
+)
 from mlflow.tracking import MlflowClient
 
-from pipeline import distributed
-from pipeline.config import ConfigError, GuidedParams, ModelParams, TrainParams, parse_section
-from pipeline.devices import BF16, FP32, pick_device, resolve_precision
-from pipeline.distributed import Ranks, shard
-from pipeline.errors import InputError, SetupError
-from pipeline.inference import predict
-from pipeline.model_files import build_model
-from pipeline.objectives import Objective
-from pipeline.prepared import PreparedData
-from pipeline.training import train
+from pipeline.config import (
+    ConfigError,
+    GuidedParams,
+    ModelParams,
+    TrainParams,
+    parse_section,
+)
+from pipeline.core import distributed
+from pipeline.core.devices import BF16, FP32, pick_device, resolve_precision
+from pipeline.core.distributed import Ranks, shard
+from pipeline.core.errors import InputError, SetupError
+from pipeline.data.prepared import PreparedData
+from pipeline.models.files import build_model
+from pipeline.models.inference import predict
+from pipeline.training.loop import train
+from pipeline.training.objectives import Objective
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp32: the tolerance is that of float sums in another order; bf16 autocast (model.precision auto on a

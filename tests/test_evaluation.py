@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.evaluation import (
+from pipeline.metrics.classification import MetricsError
+from pipeline.evaluation.results import (
     check_test_folds,
     classification_summary,
     combine_runs,
@@ -28,10 +29,9 @@ from pipeline.evaluation import (
     summarize_localization,
     timed_per_image,
 )
-from pipeline.evaluation import (
+from pipeline.evaluation.results import (
     main as combine_main,
 )
-from pipeline.metrics import MetricsError
 
 # Fold 0 (baseline): 0.8 D, 0.4 ok, 0.35 D, 0.1 ok -> AP 1/2 + 1/2 * 2/3 = 5/6, AUROC 3/4.
 # Fold 1 (baseline), one defect: 0.7 ok, 0.6 D, 0.2 ok, 0.1 ok -> AP 1/2, AUROC 2/3.
@@ -216,7 +216,7 @@ def test_decision_errors_at_the_threshold_most_confident_first_ties_count_as_def
 
 
 def test_overlay_picture_shows_the_true_mask(tmp_path):
-    from pipeline.visualisation import save_png
+    from pipeline.metrics.figures import save_png
 
     mask = np.zeros((32, 32), bool)
     mask[10:12, 20:22] = True
@@ -329,7 +329,7 @@ def test_combine_runs_rejects_mismatched_runs(tmp_path):
 
 
 def test_stage_stops_with_one_line_naming_the_fold_without_defects(tmp_path, monkeypatch, capsys):
-    from pipeline.runner import run_stage
+    from pipeline.core.runner import run_stage
     from stages import evaluate
 
     prepared = tmp_path / "data/prepared"

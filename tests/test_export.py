@@ -18,12 +18,19 @@ import torch
 import yaml
 from helpers import ROOT, SHRUNK
 
-from pipeline.artifacts import write_image
-from pipeline.errors import InputError
-from pipeline.export import ExportError, example_inputs, export, fold_images, main, run_exported
-from pipeline.inference import predict
-from pipeline.model_files import load_model
-from pipeline.saliency import create_saliency, saliency_maps
+from pipeline.core.artifacts import write_image
+from pipeline.core.errors import InputError
+from pipeline.deployment.export import (
+    ExportError,
+    example_inputs,
+    export,
+    fold_images,
+    main,
+    run_exported,
+)
+from pipeline.knowledge.saliency import create_saliency, saliency_maps
+from pipeline.models.files import load_model
+from pipeline.models.inference import predict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,7 +134,7 @@ def test_size_threshold_and_operating_point_travel_with_the_file(tiny, tmp_path:
 @pytest.mark.slow  # logging the scoring model and an ONNX export: about 40 s
 def test_threshold_and_operating_point_come_from_the_registered_version(tiny, prepared: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.serving import log_scoring_model
+    from pipeline.deployment.serving import log_scoring_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "export-test")
@@ -143,7 +150,7 @@ def test_threshold_and_operating_point_come_from_the_registered_version(tiny, pr
 
 
 def test_a_diverging_export_is_not_written(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.export
+    import pipeline.deployment.export
 
     model, config = load_model(tiny[0]["baseline"])
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
@@ -153,7 +160,7 @@ def test_a_diverging_export_is_not_written(tiny, tmp_path: Path, monkeypatch: py
         scores, decisions = run_exported(path, fmt, inputs)
         return scores + 2e-4, decisions  # a runtime that computes differently in the fourth decimal
 
-    monkeypatch.setattr(pipeline.export, "run_exported", drifting)
+    monkeypatch.setattr(pipeline.deployment.export, "run_exported", drifting)
     with pytest.raises(ExportError, match=r"differ from PyTorch's by 0.0002.*m.pt was not written"):
         export(model, config, "torchscript", tmp_path / "m.pt", 0.5)
     assert not (tmp_path / "m.tflite").exists() and not (tmp_path / "m.pt").exists()

@@ -11,19 +11,19 @@ import torch.nn.functional as F
 from helpers import guided, tiny_data
 
 from pipeline.config import ConfigError, GuidedParams, ModelParams, parse_section
-from pipeline.inference import predict, segment
-from pipeline.losses import consistency_loss
-from pipeline.model_files import inference_priors, load_model, save_model
-from pipeline.models import (
+from pipeline.models.files import inference_priors, load_model, save_model
+from pipeline.models.inference import predict, segment
+from pipeline.models.losses import consistency_loss
+from pipeline.models.networks import (
     Classifier,
     GuidedClassifier,
     PriorAsChannel,
     class_activation_map,
     load_pretrained_features,
 )
-from pipeline.objectives import seg_weight
-from pipeline.training import train
-from pipeline.variants import VARIANTS
+from pipeline.models.variants import VARIANTS
+from pipeline.training.loop import train
+from pipeline.training.objectives import seg_weight
 
 BACKBONES = ("resnet18", "vgg16")
 

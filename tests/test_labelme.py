@@ -20,10 +20,10 @@ from helpers import real_dataset
 from PIL import Image
 from test_datasets import raises_naming
 
-from pipeline import presets
-from pipeline.artifacts import read_json
 from pipeline.config import ConfigError, LabelmeParams, PrepareParams, parse_section
-from pipeline.datasets import (
+from pipeline.core.artifacts import read_json
+from pipeline.data.labelme import POINT_TOLERANCE, SHAPE_TYPES
+from pipeline.data.sources import (
     SOURCE_KINDS,
     DataError,
     LoadOptions,
@@ -36,7 +36,7 @@ from pipeline.datasets import (
     read_gray,
     read_mask,
 )
-from pipeline.labelme import POINT_TOLERANCE, SHAPE_TYPES
+from pipeline.experiments import presets
 from stages import prepare
 
 REAL_BSDATA, needs_real_bsdata = real_dataset("BSData")
@@ -500,7 +500,9 @@ def test_real_bsdata_masks_match_their_images(real_bsdata: SourceSet) -> None:
 
 
 def test_cpu_bsdata_preset_survives_dvc_exp_run_set_params(tmp_path: Path) -> None:
-    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` does to params.yaml
+    from dvc.utils.hydra import (
+        apply_overrides,  # what `dvc exp run -S` does to params.yaml
+    )
 
     params = tmp_path / "params.yaml"
     shutil.copy(Path(__file__).parents[1] / "params.yaml", params)

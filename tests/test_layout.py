@@ -1,4 +1,4 @@
-"""dvc.yaml and the code agree: each stage's outputs are the paths of ``pipeline.layout``, and its
+"""dvc.yaml and the code agree: each stage's outputs are the paths of ``pipeline.core.layout``, and its
 source deps are exactly the modules its script imports."""
 
 from __future__ import annotations
@@ -9,26 +9,34 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import layout
+from pipeline.core import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-# pipeline/config.py imports these only for the allowed values of its params (and labelme for the
-# options it defines): a stage that merely validates them does not run their code, so they are
-# not its deps (dvc.yaml's header says so).
-VALIDATION_ONLY = {"pipeline.datasets", "pipeline.labelme", "pipeline.metrics", "pipeline.model_files",
-                   "pipeline.models", "pipeline.saliency", "pipeline.variants"}
+# pipeline/config.py imports the concerns' modules only for the allowed values of their params
+# (and the params sections they define): a stage that merely validates them does not run their
+# code, so they are not its deps (dvc.yaml's header says so). Its core imports are real deps.
+
+
+def _validation_only(module: str, imported: str) -> bool:
+    return module == "pipeline.config" and not imported.startswith("pipeline.core.")
+
+
+def _source(module: str) -> Path:
+    path = ROOT / module.replace(".", "/")
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def _imports(module: str) -> set[str]:
-    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    """The pipeline modules ``module`` imports: ``from pipeline.core import layout`` is
+    ``pipeline.core.layout``, the package itself where the name is not a module of it."""
     found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
-            found |= {f"pipeline.{alias.name}" for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline."):
-            found.add(node.module)
-    return found - VALIDATION_ONLY if module == "pipeline.config" else found
+    for node in ast.walk(ast.parse(_source(module).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                found.add(candidate if _source(candidate).exists() else node.module)
+    return {imported for imported in found if not _validation_only(module, imported)}
 
 
 def imported_modules(script: str) -> set[str]:
@@ -38,7 +46,7 @@ def imported_modules(script: str) -> set[str]:
         if module not in seen:
             seen.add(module)
             todo += _imports(module)
-    return {m.replace(".", "/") + ".py" for m in seen if m.startswith("pipeline.")}
+    return {_source(m).relative_to(ROOT).as_posix() for m in seen if m.startswith("pipeline.")}
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.metrics import (
+from pipeline.metrics.classification import (
     CLASSIFICATION_METRICS,
     MetricsError,
     classification_metrics,

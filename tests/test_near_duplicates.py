@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import real_dataset
 
-from pipeline.near_duplicates import main, near_duplicate_pairs, perceptual_hashes
-from pipeline.prepared import PreparedData
+from pipeline.data.near_duplicates import main, near_duplicate_pairs, perceptual_hashes
+from pipeline.data.prepared import PreparedData
 
 KOLEKTORSDD, KOLEKTORSDD_PRESENT = real_dataset("KolektorSDD")
 
@@ -69,7 +69,7 @@ def test_the_command_exits_1_where_a_pair_is_split_between_folds_and_writes_the_
 @KOLEKTORSDD_PRESENT
 @pytest.mark.realdata
 def test_kolektorsdd_items_38_and_39_are_near_copies_of_each_other(tmp_path: Path) -> None:
-    from pipeline.datasets import load_kolektorsdd  # noqa: PLC0415
+    from pipeline.data.sources import load_kolektorsdd  # noqa: PLC0415
 
     source = load_kolektorsdd(KOLEKTORSDD)
     chosen = [image for image in source.images if image.group.split("+")[0] in ("kos38", "kos39", "kos12")]

@@ -16,7 +16,7 @@ import yaml
 from browser import check_rendered, needs_chromium
 from helpers import dvc, make_shrunk_project, project_env, stages_run
 
-from pipeline.devices import resolve_precision
+from pipeline.core.devices import resolve_precision
 
 STAGES = ["prepare", "train_baseline", "saliency", "pseudo_labels", "train_guided", "evaluate", "release"]
 
@@ -170,7 +170,7 @@ def test_sweep_runs_each_point_as_an_experiment_saves_it_and_plots_ap_against_th
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("knowledge-guided")
     releases = len(client.search_runs([experiment.experiment_id], "tags.stage = 'release'"))
-    command = [sys.executable, "-m", "pipeline.sweep", "run", "pseudo_labels.true_masks", "0,all",
+    command = [sys.executable, "-m", "pipeline.experiments.sweep", "run", "pseudo_labels.true_masks", "0,all",
                "--out", "sweep"]
     result = subprocess.run(command, cwd=project, env=project_env(project), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from helpers import ROOT, noise_data
 from test_saliency import _synthetic_batch
 
-from pipeline import devices
 from pipeline.config import ModelParams, TrainParams
-from pipeline.devices import BF16, FP32, resolve_precision
-from pipeline.models import Classifier
-from pipeline.pseudo_labels import otsu_mask
-from pipeline.saliency import METHODS, create_saliency
-from pipeline.training import train
+from pipeline.core import devices
+from pipeline.core.devices import BF16, FP32, resolve_precision
+from pipeline.knowledge.pseudo_labels import otsu_mask
+from pipeline.knowledge.saliency import METHODS, create_saliency
+from pipeline.models.networks import Classifier
+from pipeline.training.loop import train
 
 CPU = torch.device("cpu")
 MEAN_DIFFERENCE, LEAST_MASK_IOU, LEAST_SHARE = 0.02, 0.9, 0.8

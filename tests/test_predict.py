@@ -13,12 +13,12 @@ import pytest
 import torch
 from helpers import ROOT
 
-from pipeline.artifacts import write_image
-from pipeline.inference import predict
-from pipeline.model_files import load_model
-from pipeline.predict import ModelError, decision_threshold, load_any, main
-from pipeline.saliency import create_saliency, saliency_maps
-from pipeline.training import register_models
+from pipeline.core.artifacts import write_image
+from pipeline.deployment.predict import ModelError, decision_threshold, load_any, main
+from pipeline.knowledge.saliency import create_saliency, saliency_maps
+from pipeline.models.files import load_model
+from pipeline.models.inference import predict
+from pipeline.training.loop import register_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,7 +98,7 @@ def test_teacher_variant_needs_the_baseline_and_uses_its_saliency(tiny, folder: 
 @pytest.mark.slow  # logging a model exports its graph: about 10 s
 def test_registered_model_by_name_with_the_threshold_of_its_evaluate_run(tiny, folder: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.tracking import stage_run
+    from pipeline.core.tracking import stage_run
 
     paths, images = tiny
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -152,7 +152,7 @@ def test_command_line_reports_a_wrong_model_in_one_line(tmp_path: Path) -> None:
     text = tmp_path / "model.pt"
     text.write_text("not a model")
     (tmp_path / "a.png").write_bytes(b"")
-    result = subprocess.run([sys.executable, "-m", "pipeline.predict", "--model", str(text), str(tmp_path / "a.png")],
+    result = subprocess.run([sys.executable, "-m", "pipeline.deployment.predict", "--model", str(text), str(tmp_path / "a.png")],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
     assert f"error: {text} is not a PyTorch file" in result.stderr and "Traceback" not in result.stderr

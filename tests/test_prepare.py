@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.artifacts import read_json
+from pipeline.core.artifacts import read_json
 from stages import prepare
 
 KOLEKTOR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "KolektorSDD"

@@ -14,7 +14,7 @@ import termios
 import pytest
 from helpers import ROOT
 
-from pipeline.progress import log_line, progress
+from pipeline.core.progress import log_line, progress
 
 WORKER = [sys.executable, str(ROOT / "tests/progress_worker.py")]
 EPOCH_LINE = re.compile(r"^  fold [01] \| epoch +[123] \| loss \d+\.\d{4}( \| test AP \d+\.\d{4})? \| \d+\.\d+s$")

@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.pseudo_labels import otsu_mask, pseudo_mask
+from pipeline.knowledge.pseudo_labels import otsu_mask, pseudo_mask
 
 
 def test_otsu_separates_a_bright_blob_from_the_background():

@@ -17,9 +17,10 @@ import pytest
 import yaml
 from helpers import ROOT, dvc, make_shrunk_project, project_env
 
-from pipeline.config import DERIVED_SEEDS, ConfigError, load_section, project_root
-from pipeline.sweep import experiment_states
-from pipeline.tracking import tracking_uri
+from pipeline.config import DERIVED_SEEDS, ConfigError, load_section
+from pipeline.core.layout import project_root
+from pipeline.core.tracking import tracking_uri
+from pipeline.experiments.sweep import experiment_states
 
 STAGES = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # every stage logs one run
 
@@ -101,7 +102,7 @@ def test_in_the_workspace_relative_paths_stay_as_written(tmp_path: Path, monkeyp
 WRITER = """
 import sys
 from mlflow.tracking import MlflowClient
-from pipeline.tracking import stage_run, tracking_uri
+from pipeline.core.tracking import stage_run, tracking_uri
 for k in range(int(sys.argv[2])):
     with stage_run(f"stage{k}", {"writer": {"id": sys.argv[1], "k": k}}) as run:
         for step in range(5):
@@ -153,8 +154,8 @@ def wait_for_queue(project: Path, names: list[str], timeout: float = 1200) -> di
 
 def folder_data_set(folder: Path) -> None:
     """The shrunk synthetic set as good/ and defect/ images with masks: data outside the project."""
-    from pipeline.artifacts import write_image
-    from pipeline.synthetic import generate
+    from pipeline.core.artifacts import write_image
+    from pipeline.data.synthetic import generate
 
     for image in generate(12, 4, 64, 64, 0.3, 1.0, seed=0):
         label = "defect" if image.label else "good"
@@ -230,7 +231,7 @@ def test_a_seed_grid_queues_exactly_the_runs_it_names(tmp_path: Path) -> None:
 
 
 def sweep(project: Path, values: str, **popen: object) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pipeline.sweep", "run", "evaluate.threshold", values, "--seeds", "1",
+    command = [sys.executable, "-m", "pipeline.experiments.sweep", "run", "evaluate.threshold", values, "--seeds", "1",
                "--out", "sweep", "-j", "2"]
     return subprocess.Popen(command, cwd=project, env=project_env(project), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)

@@ -12,8 +12,10 @@ import pytest
 from helpers import tiny_data
 
 from pipeline.config import ConfigError, parse_section
-from pipeline.errors import InputError
-from pipeline.metrics import (
+from pipeline.core.errors import InputError
+from pipeline.deployment.predict import LoadedModel, decision_threshold
+from pipeline.deployment.release import FOLD, candidate_version, gate_figures
+from pipeline.metrics.classification import (
     MetricsError,
     OperatingPoint,
     UnreachableOperatingPoint,
@@ -22,9 +24,7 @@ from pipeline.metrics import (
     operating_threshold,
     rates_at,
 )
-from pipeline.model_files import ModelError
-from pipeline.predict import LoadedModel, decision_threshold
-from pipeline.release import FOLD, candidate_version, gate_figures
+from pipeline.models.files import ModelError
 
 # Defects at 0.4, 0.6, 0.9; defect-free images at 0.1, 0.2, 0.3, 0.5, 0.7.
 LABELS = np.array([1, 1, 1, 0, 0, 0, 0, 0])
@@ -143,7 +143,7 @@ def test_predict_reads_a_versions_threshold_tag_before_its_fallbacks() -> None:
 
 def test_all_training_trains_on_every_image_and_monitors_nothing(one_thread: None) -> None:
     from pipeline.config import ModelParams, TrainParams
-    from pipeline.training import train
+    from pipeline.training.loop import train
 
     data = tiny_data(32, 8)
     everything = data.all_training()

@@ -8,7 +8,10 @@ import pytest
 from browser import check_rendered, needs_chromium, tagged
 from test_evaluation import SCORES
 
-from pipeline.evaluation import (
+from pipeline.data.prepared import count_table, group_table
+from pipeline.metrics.classification import pr_curve
+from pipeline.evaluation.report import ReportInputs, report_html, write_report
+from pipeline.evaluation.results import (
     classification_summary,
     decision_errors,
     error_pictures,
@@ -17,10 +20,7 @@ from pipeline.evaluation import (
     plot_training,
     summarize_localization,
 )
-from pipeline.metrics import pr_curve
-from pipeline.prepared import count_table, group_table
-from pipeline.report import ReportInputs, report_html, write_report
-from pipeline.visualisation import plot_pr_curves, save_png
+from pipeline.metrics.figures import plot_pr_curves, save_png
 
 # Two folds of four images (test_evaluation's); a group name and the title carry markup that must
 # arrive as text.

@@ -24,19 +24,54 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import SHRUNK, dvc, guided, make_shrunk_project, merge, noise_data, project_env, stages_run
+from helpers import (
+    SHRUNK,
+    dvc,
+    guided,
+    make_shrunk_project,
+    merge,
+    noise_data,
+    project_env,
+    stages_run,
+)
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from pipeline import datasets, training
-from pipeline.artifacts import atomic_path, load_torch, output_dir, read_json, save_torch
-from pipeline.config import ConfigError, GuidedParams, ModelParams, TrainParams, load_section, parse_section
-from pipeline.datasets import DataError, read_gray
-from pipeline.model_files import save_model
-from pipeline.objectives import Objective
-from pipeline.prepared import PreparedData
-from pipeline.tracking import FAST_CHECK, TrackingError, connect, environment_defaults
-from pipeline.training import TrainingDiverged, _resumable_state, learning_rate, summarize, train, train_folds
+from pipeline.config import (
+    ConfigError,
+    GuidedParams,
+    ModelParams,
+    TrainParams,
+    load_section,
+    parse_section,
+)
+from pipeline.core.artifacts import (
+    atomic_path,
+    load_torch,
+    output_dir,
+    read_json,
+    save_torch,
+)
+from pipeline.core.tracking import (
+    FAST_CHECK,
+    TrackingError,
+    connect,
+    environment_defaults,
+)
+from pipeline.data import sources as datasets
+from pipeline.data.prepared import PreparedData
+from pipeline.data.sources import DataError, read_gray
+from pipeline.models.files import save_model
+from pipeline.training import loop as training
+from pipeline.training.loop import (
+    TrainingDiverged,
+    _resumable_state,
+    learning_rate,
+    summarize,
+    train,
+    train_folds,
+)
+from pipeline.training.objectives import Objective
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 MODEL = ModelParams(device="cpu")

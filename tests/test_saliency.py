@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import BACKBONES, Classifier, GuidedClassifier, PriorAsChannel
-from pipeline.saliency import (
+from pipeline.data.training_data import to_input
+from pipeline.knowledge.saliency import (
     FullGrad,
     GradCAM,
     LayerCAM,
@@ -18,7 +18,12 @@ from pipeline.saliency import (
     normalise,
     saliency_maps,
 )
-from pipeline.training_data import to_input
+from pipeline.models.networks import (
+    BACKBONES,
+    Classifier,
+    GuidedClassifier,
+    PriorAsChannel,
+)
 
 METHOD_NAMES = ("gradcam", "layercam", "fullgrad")
 

@@ -15,10 +15,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.model_files import ModelError
-from pipeline.predict import decision_threshold, load_any, main
-from pipeline.serving import log_scoring_model, request_body, score_images, served
+from pipeline.core.errors import InputError
+from pipeline.deployment.predict import decision_threshold, load_any, main
+from pipeline.deployment.serving import (
+    log_scoring_model,
+    request_body,
+    score_images,
+    served,
+)
+from pipeline.models.files import ModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,7 +150,7 @@ def test_log_scoring_model_refuses_bad_input_naming_it(tiny, tmp_path: Path) -> 
 
 
 def test_every_kind_of_bad_value_gets_its_own_error_and_the_rest_is_scored(tiny, photos: dict[str, Path]) -> None:
-    from pipeline.predict import Predictor, load_file
+    from pipeline.deployment.predict import Predictor, load_file
 
     paths, _ = tiny
     predictor = Predictor(load_file(paths["baseline"]), 0.5)

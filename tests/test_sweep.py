@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from pipeline.sweep import (
+from pipeline.experiments.sweep import (
     Experiment,
     SweepError,
     check_seeds_follow,

@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.synthetic import generate
+from pipeline.data.synthetic import generate
 
 
 def make(seed: int = 0, **overrides):

@@ -2,7 +2,7 @@ import mlflow
 import pytest
 
 from pipeline.config import TrainParams
-from pipeline.tracking import flatten, pipeline_run_id, stage_run
+from pipeline.core.tracking import flatten, pipeline_run_id, stage_run
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""The paired ablation of averaged weights and test-time flips (python -m pipeline.variance)."""
+"""The paired ablation of averaged weights and test-time flips (python -m pipeline.experiments.variance)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from helpers import noise_data
 from sklearn.metrics import average_precision_score
 
 from pipeline.config import ModelParams, TrainParams
-from pipeline.inference import predict
-from pipeline.training import train
-from pipeline.variance import LAST, fold_scores, summary_table
+from pipeline.experiments.variance import LAST, fold_scores, summary_table
+from pipeline.models.inference import predict
+from pipeline.training.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODEL = ModelParams(device="cpu")
@@ -40,7 +40,7 @@ def test_summary_gives_mean_and_spread_over_seeds_of_the_fold_means() -> None:
 
 def test_command_writes_the_table_after_every_fold_and_a_rerun_trains_only_the_missing_folds(
         tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import variance
+    from pipeline.experiments import variance
 
     calls = []
 
@@ -74,7 +74,7 @@ def test_command_writes_the_table_after_every_fold_and_a_rerun_trains_only_the_m
 
 def test_overrides_train_the_set_keys_and_a_rerun_must_give_the_same_ones(
         tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import variance
+    from pipeline.experiments import variance
 
     trained = []
 

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.metrics import pr_curve
-from pipeline.visualisation import (
+from pipeline.metrics.classification import pr_curve
+from pipeline.metrics.figures import (
     METRIC_VS_COUNT_FIGSIZE,
     PR_FIGSIZE,
     TRAINING_PANEL_SIZE,

@@ -1,0 +1,296 @@
+"""MLflow tracking for the stages: one run per stage execution, linked into a lineage.
+
+DVC may restore a stage's outputs from its run cache without running the script, so nothing is
+logged for it then. To keep MLflow coherent anyway, every stage writes ``run.json`` (its MLflow
+run id) into its own output folder. The file travels with the cached outputs, so a downstream
+stage always knows which MLflow run produced the exact artifacts it consumed, and tags its own run
+with ``upstream.<stage>`` = that run id. The evaluation run therefore links to the full chain of
+runs behind its numbers, whether those stages ran now or were restored.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps CI logs readable
+
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from pipeline.core.artifacts import read_json, write_json  # noqa: E402
+from pipeline.core.errors import SetupError  # noqa: E402
+from pipeline.core.layout import project_root  # noqa: E402
+
+DEFAULT_EXPERIMENT = "knowledge-guided"
+LINEAGE_FILE = "run.json"
+# Seconds a writer waits for another's lock on a SQLite store (Python's default is 5): queued
+# experiments on several workers write to one file, and a loaded machine can hold a lock longer.
+SQLITE_BUSY_TIMEOUT = 60
+
+
+class TrackingError(SetupError):
+    """The MLflow tracking store cannot be reached or used."""
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the project root.
+
+    The project root, not the working directory: a queued experiment runs in a temporary copy of
+    the project that DVC deletes afterwards, with its store. A SQLite URI gets a busy timeout
+    unless it names one (``?timeout=``), so concurrent writers wait for each other's lock.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and "timeout=" not in uri:
+        uri += ("&" if "?" in uri else "?") + f"timeout={SQLITE_BUSY_TIMEOUT}"
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (its query left out), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def pipeline_run_id() -> str:
+    """An id shared by the stages of one ``dvc repro`` / ``dvc exp run`` invocation.
+
+    ``PIPELINE_RUN_ID`` wins when set. Otherwise the id is derived from the DVC process that runs
+    the stages (its pid and start time), found among this process's ancestors; a stage run by
+    hand gets a fresh id.
+    """
+    if os.environ.get("PIPELINE_RUN_ID"):
+        return os.environ["PIPELINE_RUN_ID"]
+    try:
+        import psutil
+
+        for ancestor in psutil.Process().parents():
+            command = " ".join(ancestor.cmdline())
+            if "dvc" in Path(command.split(" ")[0]).name or " -m dvc" in command or "/dvc " in command:
+                return uuid.uuid5(uuid.NAMESPACE_OID, f"{ancestor.pid}-{ancestor.create_time()}").hex[:12]
+    except Exception:  # noqa: BLE001 - any failure here only costs the grouping, never the stage
+        pass
+    return uuid.uuid4().hex[:12]
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# For the check at stage start only: MLflow's defaults (7 retries with exponential backoff, 120 s
+# timeout) keep a stage waiting about 4 minutes before it reports an unreachable server.
+FAST_CHECK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextmanager
+def environment_defaults(defaults: Mapping[str, str]) -> Iterator[None]:
+    """Set the variables that the user has not set, for the duration of the block."""
+    added = {name: value for name, value in defaults.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+@contextmanager
+def _store_lock(database: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while the block runs (nothing for a server).
+
+    MLflow builds a new store's tables without a lock of its own, and two stages that find no
+    experiment both create it: two queued experiments starting together on a fresh store then fail
+    ("table ... already exists", a duplicate experiment). The lock makes one of them do it first.
+    """
+    if database is None:
+        yield
+        return
+    with open(database.with_name(database.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _ensure_experiment(client: MlflowClient, database: Path | None) -> None:
+    if client.get_experiment_by_name(experiment_name()) is not None:
+        return
+    # Keep a SQLite store's artifacts beside the database, whatever the working directory is later.
+    location = (database.parent / "mlartifacts").resolve().as_uri() if database else None
+    try:
+        client.create_experiment(experiment_name(), artifact_location=location)
+    except Exception:
+        # Another client of the same server created it in the meantime: that one is as good.
+        if client.get_experiment_by_name(experiment_name()) is None:
+            raise
+
+
+def connect() -> MlflowClient:
+    """Point MLflow at the store and check it answers, before a stage does any work."""
+    uri = tracking_uri()
+    database = sqlite_path(uri)
+    if database is not None and not database.parent.is_dir():
+        # MLflow would create a missing folder, so a typo in the path would silently start a new store.
+        raise TrackingError(f"MLflow tracking store {uri!r}: folder {database.parent} does not exist; "
+                            "create it or fix MLFLOW_TRACKING_URI")
+    try:
+        with environment_defaults(FAST_CHECK), _store_lock(database):
+            client = MlflowClient(uri)
+            _ensure_experiment(client, database)
+    except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; all mean the same to a user
+        raise TrackingError(
+            f"MLflow tracking store {uri!r} is unreachable or misconfigured ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Fix MLFLOW_TRACKING_URI or unset it "
+            "to use sqlite:///mlflow.db in the project root."
+        ) from error
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_name())
+    return client
+
+
+class StageRun:
+    """The active MLflow run of one stage, with the lineage it records."""
+
+    def __init__(self, stage: str, run: mlflow.ActiveRun, pipeline_id: str) -> None:
+        self.stage = stage
+        self.run_id = run.info.run_id
+        self.pipeline_id = pipeline_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, prefix: str = "") -> None:
+        finite = {f"{prefix}{k}": float(v) for k, v in flatten(metrics).items() if _is_number(v)}
+        mlflow.log_metrics(finite, step=step)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=folder)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def tag_compute(self, device: str, precision: str) -> None:
+        """Tag the run with the device and precision (``Precision.name``) it computed in: the params
+        hold what was asked (``model.precision: auto``), these what that resolved to on this machine."""
+        mlflow.set_tags({"compute.device": device, "compute.precision": precision})
+
+    def link_upstream(self, *output_dirs: str | Path) -> dict[str, str]:
+        """Tag this run with the MLflow runs that produced the given stage outputs."""
+        links = {}
+        for folder in output_dirs:
+            lineage = Path(folder) / LINEAGE_FILE
+            if lineage.is_file():
+                record = read_json(lineage)
+                links[f"upstream.{record['stage']}"] = record["mlflow_run_id"]
+                links[f"upstream.{record['stage']}.pipeline_run"] = record["pipeline_run_id"]
+        mlflow.set_tags(links)
+        return links
+
+    def write_lineage(self, output_dir: str | Path) -> None:
+        write_json(
+            Path(output_dir) / LINEAGE_FILE,
+            {"stage": self.stage, "mlflow_run_id": self.run_id, "pipeline_run_id": self.pipeline_id,
+             "tracking_uri": tracking_uri(), "experiment": experiment_name()},
+        )
+
+    def log_model(
+        self, model: Any, example: tuple, name: str, registered_name: str, tags: Mapping[str, str],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str | None:
+        """Log a PyTorch model and register it as a new version of ``registered_name``; returns
+        the version (None where the store has no model registry).
+
+        The model is stored as an exported graph (MLflow's "pt2" format), which loads without
+        unpickling code; ``example`` is one batch of inputs to trace it with. ``metadata`` goes
+        into the model's MLmodel file (``pipeline.deployment.predict`` reads the model's config from there).
+        """
+        import mlflow.pytorch
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        def spec(array: Any, name: str | None = None) -> TensorSpec:
+            return TensorSpec(np.dtype(np.float32), (-1, *array.shape[1:]), name=name)
+
+        names = ("images", "prior")
+        signature = ModelSignature(
+            inputs=Schema([spec(array, names[i]) for i, array in enumerate(example)]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]),
+        )
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            registered_model_name=registered_name,
+            serialization_format="pt2",
+            input_example=example,
+            signature=signature,
+            metadata=dict(metadata) if metadata else None,
+            # Explicit requirements: inferring them imports the model in a subprocess (slow).
+            pip_requirements=[f"torch=={_version('torch')}", f"torchvision=={_version('torchvision')}"],
+        )
+        if info.registered_model_version is None:
+            return None
+        version = str(info.registered_model_version)
+        client = MlflowClient(tracking_uri())
+        for key, value in tags.items():
+            client.set_model_version_tag(registered_name, version, key, value)
+        return version
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package).split("+")[0]
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return number == number and abs(number) != float("inf")
+
+
+@contextmanager
+def stage_run(stage: str, params: Mapping[str, Any], dataset: str | None = None) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage: tags, flattened params, status FAILED on error."""
+    connect()
+    pipeline_id = pipeline_run_id()
+    tags = {"stage": stage, "git_commit": git_commit(), "pipeline_run": pipeline_id}
+    if dataset:
+        tags["dataset"] = dataset
+    # Set by `dvc exp run` (queued or not): the experiment, as `dvc exp show` names it, and its baseline.
+    for tag, variable in (("dvc_experiment", "DVC_EXP_NAME"), ("dvc_baseline", "DVC_EXP_BASELINE_REV")):
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
+    with mlflow.start_run(run_name=f"{stage}-{pipeline_id}", tags=tags) as run:
+        mlflow.log_params(flatten(params))
+        yield StageRun(stage, run, pipeline_id)

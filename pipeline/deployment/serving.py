@@ -1,0 +1,285 @@
+"""Serving: a trained model as an MLflow pyfunc model that takes image files and scores them.
+
+``log_scoring_model`` logs a model file (with its teacher for variant teacher), the decision
+threshold and the operating point it was chosen at as a pyfunc model and registers it; then
+
+    mlflow models serve -m models:/<name>@champion --env-manager local -h 127.0.0.1 -p 5001
+
+serves it over REST (``POST /invocations``). The input is one column ``image`` of image files'
+bytes (PNG, JPEG or anything OpenCV reads; any size, gray or colour, read as gray and resized as
+``pipeline.deployment.predict`` does); over REST, MLflow expects a binary column base64-encoded:
+
+    {"dataframe_split": {"columns": ["image"], "data": [["<base64 of a.png>"], ["<base64 of b.jpg>"]]},
+     "params": {"heatmap": true}}
+
+The answer is ``{"predictions": [...]}``, one record per image, in order: ``score`` (defect
+probability, null where the image could not be read), ``decision`` (``defect`` / ``ok``, empty
+on error), ``threshold``, ``operating_point``, ``heatmap`` (with ``params.heatmap`` true: the
+overlay predict writes, a base64 PNG; else empty) and ``error`` (why the image could not be
+read; empty when it was scored). A corrupt image gets its error and the others are scored; a
+string that is not base64 at all makes MLflow refuse the whole request (HTTP 400) before the
+model sees it. Scores are ``pipeline.deployment.predict``'s: the same reading, resizing and ``Predictor``.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from pipeline.core.errors import InputError
+from pipeline.data.sources import DataError, decode_gray
+from pipeline.deployment.predict import (
+    SCORING_MODEL_FILE,
+    Predictor,
+    decision,
+    load_file,
+    overlay_picture,
+)
+from pipeline.metrics.figures import png_bytes
+from pipeline.knowledge.saliency import METHODS
+from pipeline.models.files import needs_prior
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models import ModelSignature
+
+IMAGE_COLUMN = "image"
+OUTPUT_COLUMNS = ("score", "decision", "threshold", "operating_point", "heatmap", "error")
+BATCH_SIZE = 16  # images per forward, as predict's default: bounds memory for large requests
+TEACHER_FILE = "teacher.pt"
+# What the served code imports; pinned to the versions it was logged with.
+REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless", "pillow",
+                "pydantic", "pyyaml", "matplotlib", "scikit-learn", "scipy")
+
+
+class ScoringModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc model: image bytes in, score, decision, threshold (and heatmap) out."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        settings = context.model_config
+        teacher = context.artifacts.get("teacher")
+        self.operating_point = str(settings["operating_point"])
+        self.predictor = Predictor(load_file(Path(context.artifacts["model"])), float(settings["threshold"]),
+                                   settings["saliency"], load_file(Path(teacher)) if teacher else None,
+                                   settings["teacher_saliency"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Mapping[str, Any] | None = None
+                ) -> pd.DataFrame:
+        if IMAGE_COLUMN not in model_input.columns:
+            raise InputError(f"the request has columns {list(model_input.columns)}; send the image files' bytes "
+                             f"(base64 in JSON) in a column named {IMAGE_COLUMN!r}")
+        heatmap = bool((params or {}).get("heatmap", False))
+        return score_images(self.predictor, model_input[IMAGE_COLUMN], heatmap, self.operating_point)
+
+
+def image_bytes(value: object) -> bytes:
+    """An image file's bytes from a request value: bytes as they are, a string as base64."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value.encode("ascii"), validate=False)
+        except (ValueError, UnicodeEncodeError) as error:
+            raise DataError(f"the value is a string but not base64 ({error}); send the file's bytes "
+                            "base64-encoded") from error
+    raise DataError(f"the value is a {type(value).__name__}; send the image file's bytes (base64 in JSON)")
+
+
+def score_images(predictor: Predictor, values: Iterable[object], heatmap: bool = False,
+                 operating_point: str = "") -> pd.DataFrame:
+    """One row per value (``OUTPUT_COLUMNS``), in order; unreadable ones get ``error``, not an exception."""
+    rows: list[dict] = []
+    for start, chunk in _chunks(list(values), BATCH_SIZE):
+        readable: list[tuple[dict, np.ndarray]] = []
+        for position, value in enumerate(chunk, start):
+            row = {"score": None, "decision": "", "threshold": predictor.threshold,
+                   "operating_point": operating_point, "heatmap": "", "error": ""}
+            rows.append(row)
+            try:
+                readable.append((row, decode_gray(image_bytes(value), f"image {position}")))
+            except DataError as error:
+                row["error"] = str(error)
+        if readable:
+            _score(predictor, readable, heatmap)
+    table = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+    # Object dtype keeps None for unreadable images: JSON null, where a float column would send NaN.
+    table["score"] = pd.Series([row["score"] for row in rows], dtype=object)
+    return table
+
+
+def _chunks(values: list, size: int) -> Iterable[tuple[int, list]]:
+    for start in range(0, len(values), size):
+        yield start, values[start : start + size]
+
+
+def _score(predictor: Predictor, readable: list[tuple[dict, np.ndarray]], heatmap: bool) -> None:
+    images = [image for _, image in readable]
+    if heatmap:
+        scores, maps = predictor(images)
+    else:
+        scores, maps = predictor.scores(images), [None] * len(images)
+    for (row, image), score, saliency in zip(readable, scores, maps):
+        row.update(score=float(score), decision=decision(float(score), predictor.threshold))
+        if saliency is not None:
+            picture = overlay_picture(image, saliency, float(score), predictor.threshold)
+            row["heatmap"] = base64.b64encode(png_bytes(picture)).decode("ascii")
+
+
+# --- logging and registering ---------------------------------------------------------------------
+
+
+def log_scoring_model(model_file: str | Path, threshold: float, operating_point: str, registered_name: str, *,
+                      teacher_file: str | Path | None = None, aliases: Iterable[str] = (),
+                      tags: Mapping[str, str] | None = None, saliency: str = "gradcam",
+                      teacher_saliency: str = "layercam", name: str = "scoring_model") -> ModelVersion:
+    """Log ``model_file`` as a ``ScoringModel`` and register it as a new version of ``registered_name``.
+
+    The threshold and operating point go into the logged model's metadata and model config, and
+    onto the version as tags ``threshold`` and ``operating_point`` (what ``predict`` and
+    ``export`` read); ``tags`` are added to the version, each of ``aliases`` is pointed at it.
+    Logs into the active MLflow run, or into a new run of ``tracking.connect()``'s experiment.
+    Returns the registered ``ModelVersion``.
+    """
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise InputError(f"threshold {threshold} for {registered_name}: it must be a probability in [0, 1]")
+    for option, method in (("saliency", saliency), ("teacher_saliency", teacher_saliency)):
+        if method not in METHODS:
+            raise InputError(f"{option}={method!r}: choose one of {', '.join(METHODS)}")
+    loaded = load_file(Path(model_file))
+    teacher = load_file(Path(teacher_file)) if teacher_file is not None else None
+    Predictor(loaded, float(threshold), saliency, teacher, teacher_saliency)  # refuses a missing or wrong teacher
+    settings = {"threshold": float(threshold), "operating_point": str(operating_point), "saliency": saliency,
+                "teacher_saliency": teacher_saliency}
+    with tempfile.TemporaryDirectory() as folder, _active_run(registered_name):
+        artifacts = {"model": shutil.copyfile(model_file, Path(folder) / SCORING_MODEL_FILE)}
+        if teacher_file is not None and needs_prior(loaded.config):
+            artifacts["teacher"] = shutil.copyfile(teacher_file, Path(folder) / TEACHER_FILE)
+        with warnings.catch_warnings():
+            # An input example would be a whole image file in the MLmodel folder; the signature says it all.
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            info = _log(name, artifacts, settings, loaded.config, registered_name)
+    return _tag_version(registered_name, str(info.registered_model_version), settings, tags or {}, aliases)
+
+
+def _log(name: str, artifacts: dict[str, Path], settings: dict, config: dict, registered_name: str):
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=ScoringModel(), artifacts={k: str(v) for k, v in artifacts.items()},
+        # The served process imports this package: it travels with the model (code/pipeline).
+        code_paths=[str(Path(__file__).parents[1])], model_config=settings, signature=scoring_signature(),
+        metadata={"pipeline_config": config, "threshold": settings["threshold"],
+                  "operating_point": settings["operating_point"]},
+        pip_requirements=[f"{package}=={package_version(package).split('+')[0]}" for package in REQUIREMENTS],
+        registered_model_name=registered_name)
+
+
+def scoring_signature() -> ModelSignature:
+    """Input: column ``image`` (binary); output: ``OUTPUT_COLUMNS``; param ``heatmap`` (default false)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    types = {"score": "double", "threshold": "double"}
+    return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
+                          outputs=Schema([ColSpec(types.get(c, "string"), c) for c in OUTPUT_COLUMNS]),
+                          params=ParamSchema([ParamSpec("heatmap", "boolean", False)]))
+
+
+@contextmanager
+def _active_run(registered_name: str) -> Iterator[None]:
+    """The active MLflow run, or a new one (ended on exit) where none is active."""
+    if mlflow.active_run() is not None:
+        yield
+        return
+    from pipeline.core.tracking import connect
+
+    connect()
+    with mlflow.start_run(run_name=f"scoring-{registered_name}"):
+        yield
+
+
+def _tag_version(registered_name: str, number: str, settings: Mapping[str, Any], tags: Mapping[str, str],
+                 aliases: Iterable[str]) -> ModelVersion:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()  # the fluent API's store: the one the model was just registered in
+    for key, value in {"threshold": str(settings["threshold"]), "operating_point": settings["operating_point"],
+                       **tags}.items():
+        client.set_model_version_tag(registered_name, number, key, str(value))
+    for alias in aliases:
+        client.set_registered_model_alias(registered_name, alias, number)
+    return client.get_model_version(registered_name, number)
+
+
+# --- the REST server ------------------------------------------------------------------------------
+
+
+def request_body(files: Iterable[bytes], heatmap: bool = False) -> bytes:
+    """The JSON body of ``POST /invocations`` for image files' bytes (see the module's docstring)."""
+    import json
+
+    data = [[base64.b64encode(content).decode("ascii")] for content in files]
+    return json.dumps({"dataframe_split": {"columns": [IMAGE_COLUMN], "data": data},
+                       "params": {"heatmap": heatmap}}).encode()
+
+
+@contextmanager
+def served(model_uri: str, port: int, workers: int = 1, start_timeout: float = 180.0) -> Iterator[str]:
+    """Run ``mlflow models serve`` for ``model_uri`` on 127.0.0.1:``port`` (this Python's environment);
+    yield its base URL once it answers ``/ping``, stop it on exit."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from pipeline.core.errors import SetupError
+
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                              start_new_session=True)  # its workers end with it (the process group)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-2000:]
+                raise SetupError(f"mlflow models serve -m {model_uri} did not answer on {url} within "
+                                 f"{start_timeout:.0f} s (exit code {server.poll()}); its output ends:\n{tail}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop(server)
+        log.close()
+
+
+def _stop(server) -> None:
+    import os
+    import signal
+    import subprocess
+
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)

@@ -1,0 +1,266 @@
+"""Backbones, the baseline classifier and the knowledge-guided classifier.
+
+Both models share one layout so saliency layer names mean the same thing in each:
+``features`` is an ``nn.Sequential`` of the backbone's stages (torchvision's own names:
+``features.layer4`` for resnet18, ``features.28`` for vgg16's last convolution), followed by
+global average pooling and a linear layer giving one defect logit per image.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models as tv_models
+
+from pipeline.core.distributed import SyncedBatchNorm
+from pipeline.core.errors import InputError, MissingInputError
+from pipeline.models.variants import LEGACY_VARIANT, VARIANTS, Variant
+
+
+def _resnet18_features(in_channels: int) -> tuple[nn.Sequential, int]:
+    net = tv_models.resnet18(weights=None)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+    return nn.Sequential(OrderedDict((name, getattr(net, name)) for name in names)), 512
+
+
+def _vgg16_features(in_channels: int) -> tuple[nn.Sequential, int]:
+    # Only the convolutional part: torchvision's full vgg16 also builds (and initialises) a
+    # 120M-parameter classifier that is thrown away, seconds per model on a CPU.
+    layers = list(tv_models.vgg.make_layers(tv_models.vgg.cfgs["D"]))
+    if in_channels != 3:
+        layers[0] = nn.Conv2d(in_channels, 64, kernel_size=3, padding=1)
+    # The paper's VGG16 uses LeakyReLU; not in-place, so that saliency hooks see clean tensors.
+    layers = [nn.LeakyReLU(0.01) if isinstance(m, nn.ReLU) else m for m in layers]
+    for module in layers:  # torchvision's VGG initialisation
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    return nn.Sequential(*layers), 512
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    build: Callable[[int], tuple[nn.Sequential, int]]  # in_channels -> (features, output channels)
+    # Index in ``features`` where the stride-16 part ends: the guided model's segmentation head
+    # reads the stride-16 features, because stride 32 is too coarse for thin scratches.
+    stride16_split: int
+    # Default saliency layers per method (``saliency.layers: null``), named as in ``features``;
+    # FullGrad needs none: it uses every layer with a bias.
+    saliency_layers: dict[str, list[str]]
+    # Where torchvision's weights file keeps the layers of ``features``: resnet18's at the top
+    # level (``layer1.0.conv1.weight``, with fc beside them), vgg16's under ``features.``.
+    torchvision_prefix: str = ""
+
+
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (
+    Backbone("resnet18", _resnet18_features, stride16_split=7,
+             saliency_layers={"gradcam": ["features.layer4"], "fullgrad": [],
+                              "layercam": ["features.layer2", "features.layer3", "features.layer4"]}),
+    # The paper's network: convolutional part only, LeakyReLU; LayerCAM on conv3_3, conv4_3, conv5_3.
+    Backbone("vgg16", _vgg16_features, stride16_split=24,
+             saliency_layers={"gradcam": ["features.29"], "fullgrad": [],
+                              "layercam": ["features.15", "features.22", "features.29"]},
+             torchvision_prefix="features."),
+)}
+
+
+def build_features(backbone: str, in_channels: int) -> tuple[nn.Sequential, int]:
+    """Return the backbone's convolutional stages and their output channel count."""
+    if backbone not in BACKBONES:
+        raise InputError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[backbone].build(in_channels)
+
+
+class Classifier(nn.Module):
+    """The baseline: backbone, global average pooling, one defect logit."""
+
+    def __init__(self, backbone: str = "resnet18", in_channels: int = 1) -> None:
+        super().__init__()
+        self.backbone_name = backbone
+        self.in_channels = in_channels
+        self.features, self.feature_dim = build_features(backbone, in_channels)
+        self.fc = nn.Linear(self.feature_dim, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(images).mean(dim=(2, 3))).squeeze(1)
+
+
+class GuidedClassifier(nn.Module):
+    """The knowledge-guided model, as trained; ``deployable()`` gives what inference needs.
+
+    teacher / none: F (stride-16 backbone features) is joined with the prior H, resized, as an
+    extra channel: F' = [F, H]. A segmentation head maps F' to S. The classifier reads the
+    globally average-pooled deep (stride-32) features plus global max and average pooling of S
+    and of every channel of F'. S enters the classifier detached, so the classification loss
+    sends no gradient into the segmentation head: the head learns from the pseudo-masks alone,
+    and through it the shared backbone learns where defects are.
+    no_injection: the head reads F alone; the classifier is the baseline's (pooled deep
+    features, one linear layer). consistency: no head; the second output is the model's own
+    Grad-CAM of its last layer, differentiable (see ``class_activation_map``).
+    """
+
+    def __init__(self, backbone: str = "resnet18", in_channels: int = 1, variant: str = LEGACY_VARIANT,
+                 seg_channels: int = 64) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise InputError(f"unknown guided variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+        self.backbone_name = backbone
+        self.in_channels = in_channels
+        self.variant: Variant = VARIANTS[variant]
+        self.injects_prior = self.variant.injects_prior
+        self.features, self.feature_dim = build_features(backbone, in_channels)
+        self.split = BACKBONES[backbone].stride16_split
+        stem_channels = _output_channels(self.features[: self.split])
+        self.seg_head = None
+        if self.variant.has_head:
+            self.seg_head = _segmentation_head(stem_channels + self.injects_prior, seg_channels)
+        # Injecting variants: max and mean of S (2) and of each channel of F' (2 per channel).
+        extra = 2 + 2 * (stem_channels + 1) if self.injects_prior else 0
+        # Normalised before the linear layer: the pooled F' is 500+ values, its maxima ~5x the
+        # deep features' scale, and unnormalised SGD at the baseline's learning rate oscillated
+        # (KolektorSDD: loss between 1 and 8, test AP about 0.3 where the baseline had 0.9).
+        self.guidance_norm = nn.BatchNorm1d(extra) if extra else None
+        self.fc = nn.Linear(self.feature_dim + extra, 1)
+
+    def forward(self, images: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (defect logit (B,), auxiliary map (B, 1, h, w)): segmentation logits S, or for
+        consistency the Grad-CAM before its ReLU. ``prior`` (B, 1, H, W) in [0, 1]: required by teacher, zeros
+        when None for none, ignored by the others."""
+        stem = self.features[: self.split](images)
+        deep_map = self.features[self.split :](stem)
+        deep = deep_map.mean(dim=(2, 3))
+        if not self.injects_prior:
+            logit = self.fc(deep).squeeze(1)
+            if self.seg_head is None:  # the auxiliary map is its own Grad-CAM
+                return logit, class_activation_map(deep_map, self.fc)
+            return logit, self.seg_head(stem)
+        if prior is None:
+            if self.variant.prior_at_inference:
+                raise InputError("the teacher variant needs the baseline's saliency map as prior at inference")
+            prior = stem.new_zeros(stem.shape[0], 1, *stem.shape[-2:])
+        joined = torch.cat([stem, F.adaptive_avg_pool2d(prior, stem.shape[-2:])], dim=1)  # F'
+        seg_logits = self.seg_head(joined)
+        guidance = torch.cat([_max_and_mean(torch.sigmoid(seg_logits).detach()),
+                              joined.amax(dim=(2, 3)), joined.mean(dim=(2, 3))], dim=1)
+        return self.fc(torch.cat([deep, self._normalise(guidance)], dim=1)).squeeze(1), seg_logits
+
+    def _normalise(self, guidance: torch.Tensor) -> torch.Tensor:
+        norm = self.guidance_norm
+        # One image has no batch statistics: use the running ones. A SyncedBatchNorm decides
+        # that itself, from the global batch: one process's single image may be one of many.
+        if self.training and guidance.shape[0] == 1 and not isinstance(norm, SyncedBatchNorm):
+            return F.batch_norm(guidance, norm.running_mean, norm.running_var, norm.weight, norm.bias, eps=norm.eps)
+        return norm(guidance)
+
+    def deployable(self) -> nn.Module:
+        """The network inference needs: itself where the classifier reads S; otherwise a
+        ``Classifier`` sharing the backbone and the linear layer (the baseline's graph)."""
+        if not self.variant.deploys_baseline_graph:
+            return self
+        with torch.device("meta"):  # no allocation: the tensors are assigned just below
+            deployed = Classifier(self.backbone_name, self.in_channels)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("seg_head.")}
+        deployed.load_state_dict(state, assign=True)
+        return deployed.train(self.training)
+
+
+def _segmentation_head(in_channels: int, channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(channels, 1, kernel_size=1),
+    )
+
+
+def class_activation_map(features: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
+    """Grad-CAM of the last layer before its ReLU, (B, 1, h, w), differentiable in the features
+    and the weights.
+
+    For global average pooling followed by one linear layer, d(logit)/dA_c(i, j) = w_c / (h w)
+    everywhere, so Grad-CAM's channel weights are w_c / (h w) and its map is
+    ReLU(sum_c w_c A_c) / (h w): what ``autograd.grad(..., create_graph=True)`` would build,
+    without the double backward (the tests check the two agree). The ReLU is left out: where
+    the map is negative everywhere (often, on an untrained model) it would pass no gradient.
+    """
+    height, width = features.shape[-2:]
+    return torch.einsum("c,bchw->bhw", fc.weight[0], features).unsqueeze(1) / (height * width)
+
+
+def _max_and_mean(maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.flatten(1)
+    return torch.stack([flat.amax(dim=1), flat.mean(dim=1)], dim=1)
+
+
+def _output_channels(module: nn.Module) -> int:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    last = convs[-1]
+    # A residual stage ends in a block whose width is the block's conv width.
+    return last.out_channels
+
+
+def load_pretrained_features(model: nn.Module, weights_path: str | Path) -> None:
+    """Load ImageNet (or other) backbone weights from a local file; never downloads.
+
+    The file is a torchvision state dict for the backbone (e.g. ``resnet18-f37072fd.pth``).
+    Keys are matched to ``features.*``; the classifier head is left as initialised.
+    """
+    path = Path(weights_path)
+    if not path.is_file():
+        raise MissingInputError(
+            f"pretrained weights {path} not found: download the torchvision weights file for "
+            f"{model.backbone_name} on a machine with internet access and place it at that path, "
+            "or set pretrained_weights to null to train from scratch"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.features.state_dict()
+    prefix = BACKBONES[model.backbone_name].torchvision_prefix
+    renamed = {k.removeprefix(prefix): v for k, v in state.items()
+               if k.startswith(prefix) and k.removeprefix(prefix).split(".")[0] in own_prefixes(own)}
+    mismatched = [k for k, v in renamed.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise InputError(
+            f"weights in {path} do not fit {model.backbone_name} with {model.in_channels} input "
+            f"channel(s) (first mismatch: {mismatched[0]}); ImageNet weights need in_channels: 3"
+        )
+    missing = [k for k in own if k not in renamed]
+    if missing:
+        raise InputError(f"weights in {path} lack {len(missing)} backbone tensors, e.g. {missing[0]}")
+    model.features.load_state_dict(renamed)
+
+
+def own_prefixes(state: dict[str, torch.Tensor]) -> set[str]:
+    return {key.split(".")[0] for key in state}
+
+
+class PriorAsChannel(nn.Module):
+    """The guided model as a one-input network giving the defect logit.
+
+    Saliency methods explain a model of one input; with ``with_prior`` the prior travels as the
+    input's last channel (fixed per image), otherwise the input is the image alone (variants
+    that read no prior at inference). Layer names gain the prefix ``guided.``.
+    """
+
+    def __init__(self, guided: nn.Module, with_prior: bool = True) -> None:
+        super().__init__()
+        self.guided = guided
+        self.with_prior = with_prior
+        self.backbone_name = guided.backbone_name
+
+    def forward(self, images_and_prior: torch.Tensor) -> torch.Tensor:
+        if self.with_prior:
+            return self.guided(images_and_prior[:, :-1], images_and_prior[:, -1:])[0]
+        output = self.guided(images_and_prior)
+        return output[0] if isinstance(output, tuple) else output
