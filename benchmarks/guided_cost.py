@@ -35,18 +35,24 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import add_machine_args, parse_machine_args, parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
+from timing import add_machine_args, parse_machine_args, parse_size, time_rounds
 
-from pipeline.knowledge.saliency import METHODS, create_saliency  # noqa: E402
-from pipeline.models.losses import AUXILIARY_LOSSES  # noqa: E402
-from pipeline.models.networks import BACKBONES, Classifier, GuidedClassifier  # noqa: E402
-from pipeline.models.variants import SALIENCY_MAPS, VARIANTS  # noqa: E402
+from pipeline.knowledge.saliency import METHODS, create_saliency
+from pipeline.models.losses import AUXILIARY_LOSSES
+from pipeline.models.networks import BACKBONES, Classifier, GuidedClassifier
+from pipeline.models.variants import SALIENCY_MAPS, VARIANTS
 
 TRAIN_GOAL, INFERENCE_GOAL = 1.3, 1.05
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prior: torch.Tensor,
-               mask: torch.Tensor, prior_dropout: float = 0.5) -> Callable[[], None]:
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    prior: torch.Tensor,
+    mask: torch.Tensor,
+    prior_dropout: float = 0.5,
+) -> Callable[[], None]:
     """One step as ``pipeline.training.loop.train`` takes it (λ = 1: the weight costs nothing)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     guided = isinstance(model, GuidedClassifier)
@@ -62,7 +68,8 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prior: torch.
             logits, aux = model(x, model_prior)
             target = prior if model.variant.target == SALIENCY_MAPS else mask
             loss = F.binary_cross_entropy_with_logits(logits, y) + AUXILIARY_LOSSES[model.variant.target](
-                aux, target, y)
+                aux, target, y
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -124,26 +131,35 @@ def measure(backbone: str, args: argparse.Namespace) -> list[dict]:
         train_ratio, train_best = ratios(train_times, variant, "baseline")
         infer_ratio, infer_best = ratios(infer_times, variant, "baseline")
         claims_no_cost = variant != "teacher"
-        rows.append({
-            "backbone": backbone, "size": args.size, "variant": variant, "device": args.device,
-            "threads": torch.get_num_threads(), "load_avg_1min": round(os.getloadavg()[0], 2),
-            "train_batch": args.batch, "infer_batch": args.infer_batch, "repeats": args.repeats,
-            "infer_rounds": args.infer_rounds,
-            "train_ms_baseline": round(1000 * statistics.median(train_times["baseline"]), 2),
-            "train_ms_guided": round(1000 * statistics.median(train_times[variant]), 2),
-            "train_step_ratio": round(train_ratio, 3),
-            "train_step_ratio_best": round(train_best, 3),
-            "train_goal_met": train_ratio <= TRAIN_GOAL,
-            "infer_ms_baseline": round(1000 * statistics.median(infer_times["baseline"]), 2),
-            "infer_ms_guided": round(1000 * statistics.median(infer_times[variant]), 2),
-            "inference_includes": f"baseline {args.saliency} saliency + guided forward" if not claims_no_cost
-            else "guided forward",
-            "inference_ratio": round(infer_ratio, 3),
-            "inference_ratio_best": round(infer_best, 3),
-            "inference_goal_met": infer_ratio <= INFERENCE_GOAL if claims_no_cost else None,
-            "inference_parameters": parameters(deployed[variant]),
-            "baseline_parameters": parameters(deployed_baseline),
-        })
+        rows.append(
+            {
+                "backbone": backbone,
+                "size": args.size,
+                "variant": variant,
+                "device": args.device,
+                "threads": torch.get_num_threads(),
+                "load_avg_1min": round(os.getloadavg()[0], 2),
+                "train_batch": args.batch,
+                "infer_batch": args.infer_batch,
+                "repeats": args.repeats,
+                "infer_rounds": args.infer_rounds,
+                "train_ms_baseline": round(1000 * statistics.median(train_times["baseline"]), 2),
+                "train_ms_guided": round(1000 * statistics.median(train_times[variant]), 2),
+                "train_step_ratio": round(train_ratio, 3),
+                "train_step_ratio_best": round(train_best, 3),
+                "train_goal_met": train_ratio <= TRAIN_GOAL,
+                "infer_ms_baseline": round(1000 * statistics.median(infer_times["baseline"]), 2),
+                "infer_ms_guided": round(1000 * statistics.median(infer_times[variant]), 2),
+                "inference_includes": f"baseline {args.saliency} saliency + guided forward"
+                if not claims_no_cost
+                else "guided forward",
+                "inference_ratio": round(infer_ratio, 3),
+                "inference_ratio_best": round(infer_best, 3),
+                "inference_goal_met": infer_ratio <= INFERENCE_GOAL if claims_no_cost else None,
+                "inference_parameters": parameters(deployed[variant]),
+                "baseline_parameters": parameters(deployed_baseline),
+            }
+        )
     return rows
 
 

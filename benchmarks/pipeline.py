@@ -31,18 +31,27 @@ def copy_project(target: Path) -> None:
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target / name)
     (target / "dvc.lock").unlink(missing_ok=True)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "bench@example.com",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "bench@example.com",
+    }
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
         subprocess.run(command, cwd=target, check=True, env=env)
 
 
 def timed_repro(project: Path) -> tuple[float, list[str]]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+    }
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=project, env=env, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"dvc repro failed:\n{result.stdout}\n{result.stderr}")
@@ -51,11 +60,17 @@ def timed_repro(project: Path) -> tuple[float, list[str]]:
 
 
 def report(name: str, seconds: float, ran: list[str]) -> None:
-    line = {"measurement": name, "wall_seconds": round(seconds, 1), "stages_run": ran,
-            "cores": len(os.sched_getaffinity(0)), "load_avg_1min": round(os.getloadavg()[0], 2)}
+    line = {
+        "measurement": name,
+        "wall_seconds": round(seconds, 1),
+        "stages_run": ran,
+        "cores": len(os.sched_getaffinity(0)),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+    }
     if name in GOALS:
-        line.update(goal_seconds=GOALS[name], ratio_to_goal=round(seconds / GOALS[name], 3),
-                    goal_met=seconds <= GOALS[name])
+        line.update(
+            goal_seconds=GOALS[name], ratio_to_goal=round(seconds / GOALS[name], 3), goal_met=seconds <= GOALS[name]
+        )
     print(json.dumps(line), flush=True)
 
 

@@ -35,28 +35,34 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import add_machine_args, parse_machine_args, parse_size, time_rounds  # noqa: E402  (benchmarks/timing.py)
+from timing import add_machine_args, parse_machine_args, parse_size, time_rounds
 
-from pipeline.config import GuidedParams, ModelParams, TrainParams  # noqa: E402
-from pipeline.core.artifacts import write_image  # noqa: E402
-from pipeline.data.prepared import PreparedData  # noqa: E402
-from pipeline.data.synthetic import generate  # noqa: E402
-from pipeline.deployment.predict import LoadedModel, Predictor, load_file, predict_files  # noqa: E402
-from pipeline.knowledge.pseudo_labels import pseudo_mask  # noqa: E402
-from pipeline.knowledge.saliency import create_saliency, saliency_maps  # noqa: E402
-from pipeline.models.files import needs_prior  # noqa: E402
-from pipeline.models.inference import predict  # noqa: E402
-from pipeline.models.variants import VARIANTS  # noqa: E402
-from pipeline.training.loop import train  # noqa: E402
-from pipeline.training.objectives import GuidedObjective, guidance_for  # noqa: E402
+from pipeline.config import GuidedParams, ModelParams, TrainParams
+from pipeline.core.artifacts import write_image
+from pipeline.data.prepared import PreparedData
+from pipeline.data.synthetic import generate
+from pipeline.deployment.predict import LoadedModel, Predictor, load_file, predict_files
+from pipeline.knowledge.pseudo_labels import pseudo_mask
+from pipeline.knowledge.saliency import create_saliency, saliency_maps
+from pipeline.models.files import needs_prior
+from pipeline.models.inference import predict
+from pipeline.models.variants import VARIANTS
+from pipeline.training.loop import train
+from pipeline.training.objectives import GuidedObjective, guidance_for
 
 
 def synthetic_models(height: int, width: int, variants: list[str]) -> tuple[dict[str, LoadedModel], torch.Tensor]:
     """Baseline and guided models trained one epoch on 64 synthetic images; the test images."""
     images = list(generate(16, 4, width, height, 0.25, 1.0, seed=0))
-    index = pd.DataFrame({"id": [i.id for i in images], "label": [i.label for i in images],
-                          "group": [i.group for i in images], "has_mask": False,
-                          "fold": [0 if k % 4 == 0 else -1 for k in range(len(images))]})  # -1: training only
+    index = pd.DataFrame(
+        {
+            "id": [i.id for i in images],
+            "label": [i.label for i in images],
+            "group": [i.group for i in images],
+            "has_mask": False,
+            "fold": [0 if k % 4 == 0 else -1 for k in range(len(images))],
+        }
+    )  # -1: training only
     data = PreparedData(Path("."), index, torch.from_numpy(np.stack([i.image for i in images])))
     model_params = ModelParams(backbone="resnet18", device="cpu")
     baseline, config, _ = train(data, 0, model_params, TrainParams(epochs=1, batch_size=16))
@@ -79,8 +85,9 @@ def project_models(data: Path) -> tuple[dict[str, LoadedModel], torch.Tensor]:
     return models, PreparedData.load(data / "prepared").images
 
 
-def stage_functions(models: dict[str, LoadedModel], images: torch.Tensor, device: str, stage: str,
-                    folder: Path) -> dict[str, Callable[[], object]]:
+def stage_functions(
+    models: dict[str, LoadedModel], images: torch.Tensor, device: str, stage: str, folder: Path
+) -> dict[str, Callable[[], object]]:
     teacher = models["baseline"]
     funcs = {}
     for name, loaded in models.items():
@@ -88,11 +95,13 @@ def stage_functions(models: dict[str, LoadedModel], images: torch.Tensor, device
         predictor = Predictor(loaded, 0.5, teacher=teacher if needs_prior(loaded.config) else None)
         batch = images.to(device) if stage == "score" else images
         if stage == "score":
+
             def run(predictor: Predictor = predictor, batch: torch.Tensor = batch) -> object:
                 priors = None
                 if predictor.teacher is not None:
-                    priors = torch.from_numpy(saliency_maps(predictor.teacher, predictor.teacher_config, batch,
-                                                            len(batch))[0])
+                    priors = torch.from_numpy(
+                        saliency_maps(predictor.teacher, predictor.teacher_config, batch, len(batch))[0]
+                    )
                 return predict(predictor.loaded.model, predictor.config, batch, priors, len(batch))
         elif stage == "predict":
             arrays = list(images.numpy())
@@ -104,6 +113,7 @@ def stage_functions(models: dict[str, LoadedModel], images: torch.Tensor, device
 
             def run(predictor: Predictor = predictor, files: list = files, name: str = name) -> object:
                 return predict_files(predictor, files, folder.parent / f"out-{name}", len(files), progress=False)
+
         funcs[name] = run
     return funcs
 
@@ -113,8 +123,12 @@ def main() -> None:
     parser.add_argument("--size", default="128x128", help="width x height of the synthetic images")
     parser.add_argument("--images", type=int, default=64, help="images per round (one batch)")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--variants", nargs="+", default=["consistency", "teacher"],
-                        choices=["consistency", "no_injection", "none", "teacher"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["consistency", "teacher"],
+        choices=["consistency", "no_injection", "none", "teacher"],
+    )
     stages = ["score", "predict", "files"]
     parser.add_argument("--stages", nargs="+", default=stages, choices=stages)
     parser.add_argument("--data", type=Path, help="a project's data/ folder instead of synthetic models")
@@ -135,17 +149,30 @@ def main() -> None:
                 times = time_rounds(stage_functions(models, images, device, stage, folder), args.rounds, device)
                 for variant in (name for name in models if name != "baseline"):
                     config = models[variant].config
-                    print(json.dumps({
-                        "stage": stage, "device": device, "variant": variant, "backbone": config["backbone"],
-                        "size": f"{config['width']}x{config['height']}", "images": args.images,
-                        "rounds": args.rounds, "threads": torch.get_num_threads(),
-                        "load_avg_1min": round(os.getloadavg()[0], 2),
-                        "images_per_s_baseline": round(args.images / statistics.median(times["baseline"]), 1),
-                        "images_per_s_guided": round(args.images / statistics.median(times[variant]), 1),
-                        "time_ratio": round(statistics.median(
-                            g / b for g, b in zip(times[variant], times["baseline"])), 3),
-                        "guided_includes": "baseline saliency prior" if needs_prior(config) else "nothing extra",
-                    }), flush=True)
+                    print(
+                        json.dumps(
+                            {
+                                "stage": stage,
+                                "device": device,
+                                "variant": variant,
+                                "backbone": config["backbone"],
+                                "size": f"{config['width']}x{config['height']}",
+                                "images": args.images,
+                                "rounds": args.rounds,
+                                "threads": torch.get_num_threads(),
+                                "load_avg_1min": round(os.getloadavg()[0], 2),
+                                "images_per_s_baseline": round(args.images / statistics.median(times["baseline"]), 1),
+                                "images_per_s_guided": round(args.images / statistics.median(times[variant]), 1),
+                                "time_ratio": round(
+                                    statistics.median(g / b for g, b in zip(times[variant], times["baseline"])), 3
+                                ),
+                                "guided_includes": "baseline saliency prior"
+                                if needs_prior(config)
+                                else "nothing extra",
+                            }
+                        ),
+                        flush=True,
+                    )
             for loaded in models.values():
                 loaded.model.to("cpu")
 

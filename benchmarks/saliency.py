@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import (  # noqa: E402
+from timing import (
     add_machine_args,
     cpu_name,
     parse_machine_args,
@@ -61,10 +61,10 @@ from timing import (  # noqa: E402
     time_rounds,
 )
 
-from pipeline.knowledge.saliency import METHODS, create_saliency, defect_score  # noqa: E402
+from pipeline.knowledge.saliency import METHODS, create_saliency, defect_score
 from pipeline.models.networks import (
-    BACKBONES,  # noqa: E402
-    Classifier,  # noqa: E402
+    BACKBONES,
+    Classifier,
 )
 
 GOALS = {"gradcam": ("floor_b", 1.1), "layercam": ("floor_b", 1.1), "fullgrad": ("floor_a", 1.5)}
@@ -229,10 +229,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     add_machine_args(parser)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu: this process's CPU time (use with --threads 1 on a busy CPU machine)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU time (use with --threads 1 on a busy CPU machine)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--probe", nargs=5, metavar=("BACKBONE", "SIZE", "BATCH", "DEVICE", "KEY"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--probe", nargs=5, metavar=("BACKBONE", "SIZE", "BATCH", "DEVICE", "KEY"), help=argparse.SUPPRESS
+    )
     args = parse_machine_args(parser)
     if args.clock == "cpu" and not args.device.startswith("cpu"):
         parser.error("--clock cpu times CPU work only; use the wall clock on an accelerator")

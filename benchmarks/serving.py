@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from predict import parse_size, synthetic_models  # noqa: E402  (benchmarks/predict.py)
-from timing import time_rounds  # noqa: E402  (benchmarks/timing.py)
+from predict import parse_size, synthetic_models
+from timing import time_rounds
 
-from pipeline.deployment.serving import log_scoring_model, request_body, served  # noqa: E402
-from pipeline.models.files import save_model  # noqa: E402
+from pipeline.deployment.serving import log_scoring_model, request_body, served
+from pipeline.models.files import save_model
 
 BATCH = 16
 
@@ -46,12 +46,14 @@ def free_port() -> int:
 
 def poster(url: str, body: bytes, expected: int) -> Callable[[], None]:
     """One POST of ``body``; fails loudly unless all ``expected`` images were scored."""
+
     def post() -> None:
         request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as answer:
             predictions = json.loads(answer.read())["predictions"]
         if len(predictions) != expected or any(p["error"] for p in predictions):
             raise RuntimeError(f"the server answered {predictions[:2]}...")
+
     return post
 
 
@@ -79,22 +81,35 @@ def main() -> None:
         version = log_scoring_model(path, 0.5, "benchmark", "benchmark-serving", aliases=["champion"])
         files = [cv2.imencode(".png", image)[1].tobytes() for image in images[:BATCH]]
         with served("models:/benchmark-serving@champion", free_port()) as url:
-            funcs = {"single": poster(url, request_body(files[:1]), 1),
-                     "batch16": poster(url, request_body(files), BATCH),
-                     "single_heatmap": poster(url, request_body(files[:1], heatmap=True), 1)}
+            funcs = {
+                "single": poster(url, request_body(files[:1]), 1),
+                "batch16": poster(url, request_body(files), BATCH),
+                "single_heatmap": poster(url, request_body(files[:1], heatmap=True), 1),
+            }
             times = time_rounds(funcs, args.rounds, "cpu")
     for name, seconds in times.items():
         per_request = 1 if name.startswith("single") else BATCH
         median = statistics.median(seconds)
-        print(json.dumps({
-            "contender": name, "images_per_request": per_request, "size": f"{images.shape[2]}x{images.shape[1]}",
-            "rounds": args.rounds, "server_workers": 1, "torch_threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_1min": round(os.getloadavg()[0], 2),
-            "latency_ms_median": round(1000 * median, 1),
-            "latency_ms_p90": round(1000 * float(np.percentile(seconds, 90)), 1),
-            "requests_per_s": round(1 / median, 2), "images_per_s": round(per_request / median, 1),
-            "threshold": float(version.tags["threshold"]),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "contender": name,
+                    "images_per_request": per_request,
+                    "size": f"{images.shape[2]}x{images.shape[1]}",
+                    "rounds": args.rounds,
+                    "server_workers": 1,
+                    "torch_threads": torch.get_num_threads(),
+                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                    "load_avg_1min": round(os.getloadavg()[0], 2),
+                    "latency_ms_median": round(1000 * median, 1),
+                    "latency_ms_p90": round(1000 * float(np.percentile(seconds, 90)), 1),
+                    "requests_per_s": round(1 / median, 2),
+                    "images_per_s": round(per_request / median, 1),
+                    "threshold": float(version.tags["threshold"]),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import (  # noqa: E402
+from timing import (
     add_machine_args,
     cpu_name,
     parse_machine_args,
@@ -38,20 +38,21 @@ from timing import (  # noqa: E402
     time_rounds,
 )
 
-from pipeline.core.devices import (  # noqa: E402
+from pipeline.core.devices import (
     BF16,
     FP32,
     Precision,
     cpu_has_bf16_units,
     resolve_precision,
 )
-from pipeline.models.networks import BACKBONES, Classifier  # noqa: E402
+from pipeline.models.networks import BACKBONES, Classifier
 
 PATHS = {"fp32": FP32, "channels_last": Precision(None, channels_last=True), "fast": BF16}
 
 
-def train_step(backbone: str, precision: Precision, batch: int, size: tuple[int, int],
-               device: torch.device) -> Callable[[], None]:
+def train_step(
+    backbone: str, precision: Precision, batch: int, size: tuple[int, int], device: torch.device
+) -> Callable[[], None]:
     """One training step of a fresh classifier on a fixed random batch, on ``precision``'s path."""
     torch.manual_seed(0)
     model = precision.model(Classifier(backbone, 1).to(device)).train()
@@ -75,15 +76,22 @@ def measure(backbone: str, size_text: str, args: argparse.Namespace) -> dict:
     steps = {name: train_step(backbone, path, args.batch, size, device) for name, path in PATHS.items()}
     times = time_rounds(steps, args.rounds, args.device)
     per_second = {name: args.batch / statistics.median(seconds) for name, seconds in times.items()}
-    ratio = {name: statistics.median(base / other for base, other in zip(times["fp32"], times[name]))
-             for name in PATHS}
+    ratio = {name: statistics.median(base / other for base, other in zip(times["fp32"], times[name])) for name in PATHS}
     return {
-        "backbone": backbone, "size": size_text, "batch": args.batch, "device": args.device,
-        "threads": torch.get_num_threads(), "cpu": cpu_name(), "cpu_bf16_units": cpu_has_bf16_units(),
-        "auto_picks": resolve_precision("auto", device).name, "torch": torch.__version__,
-        "rounds": args.rounds, "load_avg_1min": round(os.getloadavg()[0], 2),
+        "backbone": backbone,
+        "size": size_text,
+        "batch": args.batch,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "cpu_bf16_units": cpu_has_bf16_units(),
+        "auto_picks": resolve_precision("auto", device).name,
+        "torch": torch.__version__,
+        "rounds": args.rounds,
+        "load_avg_1min": round(os.getloadavg()[0], 2),
         **{f"images_per_second_{name}": round(value, 2) for name, value in per_second.items()},
-        "fast_over_fp32": round(ratio["fast"], 3), "channels_last_over_fp32": round(ratio["channels_last"], 3),
+        "fast_over_fp32": round(ratio["fast"], 3),
+        "channels_last_over_fp32": round(ratio["channels_last"], 3),
     }
 
 

@@ -18,16 +18,16 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pipeline.core.errors import InputError
 from pipeline.core.layout import project_root
 from pipeline.core.sections import SEED, Section
-from pipeline.data.labelme import LabelmeParams
 from pipeline.data.sources import SOURCE_KINDS
-from pipeline.metrics.classification import (
+from pipeline.data.sources.labelme import LabelmeParams
+from pipeline.knowledge.pseudo_labels import PseudoLabelParams
+from pipeline.knowledge.saliency import METHODS
+from pipeline.metrics.classification import MetricsError
+from pipeline.metrics.operating_points import (
     OPERATING_POINTS,
-    MetricsError,
     OperatingPoint,
     parse_condition,
 )
-from pipeline.knowledge.pseudo_labels import PseudoLabelParams
-from pipeline.knowledge.saliency import METHODS
 from pipeline.models.files import KINDS
 from pipeline.models.networks import BACKBONES
 from pipeline.models.variants import VARIANTS
@@ -50,8 +50,10 @@ class PrepareParams(Section):
     dataset: Literal[("synthetic", *SOURCE_KINDS)] = "synthetic"  # type: ignore[valid-type]
     path: str | None = Field(None, description="data folder, zip file or manifest CSV (not for synthetic)")
     group_pattern: str | None = Field(
-        None, description="regular expression searched in each image's file name: its group 'item', else the "
-        "whole match, is the physical item; null = the data set's own groups (docs/datasets.md)")
+        None,
+        description="regular expression searched in each image's file name: its group 'item', else the "
+        "whole match, is the physical item; null = the data set's own groups (docs/datasets.md)",
+    )
     width: int = Field(128, ge=16, le=4096)
     height: int = Field(128, ge=16, le=4096)
     split: Literal["cv", "holdout"] = "cv"
@@ -59,7 +61,8 @@ class PrepareParams(Section):
     seed: int = SEED
     max_image_pixels: int = Field(50_000_000, ge=1, description="larger source images are refused, not decoded")
     defective_images: Annotated[int, Field(ge=1)] | Literal["all"] = Field(
-        "all", description="defective images each model trains on (data efficiency); defect-free ones all kept")
+        "all", description="defective images each model trains on (data efficiency); defect-free ones all kept"
+    )
     subset_seed: int = Field(0, ge=0, le=2**32 - 1, description="which defective images are kept; folds do not change")
     synthetic: SyntheticParams = SyntheticParams()
     labelme: LabelmeParams = LabelmeParams()
@@ -81,8 +84,9 @@ class PrepareParams(Section):
         if self.dataset != "synthetic" and not self.path:
             raise ValueError(f"prepare.path is required for dataset {self.dataset!r}")
         if self.dataset == "synthetic" and self.group_pattern is not None:
-            raise ValueError("prepare.group_pattern does not apply to dataset 'synthetic', whose items are "
-                             "generated; remove it")
+            raise ValueError(
+                "prepare.group_pattern does not apply to dataset 'synthetic', whose items are generated; remove it"
+            )
         return self
 
 
@@ -93,16 +97,24 @@ class ModelParams(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # Training only (both training stages; the saliency and evaluation stages read model.device and precision).
     nproc_per_node: int = Field(
-        1, ge=1, le=64, description="training processes on this machine (torchrun, DistributedDataParallel): "
-        "one per GPU; each stage's batch_size must be a multiple")
+        1,
+        ge=1,
+        le=64,
+        description="training processes on this machine (torchrun, DistributedDataParallel): "
+        "one per GPU; each stage's batch_size must be a multiple",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast with channels_last where the hardware runs it faster (a CUDA "
-        "GPU with bf16, a CPU with AMX or AVX-512 bf16: detected at run time), else fp32; training and saliency maps")
+        "auto",
+        description="auto = bf16 autocast with channels_last where the hardware runs it faster (a CUDA "
+        "GPU with bf16, a CPU with AMX or AVX-512 bf16: detected at run time), else fp32; training and saliency maps",
+    )
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per training process")
     pin_memory: bool = Field(False, description="page-locked batches, for faster copies to a CUDA GPU")
     test_time_flips: bool = Field(
-        False, description="a saved model's defect probability is the mean over the image and its horizontal and "
-        "vertical flips (the flips it trained with): evaluation, predict, serving and export alike")
+        False,
+        description="a saved model's defect probability is the mean over the image and its horizontal and "
+        "vertical flips (the flips it trained with): evaluation, predict, serving and export alike",
+    )
 
     @model_validator(mode="after")
     def _one_process_on_mps(self) -> ModelParams:
@@ -118,21 +130,36 @@ class TrainParams(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0, lt=1)
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="cosine: lr decays to 0 over the epochs, batch by batch (a calm last epoch)")
+        "constant", description="cosine: lr decays to 0 over the epochs, batch by batch (a calm last epoch)"
+    )
     sampling: Literal["undersample", "oversample"] = Field(
-        "oversample", description="how epochs balance the classes: undersample = every defective image and as many "
-        "defect-free ones; oversample = every image, the defective ones repeated (pipeline/data/training_data.py)")
+        "oversample",
+        description="how epochs balance the classes: undersample = every defective image and as many "
+        "defect-free ones; oversample = every image, the defective ones repeated (pipeline/data/training_data.py)",
+    )
     hard_negatives: float = Field(
-        0.0, ge=0, le=1, description="undersample only: share of each epoch's defect-free images that are those the "
-        "classifier scored highest when it last saw them (hard negatives), the rest a fresh slice; 0 = none")
+        0.0,
+        ge=0,
+        le=1,
+        description="undersample only: share of each epoch's defect-free images that are those the "
+        "classifier scored highest when it last saw them (hard negatives), the rest a fresh slice; 0 = none",
+    )
     warmup_epochs: float = Field(
-        0.0, ge=0, description="epochs over which the lr rises linearly from a tenth to its schedule's value; 0 = none")
+        0.0, ge=0, description="epochs over which the lr rises linearly from a tenth to its schedule's value; 0 = none"
+    )
     ema_epochs: float = Field(
-        0.0, ge=0, description="time constant, in epochs, of an exponential moving average of the weights, which "
-        "becomes the saved model; 0 = none (the last weights are saved)")
+        0.0,
+        ge=0,
+        description="time constant, in epochs, of an exponential moving average of the weights, which "
+        "becomes the saved model; 0 = none (the last weights are saved)",
+    )
     monitor_every: int = Field(
-        1, ge=1, le=10_000, description="the test fold is scored after every N-th epoch and after the last (monitoring "
-        "only: it never selects a model); each scoring is a forward pass over the test fold, three with flips")
+        1,
+        ge=1,
+        le=10_000,
+        description="the test fold is scored after every N-th epoch and after the last (monitoring "
+        "only: it never selects a model); each scoring is a forward pass over the test fold, three with flips",
+    )
     seed: int = SEED
 
     @model_validator(mode="after")
@@ -144,24 +171,32 @@ class TrainParams(Section):
     @model_validator(mode="after")
     def _hard_negatives_undersample(self) -> TrainParams:
         if self.hard_negatives and self.sampling != "undersample":
-            raise ValueError("hard_negatives needs sampling: undersample (an oversampled epoch holds every "
-                             "defect-free image already)")
+            raise ValueError(
+                "hard_negatives needs sampling: undersample (an oversampled epoch holds every "
+                "defect-free image already)"
+            )
         return self
 
 
 class GuidedParams(TrainParams):
     # Default chosen on KolektorSDD (README, "Guided variants"): best AP, no added inference cost.
     variant: Literal[tuple(VARIANTS)] = Field(  # type: ignore[valid-type]
-        "consistency", description="how the baseline's knowledge is used; see pipeline/models/variants.py and the README")
+        "consistency",
+        description="how the baseline's knowledge is used; see pipeline/models/variants.py and the README",
+    )
     seg_weight: float = Field(1.0, ge=0, description="λ at the first epoch: weight of the auxiliary loss")
     seg_weight_schedule: Literal["linear", "constant"] = "linear"
-    prior_dropout: float = Field(0.5, ge=0, le=1, description="variant none: share of training images whose prior is zeroed")
+    prior_dropout: float = Field(
+        0.5, ge=0, le=1, description="variant none: share of training images whose prior is zeroed"
+    )
 
     @model_validator(mode="after")
     def _none_needs_dropout(self) -> GuidedParams:
         if VARIANTS[self.variant].drops_prior and self.prior_dropout == 0:
-            raise ValueError(f"variant {self.variant!r} feeds a zero prior at inference, so it must train with "
-                             "prior_dropout > 0 (e.g. 0.5)")
+            raise ValueError(
+                f"variant {self.variant!r} feeds a zero prior at inference, so it must train with "
+                "prior_dropout > 0 (e.g. 0.5)"
+            )
         return self
 
 
@@ -176,19 +211,26 @@ class EvaluateParams(Section):
     threshold: float = Field(0.5, gt=0, lt=1, description="decision threshold on the defect probability")
     overlays: int = Field(4, ge=0, le=50, description="hardest images per class in the overlay grid")
     pointing_tolerance: float = Field(
-        0.0, ge=0, le=1000,
+        0.0,
+        ge=0,
+        le=1000,
         description="pixels (prepared size) a map's maximum may lie off the true mask and still hit; "
-        "0 = strict pointing game only, > 0 also reports the tolerant one")
+        "0 = strict pointing game only, > 0 also reports the tolerant one",
+    )
 
 
 class ReleaseParams(Section):
     model: Literal[KINDS] = Field(  # type: ignore[valid-type]
-        "guided", description="which model the release trains on all labelled images and registers")
+        "guided", description="which model the release trains on all labelled images and registers"
+    )
     operating_point: str | dict[str, float] = Field(
-        "zero_misses", description="where the threshold lies on the pooled out-of-fold scores: zero_misses, "
-        "{max_false_alarm_rate: x} or {min_precision: p}")
+        "zero_misses",
+        description="where the threshold lies on the pooled out-of-fold scores: zero_misses, "
+        "{max_false_alarm_rate: x} or {min_precision: p}",
+    )
     gate: dict[str, str] = Field(
-        default_factory=dict, description="metric -> condition ('>= 0.9') the candidate must pass to become champion")
+        default_factory=dict, description="metric -> condition ('>= 0.9') the candidate must pass to become champion"
+    )
 
     @field_validator("operating_point")
     @classmethod
@@ -237,8 +279,12 @@ RUN_SEED = "seed"
 # The seeds that differ between repetitions of one setting: each takes the top-level `seed` unless
 # set on its own, so `-S seed=1` is a whole repetition. `prepare.seed` (the folds) is not among
 # them: every repetition is tested on the same folds.
-DERIVED_SEEDS: dict[str, str] = {"prepare": "subset_seed", "train_baseline": "seed", "train_guided": "seed",
-                                 "pseudo_labels": "seed"}
+DERIVED_SEEDS: dict[str, str] = {
+    "prepare": "subset_seed",
+    "train_baseline": "seed",
+    "train_guided": "seed",
+    "pseudo_labels": "seed",
+}
 # Paths in params that name files of the project (relative ones are meant from its root).
 PROJECT_PATHS: dict[str, str] = {"prepare": "path", "model": "pretrained_weights"}
 
@@ -255,7 +301,8 @@ def read_params(path: Path = PARAMS_FILE) -> dict:
     unknown = sorted(set(params) - set(SECTIONS) - {RUN_SEED})
     if unknown:
         raise ConfigError(
-            f"{path}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)} and the top-level {RUN_SEED}"
+            f"{path}: unknown section(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(SECTIONS)} and the top-level {RUN_SEED}"
         )
     return params
 
@@ -264,8 +311,10 @@ def run_seed(params: dict, source: str = "params") -> int:
     """The top-level ``seed`` of a params mapping; 0 where it is absent (files older than it)."""
     value = params.get(RUN_SEED, 0)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**32 - 1:
-        raise ConfigError(f"{source}: {RUN_SEED}: expected a whole number from 0 to {2**32 - 1} "
-                          f"(the seed of the whole run), got {value!r}")
+        raise ConfigError(
+            f"{source}: {RUN_SEED}: expected a whole number from 0 to {2**32 - 1} "
+            f"(the seed of the whole run), got {value!r}"
+        )
     return value
 
 

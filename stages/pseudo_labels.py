@@ -19,8 +19,9 @@ from pipeline.core.artifacts import output_dir, read_json, write_json
 from pipeline.core.runner import run_stage
 from pipeline.core.tracking import stage_run
 from pipeline.data.prepared import PreparedData
-from pipeline.metrics.classification import mask_iou, mean_over_folds
 from pipeline.knowledge.pseudo_labels import write_fold_targets
+from pipeline.metrics.classification import mean_over_folds
+from pipeline.metrics.localization import mask_iou
 
 PREPARED, SALIENCY, OUT = layout.PREPARED, layout.SALIENCY, layout.PSEUDO_MASKS
 
@@ -56,7 +57,10 @@ def _score(data: PreparedData, fold: int, masks: list[np.ndarray], defective: np
     Scored before any true mask replaces a pseudo-mask: this measures the Otsu masks alone."""
     train_rows, test_rows = data.split(fold)
     scores = {"foreground_share": float(np.mean([masks[i].mean() for i in defective]))}
-    for name, rows in (("train", np.intersect1d(defective, train_rows)), ("test", np.intersect1d(defective, test_rows))):
+    for name, rows in (
+        ("train", np.intersect1d(defective, train_rows)),
+        ("test", np.intersect1d(defective, test_rows)),
+    ):
         ious = [mask_iou(masks[i], true) for i in rows if (true := data.true_mask(i)) is not None]
         if ious:
             scores[f"iou_{name}"] = float(np.mean(ious))

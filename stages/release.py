@@ -14,16 +14,25 @@ from pipeline.core import layout
 from pipeline.core.runner import run_stage
 from pipeline.deployment.release import ReleasePaths, ReleaseSections, run_release
 
-PATHS = ReleasePaths(prepared=layout.PREPARED, evaluation=layout.EVALUATION,
-                     evaluation_metrics=layout.metrics_file("evaluate"), out=layout.RELEASE,
-                     metrics=layout.metrics_file("release"), checkpoints=layout.checkpoints("release"))
+PATHS = ReleasePaths(
+    prepared=layout.PREPARED,
+    evaluation=layout.EVALUATION,
+    evaluation_metrics=layout.metrics_file("evaluate"),
+    out=layout.RELEASE,
+    metrics=layout.metrics_file("release"),
+    checkpoints=layout.checkpoints("release"),
+)
 
 
 def main() -> None:
     sections = ReleaseSections(
-        model=load_section("model"), train_baseline=load_section("train_baseline"),
-        saliency=load_section("saliency"), pseudo_labels=load_section("pseudo_labels"),
-        train_guided=load_section("train_guided"), release=load_section("release"))
+        model=load_section("model"),
+        train_baseline=load_section("train_baseline"),
+        saliency=load_section("saliency"),
+        pseudo_labels=load_section("pseudo_labels"),
+        train_guided=load_section("train_guided"),
+        release=load_section("release"),
+    )
     run_release(sections, PATHS)
 
 

@@ -13,21 +13,15 @@ import numpy as np
 
 from pipeline.config import load_section
 from pipeline.core import layout
-from pipeline.core.artifacts import output_dir, read_json, write_json, write_map
+from pipeline.core.artifacts import output_dir, read_json, write_json
 from pipeline.core.devices import pick_device, resolve_precision
 from pipeline.core.progress import log_line, progress
 from pipeline.core.runner import run_stage
 from pipeline.core.tracking import stage_run
 from pipeline.data.prepared import PreparedData
-from pipeline.metrics.classification import localization_metrics, mean_over_folds
-from pipeline.metrics.figures import (
-    heatmap_overlay,
-    mask_outline,
-    overlay_grid,
-    save_png,
-)
-from pipeline.knowledge.saliency import create_saliency, saliency_maps
-from pipeline.models.files import load_model
+from pipeline.knowledge.fold_maps import fold_localization, overlay_rows, write_fold_maps
+from pipeline.metrics.classification import mean_over_folds
+from pipeline.metrics.figures import overlay_grid, save_png
 
 PREPARED, BASELINE, OUT = layout.PREPARED, layout.BASELINE, layout.SALIENCY
 
@@ -39,37 +33,40 @@ def main() -> None:
     precision = resolve_precision(model_params.precision, device)
     data = PreparedData.load(PREPARED)
     dataset = read_json(PREPARED / "report.json")["dataset"]
-    with stage_run("saliency", {"saliency": params, "model.device": model_params.device,
-                                    "model.precision": model_params.precision}, dataset) as run:
+    with stage_run(
+        "saliency",
+        {"saliency": params, "model.device": model_params.device, "model.precision": model_params.precision},
+        dataset,
+    ) as run:
         run.link_upstream(PREPARED, BASELINE)
         run.tag_compute(str(device), precision.name)
         report: dict = {"method": params.method, "invalid_maps": {}}
         images_per_second: dict[str, float] = {}
         localization: dict[str, dict] = {}
-        overlay_rows = []
+        overlays = []
         with output_dir(OUT) as out:
             for fold in progress(data.folds, "saliency", "fold"):
-                model, config = load_model(BASELINE / f"fold{fold}.pt", device)
-                method = create_saliency(params.method, precision.model(model), params.layers, precision)
-                maps, valid, seconds = saliency_maps(method, config, data.images, params.batch_size, bar=f"fold {fold}")
-                for image_id, saliency in zip(data.index["id"], maps):
-                    write_map(out / f"fold{fold}" / f"{image_id}.png", saliency)
+                maps, valid, seconds = write_fold_maps(
+                    data, fold, BASELINE / f"fold{fold}.pt", params, precision, device, out, bar=f"fold {fold}"
+                )
                 invalid = data.index["id"][~valid].tolist()
                 report["invalid_maps"][f"fold{fold}"] = invalid
                 images_per_second[f"fold{fold}"] = len(maps) / seconds
                 if invalid:
                     log_line(f"  fold {fold}: {len(invalid)} all-zero maps (reported in report.json): {invalid[:5]}")
                 _, test_rows = data.split(fold)
-                localization[f"fold{fold}"] = _localization(data, maps, test_rows)
-                overlay_rows += _overlay_rows(data, maps, test_rows, params.overlays // len(data.folds) or 1)
-            if params.overlays and overlay_rows:
-                titles, rows = zip(*overlay_rows[: params.overlays])
+                localization[f"fold{fold}"] = fold_localization(data, maps, test_rows)
+                overlays += overlay_rows(data, maps, test_rows, params.overlays // len(data.folds) or 1)
+            if params.overlays and overlays:
+                titles, rows = zip(*overlays[: params.overlays])
                 save_png(out / "overlays.png", overlay_grid(rows, titles, ["image + true mask", params.method]))
                 run.log_artifact(out / "overlays.png")
             write_json(out / "report.json", report)
             speed = float(np.mean(list(images_per_second.values())))
-            write_json(out / layout.TIMING, {"images_per_second": speed, "per_fold": images_per_second,
-                                               "precision": precision.name})
+            write_json(
+                out / layout.TIMING,
+                {"images_per_second": speed, "per_fold": images_per_second, "precision": precision.name},
+            )
             run.write_lineage(out)
         metrics = {"per_fold": localization}
         means = mean_over_folds(localization, keys=("mass_inside", "pointing_game"))
@@ -77,26 +74,6 @@ def main() -> None:
         write_json(layout.metrics_file("saliency"), metrics)
         run.log_metrics({**means, "images_per_second": speed})
         print(f"  {speed:.1f} images/s; localization on test images: {means}")
-
-
-def _localization(data: PreparedData, maps: np.ndarray, rows: np.ndarray) -> dict:
-    """Saliency mass inside the true mask and pointing-game hits, over defective test images."""
-    pairs = [(maps[i], mask) for i in rows
-             if data.index["label"].iat[i] == 1 and (mask := data.true_mask(i)) is not None]
-    if not pairs:
-        return {}
-    return localization_metrics(*zip(*pairs))
-
-
-def _overlay_rows(data: PreparedData, maps: np.ndarray, rows: np.ndarray, count: int) -> list:
-    defective = [i for i in rows if data.index["label"].iat[i] == 1][:count]
-    picked = []
-    for i in defective:
-        image = data.images[i].numpy()
-        mask = data.true_mask(i)
-        shown = mask_outline(np.dstack([image] * 3), mask, color=(255, 255, 255)) if mask is not None else image
-        picked.append((str(data.index["id"].iat[i]), [shown, heatmap_overlay(image, maps[i])]))
-    return picked
 
 
 if __name__ == "__main__":

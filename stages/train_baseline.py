@@ -9,17 +9,25 @@ from __future__ import annotations
 from pipeline.config import load_section
 from pipeline.core import layout
 from pipeline.core.runner import run_stage
-from pipeline.training.loop import TrainingStage, run_training_stage
 from pipeline.training.objectives import Objective
+from pipeline.training.stage import TrainingStage, run_training_stage
 
-STAGE = TrainingStage("train_baseline", "baseline", layout.PREPARED, upstream=(layout.PREPARED,),
-                      out=layout.BASELINE, metrics=layout.metrics_file("train_baseline"),
-                      plot=layout.plot_file("train_baseline"), checkpoints=layout.checkpoints("train_baseline"))
+STAGE = TrainingStage(
+    "train_baseline",
+    "baseline",
+    layout.PREPARED,
+    upstream=(layout.PREPARED,),
+    out=layout.BASELINE,
+    metrics=layout.metrics_file("train_baseline"),
+    plot=layout.plot_file("train_baseline"),
+    checkpoints=layout.checkpoints("train_baseline"),
+)
 
 
 def main() -> None:
-    run_training_stage(STAGE, load_section("model"), load_section("train_baseline"),
-                       objective_for=lambda data, fold: Objective())
+    run_training_stage(
+        STAGE, load_section("model"), load_section("train_baseline"), objective_for=lambda data, fold: Objective()
+    )
 
 
 if __name__ == "__main__":

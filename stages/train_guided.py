@@ -17,13 +17,19 @@ from pipeline.core import layout
 from pipeline.core.runner import run_stage
 from pipeline.data.prepared import PreparedData
 from pipeline.models.variants import VARIANTS
-from pipeline.training.loop import TrainingStage, run_training_stage
 from pipeline.training.objectives import GuidedObjective, load_guidance
+from pipeline.training.stage import TrainingStage, run_training_stage
 
-STAGE = TrainingStage("train_guided", "guided", layout.PREPARED,
-                      upstream=(layout.PREPARED, layout.SALIENCY, layout.PSEUDO_MASKS), out=layout.GUIDED,
-                      metrics=layout.metrics_file("train_guided"), plot=layout.plot_file("train_guided"),
-                      checkpoints=layout.checkpoints("train_guided"))
+STAGE = TrainingStage(
+    "train_guided",
+    "guided",
+    layout.PREPARED,
+    upstream=(layout.PREPARED, layout.SALIENCY, layout.PSEUDO_MASKS),
+    out=layout.GUIDED,
+    metrics=layout.metrics_file("train_guided"),
+    plot=layout.plot_file("train_guided"),
+    checkpoints=layout.checkpoints("train_guided"),
+)
 
 
 def main() -> None:

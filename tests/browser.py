@@ -19,8 +19,10 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; .ci/run installs it), "
-    "so the report cannot be rendered in a browser")
+    CHROMIUM is None,
+    reason="chromium is not installed (apt-get install chromium; .ci/run installs it), "
+    "so the report cannot be rendered in a browser",
+)
 
 # After the page's load event every picture has been fetched and decoded (or has failed): the check
 # writes what the browser made of each into the DOM, which --dump-dom then prints.
@@ -36,10 +38,34 @@ addEventListener("load", () => {
 </script>"""
 REPORT_POLICY = "default-src 'none';"
 # Shown as percentages (metric x 100); every other tagged number is shown as it is.
-PERCENT_KEYS = {"ap", "ap_std", "ap_pooled", "auroc", "auroc_std", "f1_best", "f1_best_std", "precision", "recall",
-                "mass_inside", "pointing_game", "pointing_game_tolerant", "iou", "pseudo_mask_iou", "mask_area_share"}
-HEADLINE_KEYS = ("ap", "ap_std", "ap_pooled", "auroc", "f1_best", "precision", "recall",
-                 "false_alarms_at_full_recall", "missed_at_zero_false_alarms")
+PERCENT_KEYS = {
+    "ap",
+    "ap_std",
+    "ap_pooled",
+    "auroc",
+    "auroc_std",
+    "f1_best",
+    "f1_best_std",
+    "precision",
+    "recall",
+    "mass_inside",
+    "pointing_game",
+    "pointing_game_tolerant",
+    "iou",
+    "pseudo_mask_iou",
+    "mask_area_share",
+}
+HEADLINE_KEYS = (
+    "ap",
+    "ap_std",
+    "ap_pooled",
+    "auroc",
+    "f1_best",
+    "precision",
+    "recall",
+    "false_alarms_at_full_recall",
+    "missed_at_zero_false_alarms",
+)
 
 
 class _Tagged(HTMLParser):
@@ -74,8 +100,16 @@ def tagged(html_text: str) -> _Tagged:
 
 
 def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               f"--user-data-dir={tmp / 'profile'}", "--virtual-time-budget=10000", *args]
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp / 'profile'}",
+        "--virtual-time-budget=10000",
+        *args,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
@@ -88,11 +122,15 @@ def render(report: Path, tmp: Path) -> tuple[str, list[dict], np.ndarray]:
     # The report forbids every script; the checked copy lets the one inline check run, nothing more.
     assert REPORT_POLICY in text, "the report has lost its Content-Security-Policy"
     checked = tmp / "checked.html"
-    checked.write_text(text.replace(REPORT_POLICY, REPORT_POLICY + " script-src 'unsafe-inline';", 1)
-                       .replace("</body>", IMAGE_CHECK + "</body>", 1), encoding="utf-8")
+    checked.write_text(
+        text.replace(REPORT_POLICY, REPORT_POLICY + " script-src 'unsafe-inline';", 1).replace(
+            "</body>", IMAGE_CHECK + "</body>", 1
+        ),
+        encoding="utf-8",
+    )
     dom = _chromium(tmp, "--dump-dom", checked.as_uri()).stdout
     start = dom.index('<pre id="image-check">') + len('<pre id="image-check">')
-    images = json.loads(html.unescape(dom[start:dom.index("</pre>", start)]))
+    images = json.loads(html.unescape(dom[start : dom.index("</pre>", start)]))
     shot = tmp / "report.png"
     _chromium(tmp, f"--screenshot={shot}", "--window-size=1280,4000", report.as_uri())
     return dom, images, cv2.imread(str(shot))
@@ -109,8 +147,9 @@ def check_rendered(report: Path, tmp: Path, metrics: dict, scores: pd.DataFrame,
     """Assert that the report renders, every picture loaded, and the numbers are the metrics';
     returns the screenshot."""
     original = tagged(report.read_text(encoding="utf-8"))
-    assert original.sources and all(source.startswith("data:") for source in original.sources), \
+    assert original.sources and all(source.startswith("data:") for source in original.sources), (
         "the report refers to something outside itself"
+    )
     for source in original.sources:  # each embedded picture is a PNG that decodes
         decoded = cv2.imdecode(np.frombuffer(base64.b64decode(source.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
         assert decoded is not None and decoded.size > 0
@@ -124,7 +163,7 @@ def check_rendered(report: Path, tmp: Path, metrics: dict, scores: pd.DataFrame,
         scale = 100 if key.rsplit(".", 1)[-1] in PERCENT_KEYS else 1
         decimals = len(text.split(".")[1]) if "." in text else 0
         expected = scale * _metric(metrics, key)
-        assert math.isclose(float(text), expected, abs_tol=0.5 * 10 ** -decimals + 1e-9), (key, text, expected)
+        assert math.isclose(float(text), expected, abs_tol=0.5 * 10**-decimals + 1e-9), (key, text, expected)
     for model in ("baseline", "guided"):
         defective, flagged = scores["label"] == 1, scores[model] >= threshold
         assert int(shown["data-count"][f"{model}.misses"]) == int((defective & ~flagged).sum())

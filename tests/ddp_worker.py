@@ -14,8 +14,8 @@ from pipeline.models.inference import predict
 from pipeline.training.loop import TrainingDiverged, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import noise_data  # noqa: E402
-from test_distributed import CASES, MODEL, case  # noqa: E402
+from helpers import noise_data
+from test_distributed import CASES, MODEL, case
 
 
 def main(out: Path) -> None:
@@ -28,8 +28,11 @@ def main(out: Path) -> None:
             params, objective = case(name, data)
             model, config, history = train(data, 0, MODEL, params, objective)
             priors = objective.inference_priors(test_rows)
-            results[name] = {"state": model.state_dict(), "history": history,
-                             "scores": predict(model, config, data.images[test_rows], priors)}
+            results[name] = {
+                "state": model.state_dict(),
+                "history": history,
+                "scores": predict(model, config, data.images[test_rows], priors),
+            }
         # Per-sample values of a global batch of 5 (one padded sample): each process holds its share.
         mine, real = distributed.shard(5, ranks), distributed.real_samples(5, ranks)
         results["whole_batch"] = distributed.whole_batch(torch.tensor(mine, dtype=torch.float32) * real, 5, ranks)
@@ -49,6 +52,7 @@ def main(out: Path) -> None:
             (out / f"diverged_rank{ranks.rank}.txt").write_text(str(error))
         if ranks.main:
             torch.save(results, out / "results.pt")
+
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))

@@ -24,8 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def real_dataset(name: str) -> tuple[Path, pytest.MarkDecorator]:
     """``../shared/datasets/<name>`` beside the project, and a marker skipping a test where it is absent."""
     path = Path(__file__).parents[1] / "../shared/datasets" / name
-    return path, pytest.mark.skipif(not path.is_dir(),
-                                    reason=f"{name} is not at {path.resolve()} (see docs/datasets.md)")
+    return path, pytest.mark.skipif(
+        not path.is_dir(), reason=f"{name} is not at {path.resolve()} (see docs/datasets.md)"
+    )
+
+
 PROJECT_FILES = ["pipeline", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvc/config", ".dvc/.gitignore"]
 
 SHRUNK = {
@@ -60,19 +63,34 @@ def make_shrunk_project(target: Path, overrides: dict = SHRUNK) -> Path:
 
 
 def git_env() -> dict[str, str]:
-    return {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+    return {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.com",
+    }
 
 
 def project_env(project: Path, **extra: str) -> dict[str, str]:
     """The environment a stage runs in inside ``project``: its own MLflow store, this Python first."""
-    return {**git_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", **extra}
+    return {
+        **git_env(),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+        **extra,
+    }
 
 
 def dvc(project: Path, *args: str, **extra_env: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project,
-                            env=project_env(project, **extra_env), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=project,
+        env=project_env(project, **extra_env),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
 
@@ -98,9 +116,11 @@ def train_tiny_models(folder: Path, size: int = 32, n: int = 8) -> tuple[dict[st
     masks = (torch.rand(n, size, size, generator=generator) > 0.8).float()
     model_params = ModelParams(backbone="resnet18", device="cpu")
     paths = {}
-    for name, params in (("baseline", TrainParams(epochs=1, batch_size=n)),
-                         ("consistency", GuidedParams(epochs=1, batch_size=n, variant="consistency")),
-                         ("teacher", GuidedParams(epochs=1, batch_size=n, variant="teacher"))):
+    for name, params in (
+        ("baseline", TrainParams(epochs=1, batch_size=n)),
+        ("consistency", GuidedParams(epochs=1, batch_size=n, variant="consistency")),
+        ("teacher", GuidedParams(epochs=1, batch_size=n, variant="teacher")),
+    ):
         objective = guided(params, priors, masks) if isinstance(params, GuidedParams) else None
         model, config, _ = train(data, 0, model_params, params, objective)
         paths[name] = folder / f"{name}.pt"
@@ -116,8 +136,15 @@ def tiny_data(size: int = 64, n: int = 8) -> PreparedData:
     from pipeline.data.prepared import PreparedData
 
     generator = torch.Generator().manual_seed(1)
-    index = pd.DataFrame({"id": [f"i{k}" for k in range(n)], "label": [1, 0] * (n // 2),
-                          "group": [f"g{k}" for k in range(n)], "fold": [0, 0] + [1] * (n - 2), "has_mask": False})
+    index = pd.DataFrame(
+        {
+            "id": [f"i{k}" for k in range(n)],
+            "label": [1, 0] * (n // 2),
+            "group": [f"g{k}" for k in range(n)],
+            "fold": [0, 0] + [1] * (n - 2),
+            "has_mask": False,
+        }
+    )
     images = torch.randint(0, 256, (n, size, size), dtype=torch.uint8, generator=generator)
     return PreparedData(Path("."), index, images)
 
@@ -139,8 +166,14 @@ def noise_data() -> PreparedData:
     from pipeline.data.prepared import PreparedData
 
     n = 24
-    index = pd.DataFrame({"id": [f"im{i}" for i in range(n)], "label": [int(i % 4 == 0) for i in range(n)],
-                          "group": [f"g{i}" for i in range(n)], "fold": [0 if i < 8 else -1 for i in range(n)],
-                          "has_mask": False})
+    index = pd.DataFrame(
+        {
+            "id": [f"im{i}" for i in range(n)],
+            "label": [int(i % 4 == 0) for i in range(n)],
+            "group": [f"g{i}" for i in range(n)],
+            "fold": [0 if i < 8 else -1 for i in range(n)],
+            "has_mask": False,
+        }
+    )
     images = np.random.default_rng(0).integers(0, 256, (n, 32, 32), dtype=np.uint8)
     return PreparedData(Path("."), index, torch.from_numpy(images))

@@ -14,11 +14,11 @@ import torch
 from pipeline.config import ModelParams, TrainParams
 from pipeline.deployment.predict import Predictor, load_file, predict_files
 from pipeline.knowledge.saliency import create_saliency, saliency_maps
-from pipeline.training.loop import train_folds
 from pipeline.training.objectives import Objective
+from pipeline.training.stage import train_folds
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import tiny_data  # noqa: E402
+from helpers import tiny_data
 
 EPOCHS = 3
 
@@ -27,8 +27,14 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     data = tiny_data(32, 8)
     params = TrainParams(epochs=EPOCHS, batch_size=2)
-    train_folds(data, ModelParams(backbone="resnet18", device="cpu"), params, lambda data, fold: Objective(),
-                out / "checkpoints", out=out)
+    train_folds(
+        data,
+        ModelParams(backbone="resnet18", device="cpu"),
+        params,
+        lambda data, fold: Objective(),
+        out / "checkpoints",
+        out=out,
+    )
     loaded = load_file(out / "fold0.pt")
     saliency_maps(create_saliency("gradcam", loaded.model), loaded.config, data.images, 2, bar="saliency fold 0")
     images = out / "images"

@@ -22,8 +22,15 @@ def make_index(folds: int = 3, per_fold_defective: int = 8, per_fold_clean: int 
     for fold in range(folds):
         for k in range(per_fold_defective + per_fold_clean):
             defective = k < per_fold_defective
-            rows.append({"id": f"f{fold}-{k}", "label": int(defective), "group": f"g{fold}-{k}", "fold": fold,
-                         "has_mask": defective and k % 4 != 3})  # a few defective images lack a true mask
+            rows.append(
+                {
+                    "id": f"f{fold}-{k}",
+                    "label": int(defective),
+                    "group": f"g{fold}-{k}",
+                    "fold": fold,
+                    "has_mask": defective and k % 4 != 3,
+                }
+            )  # a few defective images lack a true mask
     return pd.DataFrame(rows)
 
 
@@ -83,16 +90,27 @@ def test_na_selects_exactly_na_kept_defective_training_images_with_true_masks():
 def test_counts_are_validated_in_params():
     assert parse_section("prepare", {"defective_images": 5}).defective_images == 5
     assert parse_section("pseudo_labels", {"true_masks": "all"}).true_masks == "all"
-    for section, values in (("prepare", {"defective_images": 0}), ("prepare", {"defective_images": "some"}),
-                            ("pseudo_labels", {"true_masks": -1})):
+    for section, values in (
+        ("prepare", {"defective_images": 0}),
+        ("prepare", {"defective_images": "some"}),
+        ("pseudo_labels", {"true_masks": -1}),
+    ):
         with pytest.raises(ConfigError, match=f"{section}.(defective_images|true_masks)"):
             parse_section(section, values)
 
 
 def prepare_with_maps(folder: Path, size: int = 32, **prepare_params) -> PreparedData:
     """The prepare stage on a small synthetic set, and a random saliency map per image and fold."""
-    params = {"prepare": {"width": size, "height": size, "split": "cv", "folds": 3, **prepare_params,
-                          "synthetic": {"items": 12, "images_per_item": 4, "defect_ratio": 0.4}}}
+    params = {
+        "prepare": {
+            "width": size,
+            "height": size,
+            "split": "cv",
+            "folds": 3,
+            **prepare_params,
+            "synthetic": {"items": 12, "images_per_item": 4, "defect_ratio": 0.4},
+        }
+    }
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     prepare.main()
     data = PreparedData.load("data/prepared")
@@ -110,8 +128,10 @@ def run_pseudo_labels(folder: Path, **pseudo_params) -> None:
 
 
 def targets(data: PreparedData, fold: int) -> dict[int, np.ndarray]:
-    return {row: read_image(Path("data/pseudo_masks") / f"fold{fold}" / f"{image_id}.png") > 0
-            for row, image_id in enumerate(data.index["id"])}
+    return {
+        row: read_image(Path("data/pseudo_masks") / f"fold{fold}" / f"{image_id}.png") > 0
+        for row, image_id in enumerate(data.index["id"])
+    }
 
 
 def otsu_of(data: PreparedData, fold: int, row: int) -> np.ndarray:
@@ -144,7 +164,7 @@ def test_na_all_gives_every_defective_training_image_its_true_mask(workdir):
     run_pseudo_labels(workdir, true_masks="all")
     labels = data.index["label"].to_numpy()
     for fold in data.folds:
-        train, test = data.split(fold)
+        train, _test = data.split(fold)
         found = targets(data, fold)
         for row in np.flatnonzero(labels == 1):
             if row in train:
@@ -175,8 +195,10 @@ def test_true_masks_change_what_the_guided_model_learns(workdir, variant):
     the pseudo-masks, and once learnt exactly the same model whatever Na."""
     prepare_with_maps(workdir, size=96)  # the model's Grad-CAM is 3×3 cells: something to point at
     params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params.update(model={"backbone": "resnet18", "device": "cpu"},
-                  train_guided={"epochs": 1, "batch_size": 8, "variant": variant, "seed": 0})
+    params.update(
+        model={"backbone": "resnet18", "device": "cpu"},
+        train_guided={"epochs": 1, "batch_size": 8, "variant": variant, "seed": 0},
+    )
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     # The lineage record the saliency stage leaves (here the maps come from prepare_with_maps).
     write_json(workdir / "data/saliency/run.json", {"stage": "saliency", "mlflow_run_id": "-", "pipeline_run_id": "-"})

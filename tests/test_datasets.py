@@ -1,4 +1,4 @@
-"""Tests for pipeline.data.sources: the real KolektorSDD where it is present, small trees written here."""
+"""Tests for pipeline.data sources, images and folds: the real KolektorSDD where present, small trees written here."""
 
 from __future__ import annotations
 
@@ -13,21 +13,14 @@ import numpy as np
 import pytest
 from helpers import real_dataset
 
-from pipeline.data.sources import (
-    DataError,
-    SourceImage,
-    SourceSet,
-    assign_group_folds,
-    find_duplicates,
-    load_folder,
-    load_kolektorsdd,
-    load_kolektorsdd2,
-    load_manifest,
-    load_source,
-    read_gray,
-    read_mask,
-    validate,
-)
+from pipeline.core.errors import DataError
+from pipeline.data.folds import assign_group_folds
+from pipeline.data.images import find_duplicates, read_gray, read_mask
+from pipeline.data.sources import load_source
+from pipeline.data.sources.base import SourceImage, SourceSet, validate
+from pipeline.data.sources.folder import load_folder
+from pipeline.data.sources.kolektorsdd import load_kolektorsdd, load_kolektorsdd2
+from pipeline.data.sources.manifest import load_manifest
 
 REAL_KSDD, needs_real_ksdd = real_dataset("KolektorSDD")
 SHAPE = (12, 8)  # height, width of the synthetic images
@@ -507,14 +500,14 @@ def test_assign_group_folds_keeps_groups_whole_and_balances_defects() -> None:
     for group, fold in zip(groups, folds, strict=True):
         fold_of_group[group].add(fold)
     assert all(len(f) == 1 for f in fold_of_group.values())
-    assert [sum(l for l, f in zip(labels, folds, strict=True) if f == k) for k in range(3)] == [2, 2, 2]
+    assert [sum(label for label, f in zip(labels, folds, strict=True) if f == k) for k in range(3)] == [2, 2, 2]
     assert Counter(folds) == {0: 16, 1: 16, 2: 16}
 
 
 def test_assign_group_folds_balances_uneven_defect_counts() -> None:
     groups, labels = grouped_labels([4, 3, 3, 2, 2, 1, 1, 1, 0, 0], size=5)
     folds = assign_group_folds(groups, labels, folds=3, seed=5)
-    defects = [sum(l for l, f in zip(labels, folds, strict=True) if f == k) for k in range(3)]
+    defects = [sum(label for label, f in zip(labels, folds, strict=True) if f == k) for k in range(3)]
     assert sorted(defects) == [5, 6, 6]
 
 

@@ -77,8 +77,15 @@ def case(name: str, data: PreparedData) -> tuple[TrainParams, Objective]:
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests" / "ddp_worker.py"), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(out),
+    ]
     env = {**project_env(out), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -96,8 +103,11 @@ def single_process() -> dict[str, dict]:
         params, objective = case(name, data)
         model, config, history = train(data, 0, MODEL, params, objective)
         priors = objective.inference_priors(test_rows)
-        results[name] = {"state": model.state_dict(), "history": history,
-                         "scores": predict(model, config, data.images[test_rows], priors)}
+        results[name] = {
+            "state": model.state_dict(),
+            "history": history,
+            "scores": predict(model, config, data.images[test_rows], priors),
+        }
     torch.set_num_threads(threads)
     return results
 
@@ -115,8 +125,12 @@ def test_two_processes_train_the_model_of_one_with_the_same_global_batch(
     np.testing.assert_allclose(ddp["scores"], one["scores"], atol=1e-5)
     torch.manual_seed(PARAMS.seed)
     baseline = name in ("baseline", "hard_negatives")
-    config = {"kind": "baseline" if baseline else "guided", "backbone": "resnet18", "in_channels": 1,
-              **({} if baseline else {"variant": name})}
+    config = {
+        "kind": "baseline" if baseline else "guided",
+        "backbone": "resnet18",
+        "in_channels": 1,
+        **({} if baseline else {"variant": name}),
+    }
     initial = build_model(config, deployed=False).state_dict()
     moved = max((one["state"][k] - initial[k]).abs().max().item() for k in initial if k.endswith("weight"))
     assert moved > 100 * TOLERANCE["atol"]
@@ -173,11 +187,16 @@ def test_more_processes_than_gpus_is_refused() -> None:
 
 
 def test_compute_params_are_validated() -> None:
-    assert parse_section("model", {}) == ModelParams(nproc_per_node=1, precision="auto", num_workers=0,
-                                                     pin_memory=False)
-    for values, key in [({"nproc_per_node": 0}, "model.nproc_per_node"), ({"precision": "fp16"}, "model.precision"),
-                        ({"num_workers": -1}, "model.num_workers"), ({"pin_memory": "maybe"}, "model.pin_memory"),
-                        ({"nproc_per_node": 2, "device": "mps"}, "model")]:
+    assert parse_section("model", {}) == ModelParams(
+        nproc_per_node=1, precision="auto", num_workers=0, pin_memory=False
+    )
+    for values, key in [
+        ({"nproc_per_node": 0}, "model.nproc_per_node"),
+        ({"precision": "fp16"}, "model.precision"),
+        ({"num_workers": -1}, "model.num_workers"),
+        ({"pin_memory": "maybe"}, "model.pin_memory"),
+        ({"nproc_per_node": 2, "device": "mps"}, "model"),
+    ]:
         with pytest.raises(ConfigError, match=key):
             parse_section("model", values)
 

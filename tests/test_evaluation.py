@@ -13,12 +13,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.metrics.classification import MetricsError
 from pipeline.evaluation.results import (
     check_test_folds,
     classification_summary,
-    combine_runs,
-    combined_markdown,
     decision_errors,
     drawn_errors,
     hardest_images,
@@ -29,27 +26,37 @@ from pipeline.evaluation.results import (
     summarize_localization,
     timed_per_image,
 )
-from pipeline.evaluation.results import (
+from pipeline.evaluation.seeds import (
+    combine_runs,
+    combined_markdown,
+)
+from pipeline.evaluation.seeds import (
     main as combine_main,
 )
+from pipeline.metrics.classification import MetricsError
 
 # Fold 0 (baseline): 0.8 D, 0.4 ok, 0.35 D, 0.1 ok -> AP 1/2 + 1/2 * 2/3 = 5/6, AUROC 3/4.
 # Fold 1 (baseline), one defect: 0.7 ok, 0.6 D, 0.2 ok, 0.1 ok -> AP 1/2, AUROC 2/3.
 # Fold 0 (guided), a tie: 0.9 D, 0.5 D, 0.5 ok, 0.1 ok -> AP 1/2 + 1/2 * 2/3 = 5/6, AUROC 3.5/4;
 #   the tied ok image is a false alarm at 100% recall and the tied defect a miss at 0 alarms.
 # Fold 1 (guided): the defect scores highest -> AP 1, no false alarm, no miss.
-SCORES = pd.DataFrame({
-    "fold": [0, 0, 0, 0, 1, 1, 1, 1],
-    "id": ["a", "b", "c", "d", "e", "f", "g", "h"],
-    "label": [0, 0, 1, 1, 0, 0, 0, 1],
-    "baseline": [0.1, 0.4, 0.35, 0.8, 0.1, 0.7, 0.2, 0.6],
-    "guided": [0.1, 0.5, 0.5, 0.9, 0.1, 0.2, 0.3, 0.9],
-})
+SCORES = pd.DataFrame(
+    {
+        "fold": [0, 0, 0, 0, 1, 1, 1, 1],
+        "id": ["a", "b", "c", "d", "e", "f", "g", "h"],
+        "label": [0, 0, 1, 1, 0, 0, 0, 1],
+        "baseline": [0.1, 0.4, 0.35, 0.8, 0.1, 0.7, 0.2, 0.6],
+        "guided": [0.1, 0.5, 0.5, 0.9, 0.1, 0.2, 0.3, 0.9],
+    }
+)
 
 
 def _index(labels_by_fold: dict[int, list[int]]) -> pd.DataFrame:
-    rows = [{"id": f"{fold}_{k}", "label": label, "fold": fold}
-            for fold, labels in labels_by_fold.items() for k, label in enumerate(labels)]
+    rows = [
+        {"id": f"{fold}_{k}", "label": label, "fold": fold}
+        for fold, labels in labels_by_fold.items()
+        for k, label in enumerate(labels)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -98,14 +105,22 @@ def test_classification_summary_per_fold_spread_and_ties():
     assert baseline["false_alarms_at_full_recall"] == pytest.approx((1 + 1) / 2)
     assert guided["fold0"]["false_alarms_at_full_recall"] == 1  # tie counts against the model
     assert guided["fold0"]["missed_at_zero_false_alarms"] == 1
-    assert guided["fold1"] == {"ap": 1.0, "auroc": 1.0, "false_alarms_at_full_recall": 0.0,
-                               "missed_at_zero_false_alarms": 0.0}
+    assert guided["fold1"] == {
+        "ap": 1.0,
+        "auroc": 1.0,
+        "false_alarms_at_full_recall": 0.0,
+        "missed_at_zero_false_alarms": 0.0,
+    }
     assert guided["ap"] == pytest.approx((5 / 6 + 1) / 2)
     assert guided["auroc"] == pytest.approx((3.5 / 4 + 1) / 2)
     assert guided["false_alarms_at_full_recall_std"] == pytest.approx(0.5)
     assert all(math.isfinite(v) for m in (baseline, guided) for v in m.values() if isinstance(v, float))
     assert list(per_fold[["model", "fold"]].itertuples(index=False, name=None)) == [
-        ("baseline", 0), ("baseline", 1), ("guided", 0), ("guided", 1)]
+        ("baseline", 0),
+        ("baseline", 1),
+        ("guided", 0),
+        ("guided", 1),
+    ]
     assert per_fold["n_defective"].tolist() == [2, 1, 2, 1]
 
 
@@ -123,8 +138,9 @@ def _localization_case() -> tuple[pd.DataFrame, dict, list]:
     c (fold 1): no true mask -> skipped.
     d (fold 1): defect-free -> skipped.
     """
-    scores = pd.DataFrame({"fold": [0, 0, 1, 1], "id": ["a", "b", "c", "d"], "label": [1, 1, 1, 0],
-                           "baseline": 0.5, "guided": 0.5})
+    scores = pd.DataFrame(
+        {"fold": [0, 0, 1, 1], "id": ["a", "b", "c", "d"], "label": [1, 1, 1, 0], "baseline": 0.5, "guided": 0.5}
+    )
     mask = np.zeros((10, 10), bool)
     mask[4:6, 4:6] = True
     maps = {name: np.zeros((4, 10, 10)) for name in ("baseline_saliency", "guided_saliency", "guided_segmentation")}
@@ -156,7 +172,10 @@ def test_localization_table_per_image():
     tolerant = localization_table(scores, maps, masks, tolerance=3)
     # b's peak is 3 pixels from the nearest mask pixel (4, 5): a hit at tolerance 3.
     assert tolerant["baseline_saliency.pointing_game_tolerant"].tolist() == [1.0, 1.0]
-    assert localization_table(scores, maps, masks, 2.9)["baseline_saliency.pointing_game_tolerant"].tolist() == [1.0, 0.0]
+    assert localization_table(scores, maps, masks, 2.9)["baseline_saliency.pointing_game_tolerant"].tolist() == [
+        1.0,
+        0.0,
+    ]
     with pytest.raises(MetricsError, match="4 scored images but 3 true masks"):
         localization_table(scores, maps, masks[:3])
 
@@ -182,9 +201,15 @@ def test_summarize_localization_per_fold_and_overall():
 
 
 def test_hardest_images_by_both_models_ties_by_id():
-    scores = pd.DataFrame({"fold": 0, "id": ["d1", "d2", "d3", "n1", "n2", "n3"], "label": [1, 1, 1, 0, 0, 0],
-                           "baseline": [0.2, 0.1, 0.9, 0.8, 0.3, 0.1],
-                           "guided": [0.2, 0.3, 0.9, 0.6, 0.5, 0.1]})
+    scores = pd.DataFrame(
+        {
+            "fold": 0,
+            "id": ["d1", "d2", "d3", "n1", "n2", "n3"],
+            "label": [1, 1, 1, 0, 0, 0],
+            "baseline": [0.2, 0.1, 0.9, 0.8, 0.3, 0.1],
+            "guided": [0.2, 0.3, 0.9, 0.6, 0.5, 0.1],
+        }
+    )
     hardest = hardest_images(scores, 2)
     # Means: d1 0.2, d2 0.2 (tie, by id), d3 0.9; n1 0.7, n2 0.4, n3 0.1.
     assert hardest["id"].tolist() == ["d1", "d2", "n1", "n2"]
@@ -221,11 +246,15 @@ def test_overlay_picture_shows_the_true_mask(tmp_path):
     mask = np.zeros((32, 32), bool)
     mask[10:12, 20:22] = True
     image = np.full((32, 32), 120, np.uint8)
-    maps = {"baseline_saliency": np.random.default_rng(0).random((32, 32)),
-            "guided_saliency": np.zeros((32, 32)), "guided_segmentation": np.ones((32, 32))}
+    maps = {
+        "baseline_saliency": np.random.default_rng(0).random((32, 32)),
+        "guided_saliency": np.zeros((32, 32)),
+        "guided_segmentation": np.ones((32, 32)),
+    }
     panels = {"d": {"image": image, "true_mask": mask, **maps}, "n": {"image": image, "true_mask": None, **maps}}
-    hardest = pd.DataFrame({"fold": [0, 1], "id": ["d", "n"], "label": [1, 0], "baseline": [0.1, 0.9],
-                            "guided": [0.2, 0.8]})
+    hardest = pd.DataFrame(
+        {"fold": [0, 1], "id": ["d", "n"], "label": [1, 0], "baseline": [0.1, 0.9], "guided": [0.2, 0.8]}
+    )
     grid = overlay_picture(hardest, panels, "layercam")
     path = tmp_path / "overlays.png"
     save_png(path, grid)
@@ -239,9 +268,18 @@ def test_overlay_picture_shows_the_true_mask(tmp_path):
 
 def test_plot_training_leaves_out_zero_and_repeated_columns(tmp_path):
     csv = tmp_path / "train_baseline.csv"
-    pd.DataFrame({"fold": [0, 0, 0], "epoch": [1, 2, 3], "seg_weight": 0.0, "loss": [0.9, 0.5, 0.4],
-                  "cls_loss": [0.9, 0.5, 0.4], "seg_loss": 0.0, "test_ap": [0.3, 0.6, 0.8],
-                  "seconds": [1.0, 1.1, 0.9]}).to_csv(csv, index=False)
+    pd.DataFrame(
+        {
+            "fold": [0, 0, 0],
+            "epoch": [1, 2, 3],
+            "seg_weight": 0.0,
+            "loss": [0.9, 0.5, 0.4],
+            "cls_loss": [0.9, 0.5, 0.4],
+            "seg_loss": 0.0,
+            "test_ap": [0.3, 0.6, 0.8],
+            "seconds": [1.0, 1.1, 0.9],
+        }
+    ).to_csv(csv, index=False)
     plot_training(csv, tmp_path / "training.png", "baseline")
     # loss and test_ap remain: one row of two 4 x 3 inch panels at 100 dpi.
     assert _read_png(tmp_path / "training.png").shape == (300, 800, 3)

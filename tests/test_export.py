@@ -52,8 +52,9 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("name", ["baseline", "consistency", "teacher"])
-def test_exported_graph_gives_predicts_scores_and_decisions_from_uint8_images(tiny, tmp_path: Path, name: str,
-                                                                            fmt: str) -> None:
+def test_exported_graph_gives_predicts_scores_and_decisions_from_uint8_images(
+    tiny, tmp_path: Path, name: str, fmt: str
+) -> None:
     paths, images = tiny
     model, config = load_model(paths[name])
     out = tmp_path / f"{name}.{fmt}"
@@ -70,8 +71,9 @@ def test_exported_graph_gives_predicts_scores_and_decisions_from_uint8_images(ti
 
 
 @pytest.mark.parametrize("name", ["baseline", "teacher"])
-def test_test_time_flips_average_the_flipped_views_in_predict_and_in_the_export(tiny, tmp_path: Path,
-                                                                                 name: str) -> None:
+def test_test_time_flips_average_the_flipped_views_in_predict_and_in_the_export(
+    tiny, tmp_path: Path, name: str
+) -> None:
     paths, images = tiny
     model, config = load_model(paths[name])
     batch, priors = images[:6], None
@@ -79,8 +81,10 @@ def test_test_time_flips_average_the_flipped_views_in_predict_and_in_the_export(
         baseline, baseline_config = load_model(paths["baseline"])
         priors = torch.from_numpy(saliency_maps(create_saliency("layercam", baseline), baseline_config, batch)[0])
     flipped = {**config, "test_time_flips": True}
-    views = [predict(model, config, batch.flip(dims), priors.flip(dims) if priors is not None else None)
-             for dims in ((), (-1,), (-2,))]
+    views = [
+        predict(model, config, batch.flip(dims), priors.flip(dims) if priors is not None else None)
+        for dims in ((), (-1,), (-2,))
+    ]
     averaged = predict(model, flipped, batch, priors)
     np.testing.assert_allclose(averaged, np.mean(views, axis=0), rtol=0, atol=1e-6)
     assert np.abs(averaged - views[0]).max() > 1e-4  # the flips change the scores of this model
@@ -91,12 +95,26 @@ def test_test_time_flips_average_the_flipped_views_in_predict_and_in_the_export(
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_parity_on_a_test_fold_of_prepared_images(tiny, prepared: Path, tmp_path: Path, fmt: str,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_parity_on_a_test_fold_of_prepared_images(
+    tiny, prepared: Path, tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture
+) -> None:
     paths, _ = tiny
     out = tmp_path / f"m.{fmt}"
-    report = main([str(paths["consistency"]), "--format", fmt, "--out", str(out), "--threshold", "0.45",
-                   "--prepared", str(prepared), "--fold", "1"])
+    report = main(
+        [
+            str(paths["consistency"]),
+            "--format",
+            fmt,
+            "--out",
+            str(out),
+            "--threshold",
+            "0.45",
+            "--prepared",
+            str(prepared),
+            "--fold",
+            "1",
+        ]
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(report))
     images, labels = fold_images(prepared, 1)
     parity = report["parity"]
@@ -109,19 +127,46 @@ def test_parity_on_a_test_fold_of_prepared_images(tiny, prepared: Path, tmp_path
 
 def test_a_fold_without_test_images_is_refused_naming_the_option(tiny, prepared: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"--fold 7: .* has test folds \[0, 1, 2\]"):
-        main([str(tiny[0]["baseline"]), "--format", "torchscript", "--out", str(tmp_path / "m.pt"),
-              "--prepared", str(prepared), "--fold", "7"])
+        main(
+            [
+                str(tiny[0]["baseline"]),
+                "--format",
+                "torchscript",
+                "--out",
+                str(tmp_path / "m.pt"),
+                "--prepared",
+                str(prepared),
+                "--fold",
+                "7",
+            ]
+        )
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:FutureWarning")
 def test_size_threshold_and_operating_point_travel_with_the_file(tiny, tmp_path: Path) -> None:
     paths, _ = tiny
-    main([str(paths["consistency"]), "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--threshold", "0.3",
-          "--operating-point", "max_false_alarm_rate: 0.1"])
+    main(
+        [
+            str(paths["consistency"]),
+            "--format",
+            "onnx",
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--threshold",
+            "0.3",
+            "--operating-point",
+            "max_false_alarm_rate: 0.1",
+        ]
+    )
     props = {p.key: json.loads(p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     config = load_model(paths["consistency"])[1]
-    assert props == {"input_size": {"height": 32, "width": 32}, "threshold": 0.3, "threshold_from": "--threshold",
-                     "operating_point": "max_false_alarm_rate: 0.1", "pipeline_config": config}
+    assert props == {
+        "input_size": {"height": 32, "width": 32},
+        "threshold": 0.3,
+        "threshold_from": "--threshold",
+        "operating_point": "max_false_alarm_rate: 0.1",
+        "pipeline_config": config,
+    }
     main([str(paths["teacher"]), "--format", "torchscript", "--out", str(tmp_path / "t.pt"), "--threshold", "0.3"])
     extra = dict.fromkeys(f"{key}.json" for key in props)
     scripted = torch.jit.load(str(tmp_path / "t.pt"), _extra_files=extra)
@@ -132,15 +177,27 @@ def test_size_threshold_and_operating_point_travel_with_the_file(tiny, tmp_path:
 
 
 @pytest.mark.slow  # logging the scoring model and an ONNX export: about 40 s
-def test_threshold_and_operating_point_come_from_the_registered_version(tiny, prepared: Path, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threshold_and_operating_point_come_from_the_registered_version(
+    tiny, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipeline.deployment.serving import log_scoring_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "export-test")
     log_scoring_model(tiny[0]["baseline"], 0.35, "zero_misses", "tiny-release", aliases=["champion"])
-    report = main(["models:/tiny-release@champion", "--format", "onnx", "--out", str(tmp_path / "r.onnx"),
-                   "--prepared", str(prepared), "--fold", "0"])
+    report = main(
+        [
+            "models:/tiny-release@champion",
+            "--format",
+            "onnx",
+            "--out",
+            str(tmp_path / "r.onnx"),
+            "--prepared",
+            str(prepared),
+            "--fold",
+            "0",
+        ]
+    )
     mlflow.end_run()
     assert report["threshold"] == 0.35 and report["operating_point"] == "zero_misses"
     assert report["threshold_from"] == "tag threshold of models:/tiny-release/1 (operating point zero_misses)"
@@ -180,8 +237,14 @@ def test_the_docs_example_scores_as_predict_without_this_project(tiny, tmp_path:
     # Isolated mode, no PYTHONPATH, run outside the repository: only installed packages import.
     code = docs_example() + "\nassert not any(m.split('.')[0] in ('pipeline', 'torch') for m in sys.modules)\n"
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-I", "-c", code, "model.onnx", "part.png"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", code, "model.onnx", "part.png"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     expected = float(predict(model, config, images[3:4])[0])

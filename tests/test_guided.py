@@ -194,5 +194,9 @@ def test_missing_pretrained_weights_say_where_to_put_the_file(tmp_path: Path) ->
     with pytest.raises(FileNotFoundError, match=r"place it at that path.*pretrained_weights to null"):
         load_pretrained_features(Classifier("resnet18", 3), missing)
     with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth"):
-        train(tiny_data(), 0, ModelParams(pretrained_weights=str(missing), in_channels=3, device="cpu"),
-              GuidedParams(epochs=1))
+        train(
+            tiny_data(),
+            0,
+            ModelParams(pretrained_weights=str(missing), in_channels=3, device="cpu"),
+            GuidedParams(epochs=1),
+        )

@@ -22,20 +22,14 @@ from test_datasets import raises_naming
 
 from pipeline.config import ConfigError, LabelmeParams, PrepareParams, parse_section
 from pipeline.core.artifacts import read_json
-from pipeline.data.labelme import POINT_TOLERANCE, SHAPE_TYPES
-from pipeline.data.sources import (
-    SOURCE_KINDS,
-    DataError,
-    LoadOptions,
-    SourceSet,
-    groups_from_names,
-    load_folder,
-    load_labelme,
-    load_manifest,
-    load_source,
-    read_gray,
-    read_mask,
-)
+from pipeline.core.errors import DataError
+from pipeline.data.folds import groups_from_names
+from pipeline.data.images import read_gray, read_mask
+from pipeline.data.sources import SOURCE_KINDS, load_source
+from pipeline.data.sources.base import LoadOptions, SourceSet
+from pipeline.data.sources.folder import load_folder
+from pipeline.data.sources.labelme import POINT_TOLERANCE, SHAPE_TYPES, load_labelme
+from pipeline.data.sources.manifest import load_manifest
 from pipeline.experiments import presets
 from stages import prepare
 
@@ -57,13 +51,25 @@ def shape(kind: str, points: list[list[float]], label: str = "scratch", **extra:
     return {"label": label, "points": points, "group_id": None, "shape_type": kind, "flags": {}, **extra}
 
 
-def write_annotation(path: Path, shapes: list[dict], image_path: str | None = None, width: int = W,
-                     height: int = H, image_data: str | None = None) -> Path:
+def write_annotation(
+    path: Path,
+    shapes: list[dict],
+    image_path: str | None = None,
+    width: int = W,
+    height: int = H,
+    image_data: str | None = None,
+) -> Path:
     """A labelme 5 JSON file; imagePath defaults to the image of the same base name beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"version": "5.5.0", "flags": {}, "shapes": shapes, "imageData": image_data,
-                "imagePath": image_path if image_path is not None else f"{path.stem}.png",
-                "imageHeight": height, "imageWidth": width}
+    document = {
+        "version": "5.5.0",
+        "flags": {},
+        "shapes": shapes,
+        "imageData": image_data,
+        "imagePath": image_path if image_path is not None else f"{path.stem}.png",
+        "imageHeight": height,
+        "imageWidth": width,
+    }
     path.write_text(json.dumps(document))
     return path
 
@@ -180,7 +186,11 @@ def test_labels_masks_and_images_without_annotation(tmp_path: Path) -> None:
     write_annotation(tmp_path / "a3.json", [])  # annotated, but nothing drawn: defect-free
     source = load_labelme(tmp_path, folds=2)
     assert [(im.id, im.label, im.mask is not None) for im in source.images] == [
-        ("a0", 1, True), ("a1", 1, True), ("a2", 0, False), ("a3", 0, True)]
+        ("a0", 1, True),
+        ("a1", 1, True),
+        ("a2", 0, False),
+        ("a3", 0, True),
+    ]
     assert source.name == "labelme" and str(source.images[0].mask) == str(tmp_path / "a0.json")
     assert not drawn(tmp_path, "a3.png").any()
     assert drawn(tmp_path, "a0.png").sum() == 25  # the 5x5 square, outline included
@@ -212,7 +222,8 @@ def test_annotations_in_a_folder_of_their_own(tmp_path: Path) -> None:
     options = LabelmeParams(images="images", annotations="labels")
     source = load_source("labelme", tmp_path, 2, 0, LoadOptions(labelme=options))
     assert [(im.id, im.label) for im in source.images] == [("p0", 1), ("p1", 1), ("p2", 1)] + [
-        (f"p{k}", 0) for k in (3, 4, 5)]
+        (f"p{k}", 0) for k in (3, 4, 5)
+    ]
     assert str(source.images[2].mask) == str(tmp_path / "labels" / "renamed.json")
     assert source.root == str(tmp_path / "images")
 
@@ -232,8 +243,9 @@ def test_images_in_subfolders_are_not_read(tmp_path: Path) -> None:
 # --- bad input ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content", ["{not json", "", "[1, 2]", '{"version": "5.5.0"}'],
-                         ids=["garbage", "empty", "a list", "no shapes"])
+@pytest.mark.parametrize(
+    "content", ["{not json", "", "[1, 2]", '{"version": "5.5.0"}'], ids=["garbage", "empty", "a list", "no shapes"]
+)
 def test_unreadable_annotation(tmp_path: Path, content: str) -> None:
     make_set(tmp_path)
     (tmp_path / "a4.json").write_text(content)
@@ -255,8 +267,18 @@ def test_unreadable_annotation(tmp_path: Path, content: str) -> None:
         (shape("mask", [[3, 4], [6, 5]], mask=png_base64(np.ones((3, 3), np.uint8))), "its mask is 3x3"),
         ({"points": [[1, 1]], "shape_type": "point"}, "no text label"),
     ],
-    ids=["unknown type", "polygon of 2", "rectangle of 1", "circle of 3", "point of 0", "not numbers",
-         "outside right", "outside top", "mask size", "no label"],
+    ids=[
+        "unknown type",
+        "polygon of 2",
+        "rectangle of 1",
+        "circle of 3",
+        "point of 0",
+        "not numbers",
+        "outside right",
+        "outside top",
+        "mask size",
+        "no label",
+    ],
 )
 def test_bad_shape_names_the_file_and_shape(tmp_path: Path, bad: dict, expected: str) -> None:
     make_set(tmp_path)
@@ -325,9 +347,12 @@ def test_missing_folders_are_named(tmp_path: Path) -> None:
 
 
 BSDATA_LIKE = [
-    "01_200828110014_277500_315_crop_2.jpg", "01_200905041126_277500_315_crop_2.jpg",
-    "01_200828110055_305000_090_crop_2.jpg", "01_200907090023_305000_090_crop_1.jpg",
-    "01_200828110135_332500_225_crop_2.jpg", "01_200906072940_332500_225_crop_2.jpg",
+    "01_200828110014_277500_315_crop_2.jpg",
+    "01_200905041126_277500_315_crop_2.jpg",
+    "01_200828110055_305000_090_crop_2.jpg",
+    "01_200907090023_305000_090_crop_1.jpg",
+    "01_200828110135_332500_225_crop_2.jpg",
+    "01_200906072940_332500_225_crop_2.jpg",
 ]
 
 
@@ -348,7 +373,9 @@ def test_a_name_the_group_pattern_does_not_match_is_an_error_naming_the_file() -
 def test_an_alternative_makes_an_unmatched_name_its_own_group() -> None:
     pattern = BSDATA_PATTERN + "|.*"
     assert groups_from_names(pattern, ["/d/" + BSDATA_LIKE[0], "/d/KGT1-S-060-A02_crop_0.jpg"]) == [
-        "277500_315", "KGT1-S-060-A02_crop_0.jpg"]
+        "277500_315",
+        "KGT1-S-060-A02_crop_0.jpg",
+    ]
 
 
 def folds_of_groups(source: SourceSet) -> dict[str, set[int]]:
@@ -423,8 +450,16 @@ def test_prepare_draws_labelme_masks_reads_rgb_of_any_size_and_reports_groups(wo
         if k % 2:
             rectangle = shape("rectangle", [[0, 0], [size[1] / 2 - 1, size[0] - 1]])  # the left half
             write_annotation(root / "labels" / f"lot{k // 2}_{k}.json", [rectangle], width=size[1], height=size[0])
-    write_params(workdir, dataset="labelme", path="shots", width=W, height=16, folds=2, group_pattern=r"^lot\d",
-                 labelme={"images": "images", "annotations": "labels"})
+    write_params(
+        workdir,
+        dataset="labelme",
+        path="shots",
+        width=W,
+        height=16,
+        folds=2,
+        group_pattern=r"^lot\d",
+        labelme={"images": "images", "annotations": "labels"},
+    )
     prepare.main()
     index = pd.read_csv(workdir / "data/prepared/index.csv")
     assert len(index) == 8 and index["label"].sum() == 4 and index["has_mask"].sum() == 4
@@ -435,8 +470,10 @@ def test_prepare_draws_labelme_masks_reads_rgb_of_any_size_and_reports_groups(wo
     mask = cv2.imread(str(workdir / "data/prepared/masks/lot0_1.png"), cv2.IMREAD_UNCHANGED) > 0
     assert mask[:, : W // 2].all() and not mask[:, W // 2 :].any()
     report = read_json(workdir / "data/prepared/report.json")
-    assert report["groups"] == {f"lot{n}": {"images": 2, "defective": 1, "fold": int(index.loc[index["group"] ==
-                                f"lot{n}", "fold"].iloc[0])} for n in range(4)}
+    assert report["groups"] == {
+        f"lot{n}": {"images": 2, "defective": 1, "fold": int(index.loc[index["group"] == f"lot{n}", "fold"].iloc[0])}
+        for n in range(4)
+    }
     assert report["sizes"]["source_width"] == {"min": W, "max": 2 * W, "mean": 1.5 * W}
 
 

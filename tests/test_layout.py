@@ -58,12 +58,23 @@ def test_a_stage_depends_on_exactly_the_modules_its_script_imports(stage: str) -
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_a_stage_writes_where_the_layout_says(stage: str) -> None:
-    declared = [next(iter(entry)) if isinstance(entry, dict) else entry
-                for key in ("outs", "metrics", "plots") for entry in STAGES[stage].get(key, [])]
-    folders = {layout.PREPARED, layout.BASELINE, layout.SALIENCY, layout.PSEUDO_MASKS, layout.GUIDED,
-               layout.EVALUATION, layout.RELEASE}
+    declared = [
+        next(iter(entry)) if isinstance(entry, dict) else entry
+        for key in ("outs", "metrics", "plots")
+        for entry in STAGES[stage].get(key, [])
+    ]
+    folders = {
+        layout.PREPARED,
+        layout.BASELINE,
+        layout.SALIENCY,
+        layout.PSEUDO_MASKS,
+        layout.GUIDED,
+        layout.EVALUATION,
+        layout.RELEASE,
+    }
     expected = {str(folder) for folder in folders if folder.name in STAGES[stage]["outs"][0]} | {
-        str(layout.metrics_file(stage))}
+        str(layout.metrics_file(stage))
+    }
     assert str(layout.metrics_file(stage)) in declared
     assert {Path(path) for path in declared if not path.startswith("data/plots/")} == {Path(p) for p in expected}
     for path in declared:

@@ -12,12 +12,14 @@ from pipeline.metrics.classification import (
     CLASSIFICATION_METRICS,
     MetricsError,
     classification_metrics,
+    pr_curve,
+    summarize_folds,
+)
+from pipeline.metrics.localization import (
     localization_metrics,
     mask_iou,
     pointing_game_hit,
-    pr_curve,
     saliency_mass_inside,
-    summarize_folds,
 )
 
 # Case A, ranked by score: 0.8 (defect), 0.4 (ok), 0.35 (defect), 0.1 (ok).
@@ -219,9 +221,7 @@ def test_mask_iou():
 def test_localization_metrics_skip_defect_free_images():
     mask = _square_mask()
     empty = np.zeros_like(mask)
-    result = localization_metrics(
-        [_gaussian((15, 15)), _gaussian((2, 2)), _gaussian((2, 2))], [mask, mask, empty]
-    )
+    result = localization_metrics([_gaussian((15, 15)), _gaussian((2, 2)), _gaussian((2, 2))], [mask, mask, empty])
     assert result["n_images"] == 2
     assert result["pointing_game"] == pytest.approx(1 / 2)
     assert result["mass_inside"] == pytest.approx(1 / 2, abs=0.01)

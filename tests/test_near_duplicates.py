@@ -26,8 +26,9 @@ def _surfaces(n: int, seed: int = 0) -> np.ndarray:
 
 
 def _data(tmp_path: Path, groups: list[str], folds: list[int], images: np.ndarray) -> PreparedData:
-    index = pd.DataFrame({"id": [f"i{k}" for k in range(len(groups))], "label": 0, "group": groups,
-                          "fold": folds, "has_mask": False})
+    index = pd.DataFrame(
+        {"id": [f"i{k}" for k in range(len(groups))], "label": 0, "group": groups, "fold": folds, "has_mask": False}
+    )
     return PreparedData(tmp_path, index, torch.from_numpy(images))
 
 
@@ -36,11 +37,16 @@ def test_a_noisy_copy_in_another_group_and_fold_is_found_and_exact_groups_are_no
     noisy = np.clip(images[0] + np.random.default_rng(1).normal(0, 4, images[0].shape), 0, 255).astype(np.uint8)
     assert not np.array_equal(noisy, images[0])  # not byte-identical: prepare's duplicate merge misses it
     # i5: a near-copy of i0 in another group and fold; i6: a copy of i1 inside i1's own group.
-    data = _data(tmp_path, ["a", "b", "c", "d", "e", "f", "b"], [0, 1, 2, 0, 1, 2, 1],
-                 np.concatenate([images, noisy[None], images[1][None]]))
+    data = _data(
+        tmp_path,
+        ["a", "b", "c", "d", "e", "f", "b"],
+        [0, 1, 2, 0, 1, 2, 1],
+        np.concatenate([images, noisy[None], images[1][None]]),
+    )
     pairs = near_duplicate_pairs(data.index, perceptual_hashes(data.images), max_distance=4)
     assert pairs[["id_a", "id_b", "group_a", "group_b", "crosses_folds"]].values.tolist() == [
-        ["i0", "i5", "a", "f", True]]
+        ["i0", "i5", "a", "f", True]
+    ]
     assert pairs["distance"].iat[0] <= 4
 
 
@@ -53,7 +59,8 @@ def _write_prepared(folder: Path, data: PreparedData) -> None:
 
 @pytest.mark.parametrize("copy_fold, status", [(1, 1), (-1, 1), (0, 0)])
 def test_the_command_exits_1_where_a_pair_is_split_between_folds_and_writes_the_pairs(
-        tmp_path: Path, capsys, copy_fold: int, status: int) -> None:
+    tmp_path: Path, capsys, copy_fold: int, status: int
+) -> None:
     images = _surfaces(3)
     # d is a byte-identical copy of a in a group of its own: in another fold, training only, or a's fold.
     data = _data(tmp_path, ["a", "b", "c", "d"], [0, 1, 2, copy_fold], np.concatenate([images, images[:1]]))
@@ -69,13 +76,20 @@ def test_the_command_exits_1_where_a_pair_is_split_between_folds_and_writes_the_
 @KOLEKTORSDD_PRESENT
 @pytest.mark.realdata
 def test_kolektorsdd_items_38_and_39_are_near_copies_of_each_other(tmp_path: Path) -> None:
-    from pipeline.data.sources import load_kolektorsdd  # noqa: PLC0415
+    from pipeline.data.sources.kolektorsdd import load_kolektorsdd
 
     source = load_kolektorsdd(KOLEKTORSDD)
     chosen = [image for image in source.images if image.group.split("+")[0] in ("kos38", "kos39", "kos12")]
     images = np.stack([cv2.resize(cv2.imread(image.image, cv2.IMREAD_GRAYSCALE), (128, 352)) for image in chosen])
-    index = pd.DataFrame({"id": [i.id for i in chosen], "label": [i.label for i in chosen],
-                          "group": [i.group for i in chosen], "fold": [i.fold for i in chosen], "has_mask": True})
+    index = pd.DataFrame(
+        {
+            "id": [i.id for i in chosen],
+            "label": [i.label for i in chosen],
+            "group": [i.group for i in chosen],
+            "fold": [i.fold for i in chosen],
+            "has_mask": True,
+        }
+    )
     pairs = near_duplicate_pairs(index, perceptual_hashes(torch.from_numpy(images)), max_distance=4)
     assert len(pairs) == 8 and set(pairs["group_a"] + "+" + pairs["group_b"]) == {"kos38+kos39"}
     assert not pairs["crosses_folds"].any()  # the default folds keep them together, by chance

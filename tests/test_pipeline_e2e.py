@@ -84,8 +84,10 @@ def test_every_output_exists_and_metrics_are_in_range(project: Path) -> None:
 @pytest.mark.slow
 def test_dvc_plots_show_draws_each_plot_once(project: Path) -> None:
     plots = json.loads(dvc(project, "plots", "show", "--json"))["data"]
-    top_level = [next(iter(item)) if isinstance(item, dict) else item
-                 for item in yaml.safe_load((project / "dvc.yaml").read_text())["plots"]]
+    top_level = [
+        next(iter(item)) if isinstance(item, dict) else item
+        for item in yaml.safe_load((project / "dvc.yaml").read_text())["plots"]
+    ]
     assert sorted(plots) == sorted(top_level)  # no second, per-file plot of the same data
     assert [len(drawn) for drawn in plots.values()] == [1] * len(plots)
     vega = [drawn[0] for drawn in plots.values() if drawn[0]["type"] == "vega"]
@@ -116,8 +118,10 @@ def test_mlflow_holds_one_run_per_stage_and_both_registered_models(project: Path
         assert run.data.tags["git_commit"] != "unknown"
     computed = {stage: run.data.tags.get("compute.precision") for stage, (run,) in by_stage.items()}
     resolved = resolve_precision("auto", torch.device("cpu")).name  # the shrunk config asks for auto
-    assert computed == {**{stage: None for stage in STAGES}, **{stage: resolved for stage in (
-        "train_baseline", "saliency", "train_guided", "evaluate", "release")}}
+    assert computed == {
+        **{stage: None for stage in STAGES},
+        **{stage: resolved for stage in ("train_baseline", "saliency", "train_guided", "evaluate", "release")},
+    }
     # One `dvc repro` is one pipeline run: all stages share its id.
     assert len({run.data.tags["pipeline_run"] for run in runs}) == 1
     evaluation = by_stage["evaluate"][0]
@@ -125,8 +129,14 @@ def test_mlflow_holds_one_run_per_stage_and_both_registered_models(project: Path
     assert "fold0/test_ap" in by_stage["train_baseline"][0].data.metrics
     assert {"baseline.ap", "guided.ap", "localization.pseudo_mask_iou"} <= set(evaluation.data.metrics)
     artifacts = {item.path for item in client.list_artifacts(evaluation.info.run_id)}
-    assert {"results.md", "report.html", "pr_curves.png", "overlays.png", "training_baseline.png",
-            "training_guided.png"} <= artifacts
+    assert {
+        "results.md",
+        "report.html",
+        "pr_curves.png",
+        "overlays.png",
+        "training_baseline.png",
+        "training_guided.png",
+    } <= artifacts
     names = {model.name for model in client.search_registered_models()}
     assert {"synthetic-baseline", "synthetic-guided"} <= names
 
@@ -170,8 +180,17 @@ def test_sweep_runs_each_point_as_an_experiment_saves_it_and_plots_ap_against_th
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("knowledge-guided")
     releases = len(client.search_runs([experiment.experiment_id], "tags.stage = 'release'"))
-    command = [sys.executable, "-m", "pipeline.experiments.sweep", "run", "pseudo_labels.true_masks", "0,all",
-               "--out", "sweep"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "sweep",
+        "run",
+        "pseudo_labels.true_masks",
+        "0,all",
+        "--out",
+        "sweep",
+    ]
     result = subprocess.run(command, cwd=project, env=project_env(project), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     # A point runs up to the evaluation, never the release (which no summary reads).

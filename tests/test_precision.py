@@ -70,7 +70,7 @@ def test_the_fast_path_trains_the_same_model_twice_and_saves_the_contiguous_layo
     weights = _weights(first)
     assert all(torch.equal(value, second.state_dict()[key]) for key, value in weights.items())
     assert all(value.is_contiguous() for value in weights.values())  # saved as the fp32 path saves
-    fp32, _, fp32_history = train(data, 0, ModelParams(device="cpu", precision="fp32"), params)
+    _fp32, _, fp32_history = train(data, 0, ModelParams(device="cpu", precision="fp32"), params)
     assert fp32_history[0]["loss"] != first_history[0]["loss"]  # the fast path was taken
     assert fp32_history[0]["loss"] == pytest.approx(first_history[0]["loss"], rel=0.05)
 
@@ -84,8 +84,7 @@ def trained_resnet() -> tuple[torch.nn.Module, torch.Tensor, np.ndarray]:
     optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     for _ in range(60):
         images, _, labels = _synthetic_batch(rng, 16, 48)
-        loss = F.binary_cross_entropy_with_logits(model(torch.from_numpy(images)).squeeze(-1),
-                                                  torch.from_numpy(labels))
+        loss = F.binary_cross_entropy_with_logits(model(torch.from_numpy(images)).squeeze(-1), torch.from_numpy(labels))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -110,8 +109,10 @@ def test_fast_path_saliency_maps_agree_with_fp32_within_the_tolerance(trained_re
     assert difference.mean() <= MEAN_DIFFERENCE, f"{method}: mean |bf16 - fp32| per map {difference.mean():.4f}"
     assert difference.max() > 0  # the fast path was taken
     ious = np.array([_iou(otsu_mask(a), otsu_mask(b)) for a, b in zip(reference.maps.numpy(), fast.maps.numpy())])
-    print(f"{method}: Otsu mask IoU between the paths: {np.mean(ious >= LEAST_MASK_IOU):.0%} of images >= "
-          f"{LEAST_MASK_IOU}, lowest {ious.min():.3f}")
+    print(
+        f"{method}: Otsu mask IoU between the paths: {np.mean(ious >= LEAST_MASK_IOU):.0%} of images >= "
+        f"{LEAST_MASK_IOU}, lowest {ious.min():.3f}"
+    )
     assert np.mean(ious >= LEAST_MASK_IOU) >= LEAST_SHARE, f"{method}: Otsu mask IoUs between the paths {ious.round(3)}"
 
 
@@ -132,8 +133,20 @@ def test_a_method_outside_the_tolerance_runs_in_fp32_on_the_fast_path(trained_re
 
 
 def test_the_speed_benchmark_prints_each_paths_rate_and_the_ratios() -> None:
-    command = [sys.executable, str(ROOT / "benchmarks/training_speed.py"), "--sizes", "32x32", "--rounds", "1",
-               "--batch", "2", "--threads", "1", "--device", "cpu"]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks/training_speed.py"),
+        "--sizes",
+        "32x32",
+        "--rounds",
+        "1",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = [json.loads(line) for line in result.stdout.splitlines()]

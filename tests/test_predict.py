@@ -18,7 +18,7 @@ from pipeline.deployment.predict import ModelError, decision_threshold, load_any
 from pipeline.knowledge.saliency import create_saliency, saliency_maps
 from pipeline.models.files import load_model
 from pipeline.models.inference import predict
-from pipeline.training.loop import register_models
+from pipeline.training.stage import register_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,8 +35,9 @@ def folder(tiny, tmp_path: Path) -> Path:
     return folder
 
 
-def test_folder_scores_images_and_reports_a_non_image_without_stopping(tiny, folder: Path, tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture) -> None:
+def test_folder_scores_images_and_reports_a_non_image_without_stopping(
+    tiny, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     paths, images = tiny
     out = tmp_path / "out"
     table = main(["--model", str(paths["consistency"]), str(folder), "--out", str(out), "--batch-size", "2"])
@@ -87,8 +88,17 @@ def test_teacher_variant_needs_the_baseline_and_uses_its_saliency(tiny, folder: 
         main(["--model", str(paths["teacher"]), str(folder), "--out", str(tmp_path / "out")])
     with pytest.raises(ModelError, match="must be a baseline"):
         main(["--model", str(paths["teacher"]), "--teacher", str(paths["consistency"]), str(folder)])
-    table = main(["--model", str(paths["teacher"]), "--teacher", str(paths["baseline"]), str(folder / "img0.png"),
-                  "--out", str(tmp_path / "out")])
+    table = main(
+        [
+            "--model",
+            str(paths["teacher"]),
+            "--teacher",
+            str(paths["baseline"]),
+            str(folder / "img0.png"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     baseline, baseline_config = load_model(paths["baseline"])
     priors = torch.from_numpy(saliency_maps(create_saliency("layercam", baseline), baseline_config, images[:1])[0])
     guided, config = load_model(paths["teacher"])
@@ -96,11 +106,12 @@ def test_teacher_variant_needs_the_baseline_and_uses_its_saliency(tiny, folder: 
 
 
 @pytest.mark.slow  # logging a model exports its graph: about 10 s
-def test_registered_model_by_name_with_the_threshold_of_its_evaluate_run(tiny, folder: Path, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registered_model_by_name_with_the_threshold_of_its_evaluate_run(
+    tiny, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipeline.core.tracking import stage_run
 
-    paths, images = tiny
+    paths, _images = tiny
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "predict-test")
     stage_out = tmp_path / "guided"
@@ -137,12 +148,19 @@ def test_wrong_kinds_of_model_file_are_refused_naming_the_file(tiny, tmp_path: P
     torch.save(torch.nn.Linear(2, 1), pickled)
     wrong_weights = tmp_path / "mismatch.pt"
     checkpoint = torch.load(paths["teacher"], weights_only=True)
-    torch.save({"config": torch.load(paths["baseline"], weights_only=True)["config"],
-                "state_dict": checkpoint["state_dict"]}, wrong_weights)
-    for path, why in ((text, "not a PyTorch file"), (tensor, "holds a Tensor"),
-                      (weights_only, "holds a dict with keys"), (pickled, "cannot be loaded"),
-                      (wrong_weights, "weights do not fit"),
-                      (tmp_path / "missing.pt", "not found"), (tmp_path, "is a folder")):
+    torch.save(
+        {"config": torch.load(paths["baseline"], weights_only=True)["config"], "state_dict": checkpoint["state_dict"]},
+        wrong_weights,
+    )
+    for path, why in (
+        (text, "not a PyTorch file"),
+        (tensor, "holds a Tensor"),
+        (weights_only, "holds a dict with keys"),
+        (pickled, "cannot be loaded"),
+        (wrong_weights, "weights do not fit"),
+        (tmp_path / "missing.pt", "not found"),
+        (tmp_path, "is a folder"),
+    ):
         with pytest.raises(ModelError, match="expected a model file") as error:
             load_any(str(path))
         assert str(path) in str(error.value) and why in str(error.value)
@@ -152,8 +170,13 @@ def test_command_line_reports_a_wrong_model_in_one_line(tmp_path: Path) -> None:
     text = tmp_path / "model.pt"
     text.write_text("not a model")
     (tmp_path / "a.png").write_bytes(b"")
-    result = subprocess.run([sys.executable, "-m", "pipeline.deployment.predict", "--model", str(text), str(tmp_path / "a.png")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "predict", "--model", str(text), str(tmp_path / "a.png")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1
     assert f"error: {text} is not a PyTorch file" in result.stderr and "Traceback" not in result.stderr
 

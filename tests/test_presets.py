@@ -37,8 +37,11 @@ def test_paper_presets_hold_the_papers_setting() -> None:
         assert preset["model"]["backbone"] == "vgg16"
         assert (preset["prepare"]["width"], preset["prepare"]["height"]) == (width, height)
         for stage in ("train_baseline", "train_guided"):
-            assert {k: preset[stage][k] for k in ("lr", "momentum", "batch_size")} == \
-                {"lr": 5e-4, "momentum": 0.9, "batch_size": 4}
+            assert {k: preset[stage][k] for k in ("lr", "momentum", "batch_size")} == {
+                "lr": 5e-4,
+                "momentum": 0.9,
+                "batch_size": 4,
+            }
 
 
 def test_apply_keeps_comments_and_other_values(params: Path) -> None:

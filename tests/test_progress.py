@@ -33,8 +33,14 @@ def _in_terminal(command: list[str]) -> str:
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     # tqdm redraws at most every 0.1 s and a transient bar (an epoch's batches) is cleared without
     # drawing its last state: on a fast machine a short loop would show no rate at all. Draw every step.
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
-                               env={**_environment(), "TQDM_MININTERVAL": "0"}, cwd=ROOT)
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+        env={**_environment(), "TQDM_MININTERVAL": "0"},
+        cwd=ROOT,
+    )
     os.close(follower)
     chunks = []
     while True:
@@ -67,8 +73,13 @@ def test_without_a_terminal_the_log_holds_one_line_per_epoch_and_no_bar(tmp_path
 def test_in_a_terminal_each_loop_shows_a_bar_with_rate_and_time_left(tmp_path):
     output = _in_terminal([*WORKER, str(tmp_path)])
     assert "\r" in output
-    for name, n, total, unit in (("fold 0", 3, 3, "epoch"), ("fold 1", 3, 3, "epoch"), ("epoch 3", 3, 3, "batch"),
-                                 ("saliency fold 0", 4, 4, "batch"), ("predict", 4, 4, "file")):
+    for name, n, total, unit in (
+        ("fold 0", 3, 3, "epoch"),
+        ("fold 1", 3, 3, "epoch"),
+        ("epoch 3", 3, 3, "batch"),
+        ("saliency fold 0", 4, 4, "batch"),
+        ("predict", 4, 4, "file"),
+    ):
         assert re.search(re.escape(name) + r":.*" + BAR.format(n=n, total=total, unit=unit), output), name
     # The per-epoch line stays whole: the bar is cleared for it and drawn again below.
     lines = [line.rsplit("\r", 1)[-1] for line in output.replace("\r\n", "\n").split("\n")]

@@ -46,8 +46,11 @@ def test_the_top_level_seed_sets_the_four_derived_seeds_unless_one_is_set_on_its
 
 def test_the_projects_params_derive_todays_seeds_zero() -> None:
     params = ROOT / "params.yaml"
-    seeds = [load_section("prepare", params).subset_seed, load_section("prepare", params).seed,
-             *(load_section(name, params).seed for name in ("train_baseline", "train_guided", "pseudo_labels"))]
+    seeds = [
+        load_section("prepare", params).subset_seed,
+        load_section("prepare", params).seed,
+        *(load_section(name, params).seed for name in ("train_baseline", "train_guided", "pseudo_labels")),
+    ]
     assert seeds == [0] * 5
     assert yaml.safe_load(params.read_text())["seed"] == 0
 
@@ -62,8 +65,11 @@ def test_every_stage_using_a_derived_seed_declares_the_seed_param() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     declaring = {name for name, stage in stages.items() if "seed" in stage["params"]}
     # A stage reading a section whose seed derives from the run's (release trains both models).
-    seeded = {name for name, stage in stages.items()
-              if any(str(param).split(".")[0] in DERIVED_SEEDS for param in stage["params"])}
+    seeded = {
+        name
+        for name, stage in stages.items()
+        if any(str(param).split(".")[0] in DERIVED_SEEDS for param in stage["params"])
+    }
     assert declaring == seeded and {"prepare", "train_baseline", "pseudo_labels", "train_guided"} <= seeded
 
 
@@ -71,7 +77,8 @@ def test_every_stage_using_a_derived_seed_declares_the_seed_param() -> None:
 
 
 def test_a_queued_copy_finds_the_project_root_its_store_and_its_relative_data(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tmp_path / "project"
     copy = root / ".dvc" / "tmp" / "exps" / "tmpab12cd"
     copy.mkdir(parents=True)
@@ -121,15 +128,25 @@ def test_concurrent_writers_on_a_fresh_sqlite_store_lose_no_run_and_hit_no_lock(
     # A fresh store is where MLflow races itself (tables, the experiment); then the writes contend.
     writers, runs = 3, 3
     env = {**project_env(tmp_path), "PYTHONPATH": str(ROOT), "PIPELINE_RUN_ID": "stress"}
-    started = [subprocess.Popen([sys.executable, "-c", WRITER, str(k), str(runs)], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in range(writers)]
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(k), str(runs)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for k in range(writers)
+    ]
     outputs = [process.communicate(timeout=600)[0] for process in started]
     assert [process.returncode for process in started] == [0] * writers, "\n".join(outputs)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     found = client.search_runs([client.get_experiment_by_name("knowledge-guided").experiment_id])
     assert len(found) == writers * runs and {run.info.status for run in found} == {"FINISHED"}
     assert sorted((run.data.params["writer.id"], run.data.params["writer.k"]) for run in found) == sorted(
-        (str(w), str(k)) for w in range(writers) for k in range(runs))
+        (str(w), str(k)) for w in range(writers) for k in range(runs)
+    )
     assert all(len(run.data.metrics) == 1 for run in found)
     versions = client.search_model_versions("name = 'shared'")
     assert sorted(int(v.version) for v in versions) == list(range(1, writers * runs + 1))
@@ -171,12 +188,25 @@ def queued(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder_data_set(base / "images")
     project = make_shrunk_project(base / "project")
     dvc(project, "exp", "run", "--queue", "-n", "seed-one", "-S", "seed=1")
-    dvc(project, "exp", "run", "--queue", "-n", "folder-data", "-S", "prepare.dataset=folder",
-        "-S", "prepare.path=../images")
+    dvc(
+        project,
+        "exp",
+        "run",
+        "--queue",
+        "-n",
+        "folder-data",
+        "-S",
+        "prepare.dataset=folder",
+        "-S",
+        "prepare.path=../images",
+    )
     dvc(project, "queue", "start", "-j", "2")
     states = wait_for_queue(project, ["seed-one", "folder-data"])
     assert {states[name][0] for name in ("seed-one", "folder-data")} == {"success"}, (
-        states, dvc(project, "queue", "logs", "folder-data"), dvc(project, "queue", "logs", "seed-one"))
+        states,
+        dvc(project, "queue", "logs", "folder-data"),
+        dvc(project, "queue", "logs", "seed-one"),
+    )
     return project
 
 
@@ -226,15 +256,42 @@ def test_a_seed_grid_queues_exactly_the_runs_it_names(tmp_path: Path) -> None:
     assert sorted(params["seed"] for params in queued) == [0, 1, 2]
     # Each queued run leaves the four derived seeds to follow its seed.
     for params in queued:
-        assert [params[s].get(k) for s, k in (("prepare", "subset_seed"), ("train_baseline", "seed"),
-                                              ("train_guided", "seed"), ("pseudo_labels", "seed"))] == [None] * 4
+        assert [
+            params[s].get(k)
+            for s, k in (
+                ("prepare", "subset_seed"),
+                ("train_baseline", "seed"),
+                ("train_guided", "seed"),
+                ("pseudo_labels", "seed"),
+            )
+        ] == [None] * 4
 
 
 def sweep(project: Path, values: str, **popen: object) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pipeline.experiments.sweep", "run", "evaluate.threshold", values, "--seeds", "1",
-               "--out", "sweep", "-j", "2"]
-    return subprocess.Popen(command, cwd=project, env=project_env(project), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "sweep",
+        "run",
+        "evaluate.threshold",
+        values,
+        "--seeds",
+        "1",
+        "--out",
+        "sweep",
+        "-j",
+        "2",
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=project,
+        env=project_env(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 @pytest.mark.slow
@@ -251,10 +308,14 @@ def test_an_interrupted_sweep_resumes_without_running_a_point_twice(queued: Path
     output = again.communicate(timeout=1200)[0]
     assert again.returncode == 0, output
     assert "threshold-0.3-seed1: queued\n" not in output and "threshold-0.7-seed1: queued\n" in output
-    assert sorted(p.name for p in (queued / "sweep" / "runs").iterdir()) == ["threshold-0.3-seed1",
-                                                                             "threshold-0.7-seed1"]
-    evaluations = {name: [r for r in runs if r.data.tags["stage"] == "evaluate"]
-                   for name, runs in runs_by_experiment(queued).items()}
+    assert sorted(p.name for p in (queued / "sweep" / "runs").iterdir()) == [
+        "threshold-0.3-seed1",
+        "threshold-0.7-seed1",
+    ]
+    evaluations = {
+        name: [r for r in runs if r.data.tags["stage"] == "evaluate"]
+        for name, runs in runs_by_experiment(queued).items()
+    }
     assert len(evaluations["threshold-0.3-seed1"]) == 1 and len(evaluations["threshold-0.7-seed1"]) == 1
     assert "train_baseline" not in {r.data.tags["stage"] for r in runs_by_experiment(queued)["threshold-0.7-seed1"]}
     third = sweep(queued, "0.3,0.7")

@@ -15,8 +15,8 @@ from pipeline.config import ConfigError, parse_section
 from pipeline.core.errors import InputError
 from pipeline.deployment.predict import LoadedModel, decision_threshold
 from pipeline.deployment.release import FOLD, candidate_version, gate_figures
-from pipeline.metrics.classification import (
-    MetricsError,
+from pipeline.metrics.classification import MetricsError
+from pipeline.metrics.operating_points import (
     OperatingPoint,
     UnreachableOperatingPoint,
     gate_failures,
@@ -31,13 +31,16 @@ LABELS = np.array([1, 1, 1, 0, 0, 0, 0, 0])
 SCORES = np.array([0.9, 0.6, 0.4, 0.1, 0.2, 0.3, 0.5, 0.7])
 
 
-@pytest.mark.parametrize(("point", "threshold"), [
-    (OperatingPoint("zero_misses"), 0.4),  # the lowest defect: 0.5 and 0.7 are false alarms there
-    (OperatingPoint("max_false_alarm_rate", 0.2), 0.6),  # 0.4 flags 2 of 5 defect-free, 0.6 only 0.7
-    (OperatingPoint("max_false_alarm_rate", 0.0), 0.9),
-    (OperatingPoint("min_precision", 0.6), 0.4),  # 3 of 5 flagged are defects
-    (OperatingPoint("min_precision", 0.75), 0.9),  # 0.6 reaches 2 of 3 only
-])
+@pytest.mark.parametrize(
+    ("point", "threshold"),
+    [
+        (OperatingPoint("zero_misses"), 0.4),  # the lowest defect: 0.5 and 0.7 are false alarms there
+        (OperatingPoint("max_false_alarm_rate", 0.2), 0.6),  # 0.4 flags 2 of 5 defect-free, 0.6 only 0.7
+        (OperatingPoint("max_false_alarm_rate", 0.0), 0.9),
+        (OperatingPoint("min_precision", 0.6), 0.4),  # 3 of 5 flagged are defects
+        (OperatingPoint("min_precision", 0.75), 0.9),  # 0.6 reaches 2 of 3 only
+    ],
+)
 def test_each_operating_point_on_hand_made_scores(point: OperatingPoint, threshold: float) -> None:
     assert operating_threshold(LABELS, SCORES, point) == threshold
 
@@ -49,20 +52,25 @@ def test_rates_at_a_threshold_count_ties_as_flagged() -> None:
     assert operating_threshold(np.array([1, 0]), np.array([0.5, 0.5]), OperatingPoint("zero_misses")) == 0.5
 
 
-@pytest.mark.parametrize(("point", "closest"), [
-    (OperatingPoint("max_false_alarm_rate", 0.0), "the closest is false_alarm_rate 0.1667 at threshold 0.9"),
-    (OperatingPoint("min_precision", 0.9), "the closest is precision 0.5000 at threshold 0.4"),
-])
-def test_an_operating_point_no_threshold_meets_is_refused_naming_the_closest(point: OperatingPoint,
-                                                                             closest: str) -> None:
+@pytest.mark.parametrize(
+    ("point", "closest"),
+    [
+        (OperatingPoint("max_false_alarm_rate", 0.0), "the closest is false_alarm_rate 0.1667 at threshold 0.9"),
+        (OperatingPoint("min_precision", 0.9), "the closest is precision 0.5000 at threshold 0.4"),
+    ],
+)
+def test_an_operating_point_no_threshold_meets_is_refused_naming_the_closest(
+    point: OperatingPoint, closest: str
+) -> None:
     scores = np.append(SCORES, 0.95)  # a defect-free image above every defect
     with pytest.raises(UnreachableOperatingPoint, match=closest):
         operating_threshold(np.append(LABELS, 0), scores, point)
 
 
 def test_summary_gives_the_pooled_threshold_and_each_folds_rates_there() -> None:
-    frame = pd.DataFrame({"fold": [0, 0, 0, 1, 1, 1, 1], "label": [1, 0, 0, 1, 1, 0, 0],
-                          "score": [0.9, 0.5, 0.1, 0.4, 0.8, 0.3, 0.2]})
+    frame = pd.DataFrame(
+        {"fold": [0, 0, 0, 1, 1, 1, 1], "label": [1, 0, 0, 1, 1, 0, 0], "score": [0.9, 0.5, 0.1, 0.4, 0.8, 0.3, 0.2]}
+    )
     summary = operating_point_summary(frame, OperatingPoint("zero_misses"))
     assert summary["threshold"] == 0.4 and summary["operating_point"] == "zero_misses"
     assert summary["false_alarm_rate"] == 0.25 and summary["miss_rate"] == 0.0
@@ -73,29 +81,40 @@ def test_summary_gives_the_pooled_threshold_and_each_folds_rates_there() -> None
 
 
 def test_release_params_validate_the_operating_point_and_the_gate() -> None:
-    release = parse_section("release", {"operating_point": {"max_false_alarm_rate": 0.1},
-                                        "gate": {"guided.ap": ">= 0.9", "operating_point.miss_rate": "<0.01"}})
+    release = parse_section(
+        "release",
+        {
+            "operating_point": {"max_false_alarm_rate": 0.1},
+            "gate": {"guided.ap": ">= 0.9", "operating_point.miss_rate": "<0.01"},
+        },
+    )
     assert release.point == OperatingPoint("max_false_alarm_rate", 0.1) and release.model == "guided"
     assert parse_section("release", {}).point == OperatingPoint("zero_misses")
-    for bad, message in [({"operating_point": "few_misses"}, "unknown operating point 'few_misses'"),
-                         ({"operating_point": {"min_precision": 1.5}}, r"needs a value in \[0.0, 1.0\]"),
-                         ({"operating_point": {"zero_misses": 1}}, "takes no value"),
-                         ({"operating_point": {"min_precision": 0.9, "max_false_alarm_rate": 0.1}}, "one key"),
-                         ({"gate": {"guided.ap": "at least 0.9"}}, "gate 'guided.ap'.*e.g. '>= 0.9'"),
-                         ({"model": "teacher"}, "release.model")]:
+    for bad, message in [
+        ({"operating_point": "few_misses"}, "unknown operating point 'few_misses'"),
+        ({"operating_point": {"min_precision": 1.5}}, r"needs a value in \[0.0, 1.0\]"),
+        ({"operating_point": {"zero_misses": 1}}, "takes no value"),
+        ({"operating_point": {"min_precision": 0.9, "max_false_alarm_rate": 0.1}}, "one key"),
+        ({"gate": {"guided.ap": "at least 0.9"}}, "gate 'guided.ap'.*e.g. '>= 0.9'"),
+        ({"model": "teacher"}, "release.model"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             parse_section("release", bad)
 
 
 def test_gate_passes_refuses_with_the_reason_and_refuses_an_unknown_metric() -> None:
     evaluation = {"guided": {"ap": 0.93, "false_alarms_at_full_recall": 4.0}, "data": {"test_images": 40}}
-    figures = gate_figures(evaluation, {"operating_point": "zero_misses", "false_alarm_rate": 0.1,
-                                        "per_fold": {"fold0": {"false_alarm_rate": 0.1}}})
+    figures = gate_figures(
+        evaluation,
+        {"operating_point": "zero_misses", "false_alarm_rate": 0.1, "per_fold": {"fold0": {"false_alarm_rate": 0.1}}},
+    )
     assert figures["guided.ap"] == 0.93 and figures["operating_point.false_alarm_rate"] == 0.1
     assert "operating_point.per_fold.fold0.false_alarm_rate" not in figures
     assert gate_failures(figures, {"guided.ap": ">= 0.9", "operating_point.false_alarm_rate": "<= 0.1"}, "x") == []
     assert gate_failures(figures, {"guided.ap": ">= 0.95", "guided.false_alarms_at_full_recall": "< 4"}, "x") == [
-        "guided.ap = 0.93, needs >= 0.95", "guided.false_alarms_at_full_recall = 4, needs < 4"]
+        "guided.ap = 0.93, needs >= 0.95",
+        "guided.false_alarms_at_full_recall = 4, needs < 4",
+    ]
     with pytest.raises(MetricsError, match=r"'guided.aps' \(closest: guided.ap"):
         gate_failures(figures, {"guided.aps": ">= 0.9"}, "evaluate.json")
 
@@ -133,7 +152,11 @@ def test_predict_reads_a_versions_threshold_tag_before_its_fallbacks() -> None:
         return LoadedModel(None, {"kind": "guided"}, "models:/x-guided/4", tags=tags)
 
     threshold, origin = decision_threshold(loaded({"threshold": "0.3125", "operating_point": "zero_misses"}))
-    assert threshold == 0.3125 and origin.startswith("tag threshold of models:/") and origin.endswith("(operating point zero_misses)")
+    assert (
+        threshold == 0.3125
+        and origin.startswith("tag threshold of models:/")
+        and origin.endswith("(operating point zero_misses)")
+    )
     assert decision_threshold(loaded({"threshold": "0.3125"}), 0.7) == (0.7, "--threshold")
     threshold, origin = decision_threshold(loaded({"role": "fold"}))
     assert threshold == 0.5 and "no threshold tag" in origin

@@ -34,8 +34,9 @@ def client(project: Path):
 
 
 def python(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=project, env=project_env(project), capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], cwd=project, env=project_env(project), capture_output=True, text=True, timeout=600
+    )
 
 
 def set_gate(project: Path, gate: dict[str, str]) -> None:
@@ -46,7 +47,7 @@ def set_gate(project: Path, gate: dict[str, str]) -> None:
 
 @pytest.mark.slow
 def test_release_writes_its_models_and_the_operating_point_of_the_out_of_fold_scores(project: Path) -> None:
-    from pipeline.metrics.classification import OperatingPoint, operating_threshold
+    from pipeline.metrics.operating_points import OperatingPoint, operating_threshold
 
     release = project / "data/release"
     assert {"baseline.pt", "guided.pt", "operating_point.json", "run.json"} <= {p.name for p in release.iterdir()}
@@ -80,16 +81,16 @@ def test_release_is_its_own_version_tagged_with_its_threshold_and_alias_candidat
 @pytest.mark.slow
 def test_gate_refuses_with_its_reason_and_an_unknown_metric_then_promotes(project: Path) -> None:
     set_gate(project, {"guided.ap": ">= 1.5"})
-    refused = python(project, "-m", "pipeline.deployment.release", "promote")
+    refused = python(project, "-m", "pipeline.cli", "promote")
     assert refused.returncode == 1
     assert "stays candidate" in refused.stderr and "guided.ap = " in refused.stderr and ">= 1.5" in refused.stderr
     set_gate(project, {"guided.aq": ">= 0.5"})
-    unknown = python(project, "-m", "pipeline.deployment.release", "promote")
+    unknown = python(project, "-m", "pipeline.cli", "promote")
     assert unknown.returncode == 1 and "'guided.aq' (closest: guided.ap" in unknown.stderr
-    missing = python(project, "-m", "pipeline.deployment.release", "promote", "--name", "synthetic-baseline")
+    missing = python(project, "-m", "pipeline.cli", "promote", "--name", "synthetic-baseline")
     assert missing.returncode == 1 and "no version of 'synthetic-baseline' has the alias 'candidate'" in missing.stderr
     set_gate(project, {"guided.ap": ">= 0", "operating_point.miss_rate": "<= 0"})
-    promoted = python(project, "-m", "pipeline.deployment.release", "promote")
+    promoted = python(project, "-m", "pipeline.cli", "promote")
     assert promoted.returncode == 0, promoted.stderr
     assert "promoted to champion" in promoted.stdout
     assert client(project).get_model_version_by_alias(NAME, "champion").tags["role"] == "release"
@@ -103,10 +104,21 @@ def test_predict_with_the_champion_uses_the_carried_threshold(project: Path) -> 
         pytest.skip("needs the promotion of the test before")
     point = json.loads((project / "data/release/operating_point.json").read_text())
     images = project / "data/prepared/images"
-    result = python(project, "-m", "pipeline.deployment.predict", "--model", f"models:/{NAME}@champion",
-                    str(images), "--out", "champion")
+    result = python(
+        project,
+        "-m",
+        "pipeline.cli",
+        "predict",
+        "--model",
+        f"models:/{NAME}@champion",
+        str(images),
+        "--out",
+        "champion",
+    )
     assert result.returncode == 0, result.stderr
-    assert "(operating point zero_misses)" in result.stderr and "tag threshold of models:/" in result.stderr  # where predict says which applied
+    assert (
+        "(operating point zero_misses)" in result.stderr and "tag threshold of models:/" in result.stderr
+    )  # where predict says which applied
     table = pd.read_csv(project / "champion/predictions.csv")
     assert (table["threshold"] == point["threshold"]).all()
     index = pd.read_csv(project / "data/prepared/index.csv")

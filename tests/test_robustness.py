@@ -52,26 +52,26 @@ from pipeline.core.artifacts import (
     read_json,
     save_torch,
 )
+from pipeline.core.errors import DataError
 from pipeline.core.tracking import (
     FAST_CHECK,
     TrackingError,
     connect,
     environment_defaults,
 )
-from pipeline.data import sources as datasets
+from pipeline.data import images
+from pipeline.data.images import read_gray
 from pipeline.data.prepared import PreparedData
-from pipeline.data.sources import DataError, read_gray
 from pipeline.models.files import save_model
 from pipeline.training import loop as training
 from pipeline.training.loop import (
     TrainingDiverged,
     _resumable_state,
     learning_rate,
-    summarize,
     train,
-    train_folds,
 )
 from pipeline.training.objectives import Objective
+from pipeline.training.stage import fingerprint_of, summarize, train_folds
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 MODEL = ModelParams(device="cpu")
@@ -117,10 +117,17 @@ def test_same_seed_gives_identical_metrics_and_weights(data: PreparedData, refer
     assert without_timings(other_seed) != without_timings(history)
 
 
-@pytest.mark.parametrize("is_guided, update", [
-    (False, {}), (True, {}), (False, {"lr_schedule": "cosine"}), (True, {"ema_epochs": 1.0, "warmup_epochs": 1.5}),
-    (False, {"sampling": "undersample", "hard_negatives": 0.5})],
-    ids=["baseline", "guided", "baseline-cosine-lr", "guided-ema-warmup", "baseline-hard-negatives"])
+@pytest.mark.parametrize(
+    "is_guided, update",
+    [
+        (False, {}),
+        (True, {}),
+        (False, {"lr_schedule": "cosine"}),
+        (True, {"ema_epochs": 1.0, "warmup_epochs": 1.5}),
+        (False, {"sampling": "undersample", "hard_negatives": 0.5}),
+    ],
+    ids=["baseline", "guided", "baseline-cosine-lr", "guided-ema-warmup", "baseline-hard-negatives"],
+)
 def test_run_interrupted_mid_training_resumes_to_the_uninterrupted_result(
     is_guided: bool, update: dict, data: PreparedData, reference, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -153,7 +160,8 @@ def test_run_interrupted_mid_training_resumes_to_the_uninterrupted_result(
 def test_cosine_learning_rate_decays_to_zero_batch_by_batch_and_changes_training(data: PreparedData, reference) -> None:
     cosine = PARAMS.model_copy(update={"epochs": 4, "lr": 0.2, "lr_schedule": "cosine"})
     assert [learning_rate(t, cosine) for t in (0, 1, 2, 3, 3.5, 4)] == pytest.approx(
-        [0.2, 0.2 * (1 + 2 ** -0.5) / 2, 0.1, 0.2 * (1 - 2 ** -0.5) / 2, 0.2 * (1 - np.cos(np.pi / 8)) / 2, 0.0])
+        [0.2, 0.2 * (1 + 2**-0.5) / 2, 0.1, 0.2 * (1 - 2**-0.5) / 2, 0.2 * (1 - np.cos(np.pi / 8)) / 2, 0.0]
+    )
     assert [learning_rate(t, PARAMS) for t in (0, 1.5, 3)] == [PARAMS.lr] * 3
     model, _, history = train(data, 0, MODEL, PARAMS.model_copy(update={"lr_schedule": "cosine"}))
     assert [record["lr"] for record in history] == pytest.approx([PARAMS.lr, PARAMS.lr * 0.75, PARAMS.lr * 0.25])
@@ -194,12 +202,13 @@ def test_warm_up_ramps_the_learning_rate_from_a_tenth_then_follows_the_schedule(
     warm = PARAMS.model_copy(update={"epochs": 4, "lr": 0.2, "warmup_epochs": 2.0})
     assert [learning_rate(t, warm) for t in (0, 1, 1.5, 2, 3.5)] == pytest.approx([0.02, 0.11, 0.155, 0.2, 0.2])
     cosine = warm.model_copy(update={"lr_schedule": "cosine"})
-    assert learning_rate(1, cosine) == pytest.approx(0.55 * 0.2 * (1 + 2 ** -0.5) / 2)
+    assert learning_rate(1, cosine) == pytest.approx(0.55 * 0.2 * (1 + 2**-0.5) / 2)
     assert learning_rate(3, cosine) == pytest.approx(learning_rate(3, cosine.model_copy(update={"warmup_epochs": 0})))
 
 
 def test_monitoring_every_other_epoch_scores_the_test_fold_then_and_at_the_end_and_trains_the_same(
-        data: PreparedData, reference) -> None:
+    data: PreparedData, reference
+) -> None:
     model, _, history = train(data, 0, MODEL, PARAMS.model_copy(update={"monitor_every": 2}))
     aps = [r["test_ap"] for r in history]
     assert np.isnan(aps[0]) and aps[1:] == [r["test_ap"] for r in reference[1]][1:]  # epochs 2 and 3 (the last)
@@ -223,7 +232,9 @@ def test_variance_params_are_validated_with_a_message_naming_them() -> None:
             parse_section(section, values)
 
 
-def test_weight_average_is_the_saved_model_and_is_an_exponential_average_per_step(data: PreparedData, reference) -> None:
+def test_weight_average_is_the_saved_model_and_is_an_exponential_average_per_step(
+    data: PreparedData, reference
+) -> None:
     """With ema_epochs the saved weights are the average, not the last ones: rebuilt here from
     the per-step weights of a plain run with the same seed (the averaging never feeds back)."""
     steps: list[list[torch.Tensor]] = []
@@ -265,11 +276,11 @@ def test_fingerprint_covers_params_inputs_and_training_code(tmp_path: Path) -> N
     inputs = tmp_path / "run.json"
     inputs.write_text("a")
     sections = {"train_baseline": PARAMS}
-    fingerprint = training.fingerprint_of(sections, inputs)
-    assert fingerprint == training.fingerprint_of(sections, inputs)
-    assert fingerprint != training.fingerprint_of({"train_baseline": PARAMS.model_copy(update={"lr": 0.02})}, inputs)
+    fingerprint = fingerprint_of(sections, inputs)
+    assert fingerprint == fingerprint_of(sections, inputs)
+    assert fingerprint != fingerprint_of({"train_baseline": PARAMS.model_copy(update={"lr": 0.02})}, inputs)
     inputs.write_text("b")
-    assert fingerprint != training.fingerprint_of(sections, inputs)
+    assert fingerprint != fingerprint_of(sections, inputs)
 
 
 def test_checkpoints_and_models_load_with_weights_only(data: PreparedData, reference, tmp_path: Path) -> None:
@@ -277,8 +288,7 @@ def test_checkpoints_and_models_load_with_weights_only(data: PreparedData, refer
     train(data, 0, MODEL, PARAMS.model_copy(update={"epochs": 1}), checkpoint=checkpoint)
     torch.load(checkpoint, weights_only=True)
     save_model(tmp_path / "model.pt", reference[0], {"kind": "baseline", "backbone": "resnet18", "in_channels": 1})
-    assert same_weights(torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"],
-                        reference[0].state_dict())
+    assert same_weights(torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"], reference[0].state_dict())
     torch.save({"config": {}, "state_dict": {}, "code": Path("x")}, tmp_path / "pickled.pt")  # arbitrary object
     with pytest.raises(ValueError, match="refusing to load .*pickled.pt"):
         load_torch(tmp_path / "pickled.pt")
@@ -337,8 +347,10 @@ class NoTracking:
 
 @pytest.mark.parametrize(
     ("weights", "call", "message"),
-    [(False, 4, r"fold 0: loss is nan at epoch 2, batch 2; lower the learning rate"),
-     (True, 2, r"fold 0: the weights are not finite after epoch 1; lower the learning rate")],
+    [
+        (False, 4, r"fold 0: loss is nan at epoch 2, batch 2; lower the learning rate"),
+        (True, 2, r"fold 0: the weights are not finite after epoch 1; lower the learning rate"),
+    ],
     ids=["nan-loss", "nan-weights"],
 )
 def test_non_finite_loss_or_weights_stop_training_naming_where_and_write_no_model(
@@ -347,13 +359,14 @@ def test_non_finite_loss_or_weights_stop_training_naming_where_and_write_no_mode
     # 16 training images, 4 defective: undersampled epochs of 8 images, 2 batches of 4.
     params = PARAMS.model_copy(update={"sampling": "undersample"})
     build = training.build_model
-    monkeypatch.setattr(training, "build_model",
-                        lambda config, **kwargs: BreakAtTrainingCall(build(config, **kwargs), call, weights))
+    monkeypatch.setattr(
+        training, "build_model", lambda config, **kwargs: BreakAtTrainingCall(build(config, **kwargs), call, weights)
+    )
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(TrainingDiverged, match=message):
-        with output_dir(tmp_path / "baseline") as out:
-            train_folds(data, MODEL, params, lambda data, fold: Objective(), tmp_path / "checkpoints",
-                        run=NoTracking(), out=out)
+    with pytest.raises(TrainingDiverged, match=message), output_dir(tmp_path / "baseline") as out:
+        train_folds(
+            data, MODEL, params, lambda data, fold: Objective(), tmp_path / "checkpoints", run=NoTracking(), out=out
+        )
     assert not (tmp_path / "baseline").exists()
     assert leftovers(tmp_path) == []
 
@@ -365,8 +378,10 @@ def test_non_finite_loss_or_weights_stop_training_naming_where_and_write_no_mode
     ("params_text", "expected"),
     [
         ("trian_baseline: {epochs: 2}", ["unknown section(s) trian_baseline", "allowed: prepare, model"]),
-        ("prepare: {synthetic: {itmes: 3}}",
-         ["unknown key 'prepare.synthetic.itmes'", "allowed here: items, images_per_item"]),
+        (
+            "prepare: {synthetic: {itmes: 3}}",
+            ["unknown key 'prepare.synthetic.itmes'", "allowed here: items, images_per_item"],
+        ),
         ("train_baseline: {epochs: ten}", ["train_baseline.epochs", "valid integer", "'ten'"]),
         ("train_baseline: {batch_size: yes}", ["train_baseline.batch_size", "not a boolean"]),
         ("train_baseline: {lr: 0}", ["train_baseline.lr", "greater than 0"]),
@@ -402,8 +417,14 @@ def test_valid_params_take_defaults_and_accept_yaml_strings_for_numbers(tmp_path
 @pytest.mark.slow
 def test_stage_with_bad_params_exits_before_any_work(tmp_path: Path) -> None:
     project = make_shrunk_project(tmp_path / "project", {"train_baseline": {"epochs": 2, "eopchs": 3}})
-    result = subprocess.run([sys.executable, "-m", "stages.train_baseline"], cwd=project, env=project_env(project),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.train_baseline"],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1
     message = result.stderr.strip()
     assert message.count("\n") == 0, message  # one line, no traceback
@@ -475,7 +496,7 @@ def test_huge_image_is_refused_from_its_header_without_decoding(
     def no_decoding(*args: object) -> None:
         raise AssertionError("the image was decoded")
 
-    monkeypatch.setattr(datasets.cv2, "imdecode", no_decoding)
+    monkeypatch.setattr(images.cv2, "imdecode", no_decoding)
     with pytest.raises(DataError, match="200000x100000 = 20,000,000,000 pixels, more than the limit of 50,000,000"):
         read_gray(str(path))
 
@@ -485,7 +506,7 @@ def test_image_without_a_readable_header_is_checked_after_decoding(
 ) -> None:
     path = tmp_path / "image.png"
     cv2.imwrite(str(path), np.zeros((80, 100), np.uint8))
-    monkeypatch.setattr(datasets, "_header_size", lambda data: None)  # a format Pillow does not know
+    monkeypatch.setattr(images, "_header_size", lambda data: None)  # a format Pillow does not know
     with pytest.raises(DataError, match="100x80"):
         read_gray(str(path), max_pixels=1_000)
 
@@ -497,14 +518,12 @@ def test_failed_block_keeps_the_previous_file_and_folder_and_no_temporary(tmp_pa
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
     (tmp_path / "metrics.json").write_text("old")
-    with pytest.raises(RuntimeError):
-        with output_dir(tmp_path / "out") as out:
-            (out / "new.txt").write_text("half")
-            raise RuntimeError("failed midway")
-    with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "metrics.json") as temporary:
-            temporary.write_text("half")
-            raise RuntimeError("failed midway")
+    with pytest.raises(RuntimeError), output_dir(tmp_path / "out") as out:
+        (out / "new.txt").write_text("half")
+        raise RuntimeError("failed midway")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "metrics.json") as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("failed midway")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
     assert (tmp_path / "metrics.json").read_text() == "old"
     assert leftovers(tmp_path) == []
@@ -549,8 +568,14 @@ def start(project: Path, *command: str) -> tuple[subprocess.Popen, Path]:
     """Start a command in its own process group, its output going to a file (read it with .read_text())."""
     log = project / f"{command[-1]}.log"
     with log.open("w") as output:
-        process = subprocess.Popen(command, cwd=project, env=project_env(project, **ONE_THREAD),
-                                   start_new_session=True, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command,
+            cwd=project,
+            env=project_env(project, **ONE_THREAD),
+            start_new_session=True,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     return process, log
 
 
@@ -580,8 +605,10 @@ def test_training_killed_mid_epoch_resumes_under_dvc_repro_with_the_same_result(
 
     for name in ("data/metrics/train_baseline.json", "data/plots/train_baseline.csv"):
         assert (killed / name).read_text() == (uninterrupted / name).read_text(), name
-    assert same_weights(load_torch(killed / "data/baseline/fold0.pt")["state_dict"],
-                        load_torch(uninterrupted / "data/baseline/fold0.pt")["state_dict"])
+    assert same_weights(
+        load_torch(killed / "data/baseline/fold0.pt")["state_dict"],
+        load_torch(uninterrupted / "data/baseline/fold0.pt")["state_dict"],
+    )
     assert not checkpoint.exists() and leftovers(killed / "data") == []
 
     # The resumed MLflow run holds every epoch, with the uninterrupted run's values, and the seed.
@@ -599,9 +626,14 @@ def test_training_killed_mid_epoch_resumes_under_dvc_repro_with_the_same_result(
 def test_stage_reports_an_unreachable_tracking_server_before_training(prepared_project: Path, tmp_path: Path) -> None:
     project = copy_project(prepared_project, tmp_path / "project")
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "stages.train_baseline"], cwd=project, capture_output=True,
-                            text=True, timeout=600,
-                            env=project_env(project, MLFLOW_TRACKING_URI="http://127.0.0.1:9", **ONE_THREAD))
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.train_baseline"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=project_env(project, MLFLOW_TRACKING_URI="http://127.0.0.1:9", **ONE_THREAD),
+    )
     assert result.returncode == 1
     assert time.perf_counter() - started < 60
     assert "[train_baseline] error: MLflow tracking store 'http://127.0.0.1:9' is unreachable" in result.stderr
@@ -624,8 +656,14 @@ def test_stage_failing_on_bad_input_midway_keeps_its_previous_outputs(prepared_p
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     before = {path: path.read_bytes() for path in (project / "data").rglob("*") if path.is_file()}
 
-    result = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=project, capture_output=True, text=True,
-                            timeout=600, env=project_env(project, **ONE_THREAD))
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.prepare"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=project_env(project, **ONE_THREAD),
+    )
     assert result.returncode == 1
     assert f"{source / 'defect/z.png'} is 200x200 = 40,000 pixels, more than the limit of 10,000" in result.stderr
     assert {path: path.read_bytes() for path in (project / "data").rglob("*") if path.is_file()} == before

@@ -321,7 +321,9 @@ def test_saliency_maps_batches_uint8_images_and_priors(resnet: Classifier) -> No
     np.testing.assert_allclose(maps, expected.maps.numpy(), atol=1e-4)
     assert valid.tolist() == expected.valid.tolist()
     guided = PriorAsChannel(GuidedClassifier("resnet18").eval())
-    assert create_saliency("layercam", guided).layers == [f"guided.{n}" for n in BACKBONES["resnet18"].saliency_layers["layercam"]]
+    assert create_saliency("layercam", guided).layers == [
+        f"guided.{n}" for n in BACKBONES["resnet18"].saliency_layers["layercam"]
+    ]
     explainer = create_saliency("layercam", guided, ["guided.features.layer3", "guided.features.layer4"])
     priors = torch.rand(5, 48, 32, generator=generator)
     maps, valid, _ = saliency_maps(explainer, config, images, 4, priors)

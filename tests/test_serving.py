@@ -45,8 +45,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def released(tiny, store: Path):
     """The tiny consistency model logged as a scoring model, version 1 of NAME with alias champion."""
     paths, _ = tiny
-    return log_scoring_model(paths["consistency"], 0.45, "zero_misses", NAME, aliases=["champion"],
-                             tags={"kind": "release"})
+    return log_scoring_model(
+        paths["consistency"], 0.45, "zero_misses", NAME, aliases=["champion"], tags={"kind": "release"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,9 @@ def photos(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _, images = tiny
     folder = tmp_path_factory.mktemp("photos")
     files = {}
-    for k, (name, colour) in enumerate((("gray.png", False), ("colour.png", True), ("gray.jpg", False),
-                                        ("colour.jpg", True))):
+    for k, (name, colour) in enumerate(
+        (("gray.png", False), ("colour.png", True), ("gray.jpg", False), ("colour.jpg", True))
+    ):
         gray = np.kron(images[k].numpy(), np.ones((2, 3), np.uint8))  # 64 x 96, the model reads 32 x 32
         picture = np.stack([gray, np.flipud(gray), 255 - gray], axis=-1) if colour else gray
         files[name] = folder / name
@@ -69,8 +71,11 @@ def photos(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def predicted(photos: dict[str, Path], out: Path, threshold: float) -> pd.DataFrame:
     """What the predict command says about the readable photos, by file name."""
     paths = [str(path) for name, path in photos.items() if not name.startswith("corrupt")]
-    return main(["--model", CHAMPION, *paths, "--out", str(out), "--threshold", str(threshold)]) \
-        .assign(name=lambda t: t["path"].map(lambda p: Path(p).name)).set_index("name")
+    return (
+        main(["--model", CHAMPION, *paths, "--out", str(out), "--threshold", str(threshold)])
+        .assign(name=lambda t: t["path"].map(lambda p: Path(p).name))
+        .set_index("name")
+    )
 
 
 def check_answers(answers: pd.DataFrame, photos: dict[str, Path], expected: pd.DataFrame) -> None:
@@ -107,18 +112,22 @@ def test_pyfunc_scores_image_bytes_as_predict_does(released, photos: dict[str, P
 
 
 @pytest.mark.slow  # logging and starting mlflow models serve: about a minute on a busy machine
-def test_served_endpoint_answers_as_predict_and_survives_a_corrupt_image(released, photos: dict[str, Path],
-                                                                         tmp_path: Path) -> None:
+def test_served_endpoint_answers_as_predict_and_survives_a_corrupt_image(
+    released, photos: dict[str, Path], tmp_path: Path
+) -> None:
     expected = predicted(photos, tmp_path / "predict", 0.45)
     with socket.socket() as probe:  # a free port; the server binds it right after
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with served(CHAMPION, port) as url:
         answers = []
-        for body in (request_body([path.read_bytes() for path in photos.values()]),
-                     request_body([photos["gray.png"].read_bytes()])):
-            request = urllib.request.Request(f"{url}/invocations", data=body,
-                                             headers={"Content-Type": "application/json"})
+        for body in (
+            request_body([path.read_bytes() for path in photos.values()]),
+            request_body([photos["gray.png"].read_bytes()]),
+        ):
+            request = urllib.request.Request(
+                f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(request, timeout=60) as answer:
                 answers.append(json.loads(answer.read())["predictions"])
         with urllib.request.urlopen(f"{url}/ping", timeout=10) as answer:
@@ -168,14 +177,33 @@ def test_every_kind_of_bad_value_gets_its_own_error_and_the_rest_is_scored(tiny,
 
 
 @pytest.mark.slow  # logging a second scoring model: about 15 s
-def test_a_teacher_variant_model_carries_its_baseline(tiny, store: Path, photos: dict[str, Path],
-                                                      tmp_path: Path) -> None:
+def test_a_teacher_variant_model_carries_its_baseline(
+    tiny, store: Path, photos: dict[str, Path], tmp_path: Path
+) -> None:
     paths, _ = tiny
-    log_scoring_model(paths["teacher"], 0.2, "zero_misses", "tiny-teacher", teacher_file=paths["baseline"],
-                      teacher_saliency="layercam", aliases=["champion"])
+    log_scoring_model(
+        paths["teacher"],
+        0.2,
+        "zero_misses",
+        "tiny-teacher",
+        teacher_file=paths["baseline"],
+        teacher_saliency="layercam",
+        aliases=["champion"],
+    )
     model = mlflow.pyfunc.load_model("models:/tiny-teacher@champion")
     answers = model.predict(pd.DataFrame({"image": [photos["colour.jpg"].read_bytes()]}))
-    expected = main(["--model", str(paths["teacher"]), "--teacher", str(paths["baseline"]), str(photos["colour.jpg"]),
-                     "--out", str(tmp_path / "out"), "--threshold", "0.2"])
+    expected = main(
+        [
+            "--model",
+            str(paths["teacher"]),
+            "--teacher",
+            str(paths["baseline"]),
+            str(photos["colour.jpg"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--threshold",
+            "0.2",
+        ]
+    )
     assert answers["score"][0] == pytest.approx(expected["score"][0], abs=1e-6)
     assert answers["decision"][0] == expected["decision"][0] and answers["threshold"][0] == 0.2

@@ -68,17 +68,37 @@ def test_a_stage_logs_to_an_mlflow_tracking_server(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     log = (tmp_path / "server.log").open("w")  # a file, not a pipe: a full pipe would block the server
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-         "--port", url.rsplit(":", 1)[1], "--workers", "1"],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            url.rsplit(":", 1)[1],
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: the server's workers stop with it
     )
     try:
         wait_until_up(url, server)
-        result = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=project,
-                                env=project_env(project, MLFLOW_TRACKING_URI=url, OMP_NUM_THREADS="1"),
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-m", "stages.prepare"],
+            cwd=project,
+            env=project_env(project, MLFLOW_TRACKING_URI=url, OMP_NUM_THREADS="1"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         client = MlflowClient(url)
         experiment = client.get_experiment_by_name("knowledge-guided")

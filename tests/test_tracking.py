@@ -40,7 +40,6 @@ def test_lineage_links_a_downstream_run_to_the_run_that_made_its_input(store):
 
 
 def test_a_failing_stage_marks_its_run_failed(store):
-    with pytest.raises(RuntimeError):
-        with stage_run("broken", {}) as run:
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), stage_run("broken", {}) as run:
+        raise RuntimeError("boom")
     assert mlflow.get_run(run.run_id).info.status == "FAILED"

@@ -32,8 +32,9 @@ from pipeline.core.errors import InputError, SetupError
 
 # Its suggested replacement (torch.distributed._functional_collectives) is private API; this one
 # is public, differentiable and works with gloo and NCCL alike.
-warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated",
-                        category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="torch.distributed.nn.functional.all_gather is deprecated", category=FutureWarning
+)
 
 
 class DistributedError(SetupError):
@@ -67,9 +68,11 @@ def current() -> Ranks:
 def check_batch_split(batch_size: int, processes: int, key: str) -> None:
     """Every process takes batch_size / N images of each batch: N must divide it."""
     if batch_size % processes:
-        raise InputError(f"{key} {batch_size} does not split over model.nproc_per_node = "
-                         f"{processes} processes; choose a multiple of {processes}, so that each process "
-                         "takes the same share of every batch")
+        raise InputError(
+            f"{key} {batch_size} does not split over model.nproc_per_node = "
+            f"{processes} processes; choose a multiple of {processes}, so that each process "
+            "takes the same share of every batch"
+        )
 
 
 def launch(module: str, processes: int, batch_size: int, key: str, device: torch.device) -> bool:
@@ -79,14 +82,23 @@ def launch(module: str, processes: int, batch_size: int, key: str, device: torch
     if processes == 1 or in_torchrun():
         return False
     if device.type == "cuda" and torch.cuda.device_count() < processes:
-        raise SetupError(f"model.nproc_per_node is {processes}, one process per GPU, but torch finds "
-                         f"{torch.cuda.device_count()} CUDA GPU(s) here")
+        raise SetupError(
+            f"model.nproc_per_node is {processes}, one process per GPU, but torch finds "
+            f"{torch.cuda.device_count()} CUDA GPU(s) here"
+        )
     if device.type not in ("cuda", "cpu"):
         raise SetupError(f"model.nproc_per_node > 1 needs CUDA GPUs or the CPU, not {device.type}")
     print(f"  launching {processes} training processes (torchrun)", flush=True)
     # --standalone: a rendezvous on a free local port, so parallel stages or runs never collide.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", module]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        module,
+    ]
     code = subprocess.run(command, check=False).returncode
     if code != 0:
         raise DistributedError(f"a training process failed (torchrun exit code {code}); its message is above")
@@ -178,9 +190,14 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm layer by a ``SyncedBatchNorm`` holding the same tensors (same
     state_dict keys, so saved models load into plain BatchNorm)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncedBatchNorm):
-        synced = SyncedBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                 module.track_running_stats, device=module.running_mean.device
-                                 if module.running_mean is not None else None)
+        synced = SyncedBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=module.running_mean.device if module.running_mean is not None else None,
+        )
         if module.affine:
             synced.weight, synced.bias = module.weight, module.bias
         if module.track_running_stats:
@@ -204,8 +221,7 @@ def agree(value: int, ranks: Ranks, what: str) -> None:
     first = mine.clone()
     dist.broadcast(first, src=0)
     if int(first.item()) != value:
-        raise DistributedError(f"{what}: this process (rank {ranks.rank}) has {value}, rank 0 has "
-                               f"{int(first.item())}")
+        raise DistributedError(f"{what}: this process (rank {ranks.rank}) has {value}, rank 0 has {int(first.item())}")
 
 
 def all_sum(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:

@@ -18,12 +18,27 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], what: str, unit: str = "it", total: int | None = None, initial: int = 0,
-             leave: bool = True, shown: bool = True) -> tqdm:
+def progress(
+    items: Iterable[T],
+    what: str,
+    unit: str = "it",
+    total: int | None = None,
+    initial: int = 0,
+    leave: bool = True,
+    shown: bool = True,
+) -> tqdm:
     """``items`` with a bar named ``what`` counting ``unit``s, in a terminal only; ``shown=False``
     (a training process other than rank 0, say) never draws one."""
-    return tqdm(items, desc=what, unit=unit, total=total, initial=initial, leave=leave,
-                disable=None if shown else True, dynamic_ncols=True)
+    return tqdm(
+        items,
+        desc=what,
+        unit=unit,
+        total=total,
+        initial=initial,
+        leave=leave,
+        disable=None if shown else True,
+        dynamic_ncols=True,
+    )
 
 
 def log_line(text: str) -> None:

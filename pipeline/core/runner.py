@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -33,6 +34,22 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         sys.exit(1)
     if worker is None:
         print(f"[{name}] done in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+def run_command(prog: str, main: Callable[[list[str]], Any], argv: Sequence[str]) -> int:
+    """Run a command's ``main(argv)`` as ``prog`` (argparse's name for it); its exit status.
+
+    As in a stage, only the pipeline's own errors end with a one-line message; a command's
+    integer result is its exit status, anything else means success.
+    """
+    torch.set_num_threads(_threads())
+    sys.argv[0] = prog  # argparse names the command by it in usage and errors
+    try:
+        result = main(list(argv))
+    except PipelineError as error:
+        print(f"[{prog}] error: {error}", file=sys.stderr, flush=True)
+        return 1
+    return result if isinstance(result, int) else 0
 
 
 def _threads() -> int:

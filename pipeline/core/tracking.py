@@ -21,13 +21,13 @@ from typing import Any
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps CI logs readable
 
-import mlflow  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
+import mlflow
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
 
-from pipeline.core.artifacts import read_json, write_json  # noqa: E402
-from pipeline.core.errors import SetupError  # noqa: E402
-from pipeline.core.layout import project_root  # noqa: E402
+from pipeline.core.artifacts import read_json, write_json
+from pipeline.core.errors import SetupError
+from pipeline.core.layout import project_root
 
 DEFAULT_EXPERIMENT = "knowledge-guided"
 LINEAGE_FILE = "run.json"
@@ -88,7 +88,7 @@ def pipeline_run_id() -> str:
             command = " ".join(ancestor.cmdline())
             if "dvc" in Path(command.split(" ")[0]).name or " -m dvc" in command or "/dvc " in command:
                 return uuid.uuid5(uuid.NAMESPACE_OID, f"{ancestor.pid}-{ancestor.create_time()}").hex[:12]
-    except Exception:  # noqa: BLE001 - any failure here only costs the grouping, never the stage
+    except Exception:
         pass
     return uuid.uuid4().hex[:12]
 
@@ -107,8 +107,11 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # For the check at stage start only: MLflow's defaults (7 retries with exponential backoff, 120 s
 # timeout) keep a stage waiting about 4 minutes before it reports an unreachable server.
-FAST_CHECK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+FAST_CHECK = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 @contextmanager
@@ -161,13 +164,15 @@ def connect() -> MlflowClient:
     database = sqlite_path(uri)
     if database is not None and not database.parent.is_dir():
         # MLflow would create a missing folder, so a typo in the path would silently start a new store.
-        raise TrackingError(f"MLflow tracking store {uri!r}: folder {database.parent} does not exist; "
-                            "create it or fix MLFLOW_TRACKING_URI")
+        raise TrackingError(
+            f"MLflow tracking store {uri!r}: folder {database.parent} does not exist; "
+            "create it or fix MLFLOW_TRACKING_URI"
+        )
     try:
         with environment_defaults(FAST_CHECK), _store_lock(database):
             client = MlflowClient(uri)
             _ensure_experiment(client, database)
-    except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; all mean the same to a user
+    except Exception as error:
         raise TrackingError(
             f"MLflow tracking store {uri!r} is unreachable or misconfigured ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). Fix MLFLOW_TRACKING_URI or unset it "
@@ -217,12 +222,22 @@ class StageRun:
     def write_lineage(self, output_dir: str | Path) -> None:
         write_json(
             Path(output_dir) / LINEAGE_FILE,
-            {"stage": self.stage, "mlflow_run_id": self.run_id, "pipeline_run_id": self.pipeline_id,
-             "tracking_uri": tracking_uri(), "experiment": experiment_name()},
+            {
+                "stage": self.stage,
+                "mlflow_run_id": self.run_id,
+                "pipeline_run_id": self.pipeline_id,
+                "tracking_uri": tracking_uri(),
+                "experiment": experiment_name(),
+            },
         )
 
     def log_model(
-        self, model: Any, example: tuple, name: str, registered_name: str, tags: Mapping[str, str],
+        self,
+        model: Any,
+        example: tuple,
+        name: str,
+        registered_name: str,
+        tags: Mapping[str, str],
         metadata: Mapping[str, Any] | None = None,
     ) -> str | None:
         """Log a PyTorch model and register it as a new version of ``registered_name``; returns

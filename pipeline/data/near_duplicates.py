@@ -17,7 +17,6 @@ group column) and prepare again.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import imagehash
@@ -52,8 +51,18 @@ def near_duplicate_pairs(index: pd.DataFrame, hashes: np.ndarray, max_distance: 
         for offset, other in zip(*np.nonzero(distances <= max_distance)):
             a = start + offset
             if a < other and groups[a] != groups[other]:
-                rows.append((ids[a], ids[other], groups[a], groups[other], int(folds[a]), int(folds[other]),
-                             int(distances[offset, other]), bool(folds[a] != folds[other])))
+                rows.append(
+                    (
+                        ids[a],
+                        ids[other],
+                        groups[a],
+                        groups[other],
+                        int(folds[a]),
+                        int(folds[other]),
+                        int(distances[offset, other]),
+                        bool(folds[a] != folds[other]),
+                    )
+                )
     return pd.DataFrame(rows, columns=COLUMNS).sort_values(["distance", "id_a", "id_b"], ignore_index=True)
 
 
@@ -67,17 +76,23 @@ def main(argv: list[str] | None = None) -> int:
     pairs = near_duplicate_pairs(data.index, perceptual_hashes(data.images), args.max_distance)
     crossing = pairs[pairs["crosses_folds"]]
     groups = sorted({tuple(sorted(pair)) for pair in zip(pairs["group_a"], pairs["group_b"])})
-    print(f"{len(pairs)} near-duplicate pair(s) across groups within {args.max_distance} of 64 bits, between "
-          f"{len(groups)} pair(s) of groups: {', '.join('+'.join(g) for g in groups) or 'none'}; "
-          f"{len(crossing)} split between folds")
+    print(
+        f"{len(pairs)} near-duplicate pair(s) across groups within {args.max_distance} of 64 bits, between "
+        f"{len(groups)} pair(s) of groups: {', '.join('+'.join(g) for g in groups) or 'none'}; "
+        f"{len(crossing)} split between folds"
+    )
     if len(crossing):
         print(crossing.to_string(index=False))
     if args.out:
-        write_json(args.out, {"prepared": str(args.prepared), "max_distance": args.max_distance,
-                              "images": len(data.index), "group_pairs": ["+".join(g) for g in groups],
-                              "split_between_folds": len(crossing), "pairs": pairs.to_dict(orient="records")})
+        write_json(
+            args.out,
+            {
+                "prepared": str(args.prepared),
+                "max_distance": args.max_distance,
+                "images": len(data.index),
+                "group_pairs": ["+".join(g) for g in groups],
+                "split_between_folds": len(crossing),
+                "pairs": pairs.to_dict(orient="records"),
+            },
+        )
     return 1 if len(crossing) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

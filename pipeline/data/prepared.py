@@ -57,11 +57,14 @@ def defective_subsets(index: pd.DataFrame, count: int | str, seed: int) -> dict[
     for fold in sorted(int(f) for f in set(folds) if f >= 0):
         candidates = np.flatnonzero((folds != fold) & (labels == 1))
         try:
-            subsets[fold] = [str(i) for i in ids[reproducible_choice(candidates, count, seed, fold, "defective_images")]]
+            subsets[fold] = [
+                str(i) for i in ids[reproducible_choice(candidates, count, seed, fold, "defective_images")]
+            ]
         except SubsetError:
             raise SubsetError(
                 f"prepare.defective_images is {count}, but the training set of fold {fold} has only "
-                f"{len(candidates)} defective images: use at most {len(candidates)}, or 'all'") from None
+                f"{len(candidates)} defective images: use at most {len(candidates)}, or 'all'"
+            ) from None
     return subsets
 
 
@@ -129,7 +132,8 @@ class PreparedData:
             raise SubsetError(
                 f"pseudo_labels.true_masks is {count}, but the training set of fold {fold} has only "
                 f"{len(candidates)} defective images with a true mask: use at most {len(candidates)}, "
-                "or 'all'") from None
+                "or 'all'"
+            ) from None
 
     def true_mask(self, position: int) -> np.ndarray | None:
         row = self.index.iloc[position]
@@ -175,8 +179,9 @@ def write_prepared(out: Path, raw_images: Iterator[RawImage], width: int, height
             # Area interpolation keeps a one-pixel scratch visible after shrinking; any coverage counts.
             small = cv2.resize(raw.mask.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
             write_image(out / "masks" / f"{raw.id}.png", (small > 0).astype(np.uint8) * 255)
-        rows.append({"id": raw.id, "label": raw.label, "group": raw.group, "fold": raw.fold,
-                     "has_mask": raw.mask is not None})
+        rows.append(
+            {"id": raw.id, "label": raw.label, "group": raw.group, "fold": raw.fold, "has_mask": raw.mask is not None}
+        )
     index = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
     heights, widths = np.array(sizes).T
     stats = {

@@ -59,8 +59,9 @@ class BalancedEpochs:
                 f"{len(self.negatives)} defect-free images: check the data set and its folds"
             )
         if oversample and hard_share:
-            raise InputError("hard negatives need undersampled epochs: an oversampled epoch holds every "
-                             "defect-free image already")
+            raise InputError(
+                "hard negatives need undersampled epochs: an oversampled epoch holds every defect-free image already"
+            )
         self.seed = seed
         self.oversample = oversample
         self.hard_share = hard_share
@@ -82,8 +83,12 @@ class BalancedEpochs:
     def epoch(self, number: int) -> np.ndarray:
         if self.oversample:
             count = max(len(self.positives), len(self.negatives))
-            chosen = np.concatenate([_cycled(self.positives, count, number, [self.seed, 1]),
-                                     _cycled(self.negatives, count, number, [self.seed, 0])])
+            chosen = np.concatenate(
+                [
+                    _cycled(self.positives, count, number, [self.seed, 1]),
+                    _cycled(self.negatives, count, number, [self.seed, 0]),
+                ]
+            )
         else:
             per_epoch = min(len(self.positives), len(self.negatives))
             hard = round(self.hard_share * per_epoch)
@@ -170,8 +175,15 @@ class TrainingBatches(torch.utils.data.Dataset):
     (N, H, W) a step needs beside the images (``objectives.Objective.step_tensors``).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, in_channels: int, mean: float, std: float,
-                 extras: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        in_channels: int,
+        mean: float,
+        std: float,
+        extras: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.images, self.labels, self.extras = images, labels, extras or {}
         self.in_channels, self.mean, self.std = in_channels, mean, std
 
@@ -179,8 +191,10 @@ class TrainingBatches(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitems__(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = {"x": to_input(self.images[positions], self.in_channels, self.mean, self.std),
-                 "y": self.labels[positions]}
+        batch = {
+            "x": to_input(self.images[positions], self.in_channels, self.mean, self.std),
+            "y": self.labels[positions],
+        }
         for name, maps in self.extras.items():
             batch[name] = maps[positions].unsqueeze(1)
         return batch
@@ -209,9 +223,14 @@ def _whole_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def loader(dataset: TrainingBatches, num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader yielding the batches its ``batch_sampler`` (an ``EpochBatches``) holds."""
-    return torch.utils.data.DataLoader(dataset, batch_sampler=EpochBatches(), collate_fn=_whole_batch,
-                                       num_workers=num_workers, pin_memory=pin_memory,
-                                       persistent_workers=num_workers > 0)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=EpochBatches(),
+        collate_fn=_whole_batch,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
 
 
 def _expand(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -74,8 +74,7 @@ class StandAlone(nn.Module):
 def example_inputs(config: dict, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """A random batch of what the exported model reads: uint8 images, and the prior where it takes one."""
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (batch, config["height"], config["width"]), dtype=torch.uint8,
-                           generator=generator)
+    images = torch.randint(0, 256, (batch, config["height"], config["width"]), dtype=torch.uint8, generator=generator)
     if not needs_prior(config):
         return (images,)
     return images, torch.rand(batch, 1, config["height"], config["width"], generator=generator)
@@ -83,13 +82,24 @@ def example_inputs(config: dict, batch: int = 2, seed: int = 0) -> tuple[torch.T
 
 def file_metadata(config: dict, threshold: float, threshold_from: str, point: str) -> dict[str, str]:
     """What travels in the exported file, each value JSON text."""
-    return {"input_size": json.dumps({"height": config["height"], "width": config["width"]}),
-            "threshold": json.dumps(threshold), "threshold_from": json.dumps(threshold_from),
-            "operating_point": json.dumps(point), "pipeline_config": json.dumps(config, sort_keys=True)}
+    return {
+        "input_size": json.dumps({"height": config["height"], "width": config["width"]}),
+        "threshold": json.dumps(threshold),
+        "threshold_from": json.dumps(threshold_from),
+        "operating_point": json.dumps(point),
+        "pipeline_config": json.dumps(config, sort_keys=True),
+    }
 
 
-def export(model: nn.Module, config: dict, fmt: str, out: str | Path, threshold: float,
-           metadata: dict[str, str] | None = None, check: Sequence[tuple[torch.Tensor, ...]] = ()) -> float:
+def export(
+    model: nn.Module,
+    config: dict,
+    fmt: str,
+    out: str | Path,
+    threshold: float,
+    metadata: dict[str, str] | None = None,
+    check: Sequence[tuple[torch.Tensor, ...]] = (),
+) -> float:
     """Write ``model`` (deployed, on the CPU) as a stand-alone graph to ``out``; return the largest
     score difference against PyTorch over a random batch of 3 (not the traced size) and ``check``
     (more input batches, e.g. real images). Beyond ``TOLERANCE``, or any decision different, the
@@ -113,9 +123,11 @@ def export(model: nn.Module, config: dict, fmt: str, out: str | Path, threshold:
             scores, decisions = run_exported(temporary, fmt, batch)
             difference = max(difference, float(np.abs(scores - expected).max()))
             if not difference <= TOLERANCE or not np.array_equal(decisions, decided):
-                raise ExportError(f"the exported {fmt} model's scores differ from PyTorch's by {difference:.3g} "
-                                  f"(tolerance {TOLERANCE}) or its decisions differ; {out} was not written. "
-                                  "Check that onnxruntime/torch are the pinned versions of requirements.txt")
+                raise ExportError(
+                    f"the exported {fmt} model's scores differ from PyTorch's by {difference:.3g} "
+                    f"(tolerance {TOLERANCE}) or its decisions differ; {out} was not written. "
+                    "Check that onnxruntime/torch are the pinned versions of requirements.txt"
+                )
     return difference
 
 
@@ -127,8 +139,17 @@ def _export_onnx(model: nn.Module, inputs: tuple, path: Path, metadata: dict[str
     with warnings.catch_warnings():
         # One batch dimension shared by images and prior: the exporter says it keeps one name.
         warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")
-        torch.onnx.export(model, inputs, str(path), dynamo=True, input_names=list(INPUTS[: len(inputs)]),
-                          output_names=list(OUTPUTS), dynamic_shapes=dynamic, external_data=False, verbose=False)
+        torch.onnx.export(
+            model,
+            inputs,
+            str(path),
+            dynamo=True,
+            input_names=list(INPUTS[: len(inputs)]),
+            output_names=list(OUTPUTS),
+            dynamic_shapes=dynamic,
+            external_data=False,
+            verbose=False,
+        )
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, metadata)
     onnx.save(proto, str(path))
@@ -155,10 +176,13 @@ def parity(path: str | Path, fmt: str, predictor: Predictor, images: torch.Tenso
     expected = predict(predictor.loaded.model, predictor.config, batch, priors, 16)
     inputs = (batch,) if priors is None else (batch, priors.unsqueeze(1))
     scores, decisions = run_exported(path, fmt, inputs)
-    return {"images": len(labels), "max_score_difference": float(np.abs(scores - expected).max()),
-            "ap_pytorch": classification_metrics(labels, expected, predictor.threshold)["ap"],
-            "ap_exported": classification_metrics(labels, scores, predictor.threshold)["ap"],
-            "decisions_differing": int((decisions != (expected >= predictor.threshold)).sum())}
+    return {
+        "images": len(labels),
+        "max_score_difference": float(np.abs(scores - expected).max()),
+        "ap_pytorch": classification_metrics(labels, expected, predictor.threshold)["ap"],
+        "ap_exported": classification_metrics(labels, scores, predictor.threshold)["ap"],
+        "decisions_differing": int((decisions != (expected >= predictor.threshold)).sum()),
+    }
 
 
 @contextmanager
@@ -182,16 +206,21 @@ def fold_images(prepared: Path, fold: int) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.deployment.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model file (data/guided/fold0.pt) or models:/<name>[/<version>|@<alias>]")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, type=Path, help="file to write (.onnx, .pt)")
-    parser.add_argument("--threshold", type=float, help="decision threshold in the graph (default: the version's "
-                        "tag threshold, else as predict)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="decision threshold in the graph (default: the version's tag threshold, else as predict)",
+    )
     parser.add_argument("--operating-point", help="what the threshold was chosen at (default: the version's tag)")
-    parser.add_argument("--prepared", type=Path, help="prepared data folder (data/prepared): check the export on "
-                        "the test images of --fold")
+    parser.add_argument(
+        "--prepared",
+        type=Path,
+        help="prepared data folder (data/prepared): check the export on the test images of --fold",
+    )
     parser.add_argument("--fold", type=int, default=0, help="with --prepared: the test fold (default 0)")
     parser.add_argument("--teacher", help="with --prepared, for variant teacher: the baseline of the same fold")
     args = parser.parse_args(argv)
@@ -206,9 +235,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     threshold, origin = decision_threshold(loaded, args.threshold)
     point = args.operating_point if args.operating_point is not None else operating_point(loaded)
     metadata = file_metadata(loaded.config, threshold, origin, point)
-    report = {"model": loaded.source, "format": args.format, "out": str(args.out),
-              "inputs": list(INPUTS[: len(example_inputs(loaded.config))]), "threshold": threshold,
-              "threshold_from": origin, "operating_point": point}
+    report = {
+        "model": loaded.source,
+        "format": args.format,
+        "out": str(args.out),
+        "inputs": list(INPUTS[: len(example_inputs(loaded.config))]),
+        "threshold": threshold,
+        "threshold_from": origin,
+        "operating_point": point,
+    }
     if args.prepared is None:
         report["max_score_difference"] = export(loaded.model, loaded.config, args.format, args.out, threshold, metadata)
     else:
@@ -220,13 +255,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         report["parity"] = parity(args.out, args.format, predictor, images, labels)
         if report["parity"]["ap_exported"] != report["parity"]["ap_pytorch"]:
             args.out.unlink()
-            raise ExportError(f"the exported {args.format} model's AP on fold {args.fold} of {args.prepared} "
-                              f"differs from PyTorch's ({report['parity']}); {args.out} was removed")
+            raise ExportError(
+                f"the exported {args.format} model's AP on fold {args.fold} of {args.prepared} "
+                f"differs from PyTorch's ({report['parity']}); {args.out} was removed"
+            )
     print(json.dumps(report))
     return report
-
-
-if __name__ == "__main__":
-    from pipeline.core.runner import run_stage
-
-    run_stage("export", main)

@@ -34,11 +34,11 @@ from torch import nn
 from pipeline.config import EvaluateParams
 from pipeline.core.artifacts import read_json, write_csv
 from pipeline.core.devices import pick_device
-from pipeline.core.errors import MissingInputError
+from pipeline.core.errors import DataError, MissingInputError
 from pipeline.core.progress import bars_paused, progress
-from pipeline.data.sources import DataError, read_gray
-from pipeline.metrics.figures import heatmap_overlay, save_png
+from pipeline.data.images import read_gray
 from pipeline.knowledge.saliency import METHODS, create_saliency, saliency_maps
+from pipeline.metrics.figures import heatmap_overlay, save_png
 from pipeline.models.files import ModelError, load_model, model_from, needs_prior
 from pipeline.models.inference import predict
 from pipeline.models.networks import GuidedClassifier, PriorAsChannel
@@ -98,8 +98,10 @@ def _client(uri: str):
 
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
-        raise ModelError(f"no MLflow store at {uri}: set MLFLOW_TRACKING_URI to the store the models were "
-                         "registered in, or give a model file")
+        raise ModelError(
+            f"no MLflow store at {uri}: set MLFLOW_TRACKING_URI to the store the models were "
+            "registered in, or give a model file"
+        )
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -123,19 +125,26 @@ def load_registered(uri: str, device: torch.device | str = "cpu") -> LoadedModel
         try:
             version = _resolve_version(client, uri)
             with tempfile.TemporaryDirectory() as folder:
-                local = Path(mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{version.name}/{version.version}", dst_path=folder, tracking_uri=store,
-                    registry_uri=store))
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=f"models:/{version.name}/{version.version}",
+                        dst_path=folder,
+                        tracking_uri=store,
+                        registry_uri=store,
+                    )
+                )
                 metadata = mlflow.models.Model.load(local / "MLmodel").metadata or {}
                 source = f"models:/{version.name}/{version.version}"
                 model, config = _registered_network(local, metadata, source)
         except MlflowException as error:
             known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
-            raise ModelError(f"cannot load {uri} from {store} ({str(error).splitlines()[0]}); "
-                             f"registered models: {known}") from error
+            raise ModelError(
+                f"cannot load {uri} from {store} ({str(error).splitlines()[0]}); registered models: {known}"
+            ) from error
     carried = {key: str(metadata[key]) for key in ("threshold", "operating_point") if key in metadata}
-    return LoadedModel(model.to(device).eval(), config, source, version.run_id, store,
-                       {**carried, **(version.tags or {})})
+    return LoadedModel(
+        model.to(device).eval(), config, source, version.run_id, store, {**carried, **(version.tags or {})}
+    )
 
 
 def _registered_network(local: Path, metadata: dict, source: str) -> tuple[nn.Module, dict]:
@@ -147,9 +156,11 @@ def _registered_network(local: Path, metadata: dict, source: str) -> tuple[nn.Mo
     graphs = sorted(local.rglob("*.pt2"))
     config = metadata.get("pipeline_config")
     if config is None or not graphs:
-        raise ModelError(f"{source} has no {'pipeline_config metadata' if graphs else 'pt2 graph'}: it was "
-                         "registered before predict existed or by other code; rerun its training stage "
-                         "(dvc repro -f train_guided) or give the model file data/<kind>/fold<k>.pt")
+        raise ModelError(
+            f"{source} has no {'pipeline_config metadata' if graphs else 'pt2 graph'}: it was "
+            "registered before predict existed or by other code; rerun its training stage "
+            "(dvc repro -f train_guided) or give the model file data/<kind>/fold<k>.pt"
+        )
     program = torch.export.load(graphs[0])
     return model_from(config, {**program.state_dict, **program.constants}, source), config
 
@@ -193,11 +204,14 @@ def decision_threshold(loaded: LoadedModel, override: float | None = None) -> tu
                 client = _client(loaded.tracking_uri)
                 experiment = client.get_run(loaded.run_id).info.experiment_id
                 runs = client.search_runs(
-                    [experiment], f"tags.stage = 'evaluate' and tags.`upstream.{stage}` = '{loaded.run_id}'",
-                    order_by=["attributes.start_time DESC"], max_results=1)
+                    [experiment],
+                    f"tags.stage = 'evaluate' and tags.`upstream.{stage}` = '{loaded.run_id}'",
+                    order_by=["attributes.start_time DESC"],
+                    max_results=1,
+                )
             if runs and "evaluate.threshold" in runs[0].data.params:
                 return float(runs[0].data.params["evaluate.threshold"]), f"evaluate run {runs[0].info.run_id}"
-        except Exception as error:  # noqa: BLE001 - the store is optional here: fall back, say why
+        except Exception as error:
             return DEFAULT_THRESHOLD, f"default (MLflow lookup failed: {type(error).__name__})"
     untagged = " and no threshold tag: dvc repro release registers a version that has one" if loaded.tags else ""
     return DEFAULT_THRESHOLD, f"default (no evaluate run of this model found{untagged})"
@@ -209,8 +223,10 @@ def _tagged_threshold(loaded: LoadedModel) -> tuple[float, str]:
     except ValueError:
         threshold = float("nan")
     if not 0.0 <= threshold <= 1.0:
-        raise ModelError(f"{loaded.source}: tag threshold={loaded.tags['threshold']!r} is not a probability; "
-                         "set it with MlflowClient().set_model_version_tag, or pass --threshold")
+        raise ModelError(
+            f"{loaded.source}: tag threshold={loaded.tags['threshold']!r} is not a probability; "
+            "set it with MlflowClient().set_model_version_tag, or pass --threshold"
+        )
     return threshold, f"tag threshold of {loaded.source} (operating point {loaded.tags.get('operating_point', '?')})"
 
 
@@ -231,8 +247,11 @@ def collect_inputs(inputs: Sequence[str | Path], exclude: Path | None = None) ->
             continue
         for path in sorted(item.rglob("*")):
             parts = path.relative_to(item).parts
-            if path.is_file() and not any(p.startswith(".") for p in parts) and \
-                    not (exclude is not None and exclude.resolve() in path.resolve().parents):
+            if (
+                path.is_file()
+                and not any(p.startswith(".") for p in parts)
+                and not (exclude is not None and exclude.resolve() in path.resolve().parents)
+            ):
                 files.append(path)
     return files
 
@@ -240,16 +259,24 @@ def collect_inputs(inputs: Sequence[str | Path], exclude: Path | None = None) ->
 class Predictor:
     """Scores and saliency maps of a model for batches of gray images of any size."""
 
-    def __init__(self, loaded: LoadedModel, threshold: float, saliency: str = "gradcam",
-                 teacher: LoadedModel | None = None, teacher_saliency: str = "layercam") -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        threshold: float,
+        saliency: str = "gradcam",
+        teacher: LoadedModel | None = None,
+        teacher_saliency: str = "layercam",
+    ) -> None:
         self.loaded, self.config, self.threshold = loaded, loaded.config, threshold
         self.height, self.width = int(self.config["height"]), int(self.config["width"])
         self.teacher = None
         if needs_prior(self.config):
             if teacher is None:
-                raise ModelError(f"{loaded.source} is a guided model of variant teacher: it reads the baseline's "
-                                 "saliency map at inference; pass --teacher with the baseline of the same fold "
-                                 "(data/baseline/fold<k>.pt)")
+                raise ModelError(
+                    f"{loaded.source} is a guided model of variant teacher: it reads the baseline's "
+                    "saliency map at inference; pass --teacher with the baseline of the same fold "
+                    "(data/baseline/fold<k>.pt)"
+                )
             self._check_teacher(teacher)
             self.teacher = create_saliency(teacher_saliency, teacher.model)
             self.teacher_config = teacher.config
@@ -261,9 +288,11 @@ class Predictor:
     def _check_teacher(self, teacher: LoadedModel) -> None:
         config = teacher.config
         if config["kind"] != "baseline" or (config["height"], config["width"]) != (self.height, self.width):
-            raise ModelError(f"--teacher {teacher.source} must be a baseline model of input size "
-                             f"{self.width}x{self.height}; it is a {config['kind']} model of "
-                             f"{config['width']}x{config['height']}")
+            raise ModelError(
+                f"--teacher {teacher.source} must be a baseline model of input size "
+                f"{self.width}x{self.height}; it is a {config['kind']} model of "
+                f"{config['width']}x{config['height']}"
+            )
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         """As ``data.write_prepared`` resizes (area interpolation: thin scratches stay visible)."""
@@ -298,8 +327,14 @@ def predict_files(predictor: Predictor, files: Sequence[Path], out: Path, batch_
         chunk = files[start : start + batch_size]
         readable: list[tuple[dict, np.ndarray]] = []
         for path in chunk:
-            row = {"path": str(path), "score": np.nan, "decision": "", "threshold": predictor.threshold,
-                   "overlay": "", "error": ""}
+            row = {
+                "path": str(path),
+                "score": np.nan,
+                "decision": "",
+                "threshold": predictor.threshold,
+                "overlay": "",
+                "error": "",
+            }
             rows.append(row)
             try:
                 readable.append((row, read_gray(str(path))))
@@ -363,8 +398,7 @@ def model_spec(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.deployment.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="model file (data/guided/fold0.pt) or models:/<name>[/<version>|@<alias>]")
     source.add_argument("--model-name", help="registered MLflow model, e.g. synthetic-guided")
@@ -373,12 +407,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     version.add_argument("--model-alias", help="with --model-name, e.g. champion")
     parser.add_argument("inputs", nargs="+", help="image files and folders")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
-    parser.add_argument("--threshold", type=float, help="decision threshold (default: the registered version's "
-                        "tag threshold, else the model's evaluate run's)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="decision threshold (default: the registered version's tag threshold, else the model's evaluate run's)",
+    )
     parser.add_argument("--saliency", default="gradcam", choices=list(METHODS), help="overlay heatmap method")
     parser.add_argument("--teacher", help="baseline model (file or models:/ URI) for a guided model of variant teacher")
-    parser.add_argument("--teacher-saliency", default="layercam", choices=list(METHODS),
-                        help="the teacher's prior method: saliency.method of the run (default layercam)")
+    parser.add_argument(
+        "--teacher-saliency",
+        default="layercam",
+        choices=list(METHODS),
+        help="the teacher's prior method: saliency.method of the run (default layercam)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = parser.parse_args(argv)
@@ -400,20 +441,23 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     if not files:
         raise MissingInputError(f"no files in {' '.join(args.inputs)}")
     config = loaded.config
-    print(f"model {loaded.source}: {config['kind']} {config.get('variant', '')} {config['backbone']} "
-          f"{config['width']}x{config['height']}; threshold {threshold} ({origin}); {len(files)} files",
-          file=sys.stderr)
+    print(
+        f"model {loaded.source}: {config['kind']} {config.get('variant', '')} {config['backbone']} "
+        f"{config['width']}x{config['height']}; threshold {threshold} ({origin}); {len(files)} files",
+        file=sys.stderr,
+    )
     table = predict_files(predictor, files, args.out, args.batch_size)
     scored = int(table["error"].eq("").sum())
-    print(json.dumps({"scored": scored, "skipped": len(table) - scored,
-                      "defects": int(table["decision"].eq("defect").sum()),
-                      "csv": str(args.out / "predictions.csv")}))
+    print(
+        json.dumps(
+            {
+                "scored": scored,
+                "skipped": len(table) - scored,
+                "defects": int(table["decision"].eq("defect").sum()),
+                "csv": str(args.out / "predictions.csv"),
+            }
+        )
+    )
     if scored == 0:
         raise DataError(f"none of the {len(table)} files could be read as an image; see {args.out / 'predictions.csv'}")
     return table
-
-
-if __name__ == "__main__":
-    from pipeline.core.runner import run_stage
-
-    run_stage("predict", main)

@@ -30,22 +30,23 @@ from pipeline.config import (
     TrainParams,
 )
 from pipeline.core import layout
-from pipeline.core.artifacts import read_json, write_json, write_map
+from pipeline.core.artifacts import read_json, write_json
 from pipeline.core.devices import pick_device, resolve_precision
 from pipeline.core.errors import InputError, MissingInputError, PipelineError
 from pipeline.core.tracking import StageRun, flatten
 from pipeline.data.prepared import PreparedData
-from pipeline.metrics.classification import (
-    MetricsError,
+from pipeline.knowledge.fold_maps import write_fold_maps
+from pipeline.knowledge.pseudo_labels import write_fold_targets
+from pipeline.metrics.classification import MetricsError
+from pipeline.metrics.operating_points import (
     gate_failures,
     operating_point_summary,
 )
-from pipeline.knowledge.pseudo_labels import write_fold_targets
-from pipeline.knowledge.saliency import create_saliency, saliency_maps
-from pipeline.models.files import load_model, save_model
+from pipeline.models.files import save_model
 from pipeline.models.variants import VARIANTS
-from pipeline.training.loop import fingerprint_of, format_epoch, train
+from pipeline.training.loop import format_epoch, train
 from pipeline.training.objectives import GuidedObjective, Objective, load_guidance
+from pipeline.training.stage import fingerprint_of
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 ROLE = "release"  # the version's ``role`` tag; the fold models' is "fold"
@@ -94,39 +95,70 @@ def choose_operating_point(scores_csv: Path, model: str, release: ReleaseParams)
     return {"model": model, "scores": str(scores_csv), **summary}
 
 
-def train_release(data: PreparedData, sections: ReleaseSections, out: Path, checkpoints: Path,
-                  fingerprint: str, run: StageRun) -> dict[str, Path]:
+def train_release(
+    data: PreparedData, sections: ReleaseSections, out: Path, checkpoints: Path, fingerprint: str, run: StageRun
+) -> dict[str, Path]:
     """Train the baseline and, for a guided release, its saliency, pseudo-masks and the guided
     model on every labelled image, through the same functions as the fold stages; returns the
     model files written to ``out`` by kind."""
     everything = data.all_training()
     checkpoints.mkdir(parents=True, exist_ok=True)
     files = {"baseline": out / "baseline.pt"}
-    _train_one(everything, "baseline", sections.model, sections.train_baseline, Objective(), files["baseline"],
-               checkpoints, fingerprint, run)
+    _train_one(
+        everything,
+        "baseline",
+        sections.model,
+        sections.train_baseline,
+        Objective(),
+        files["baseline"],
+        checkpoints,
+        fingerprint,
+        run,
+    )
     if sections.release.model == "guided":
         write_guidance(everything, files["baseline"], sections, out)
-        guidance = load_guidance(everything, FOLD, VARIANTS[sections.train_guided.variant],
-                                 out / "saliency", out / "pseudo_masks")
+        guidance = load_guidance(
+            everything, FOLD, VARIANTS[sections.train_guided.variant], out / "saliency", out / "pseudo_masks"
+        )
         files["guided"] = out / "guided.pt"
-        _train_one(everything, "guided", sections.model, sections.train_guided,
-                   GuidedObjective(guidance, sections.train_guided), files["guided"], checkpoints, fingerprint, run)
+        _train_one(
+            everything,
+            "guided",
+            sections.model,
+            sections.train_guided,
+            GuidedObjective(guidance, sections.train_guided),
+            files["guided"],
+            checkpoints,
+            fingerprint,
+            run,
+        )
     for checkpoint in checkpoints.glob("*.pt"):
         checkpoint.unlink()
     return files
 
 
-def _train_one(data: PreparedData, kind: str, model_params: ModelParams, params: TrainParams, objective: Objective,
-               path: Path, checkpoints: Path, fingerprint: str, run: StageRun) -> None:
+def _train_one(
+    data: PreparedData,
+    kind: str,
+    model_params: ModelParams,
+    params: TrainParams,
+    objective: Objective,
+    path: Path,
+    checkpoints: Path,
+    fingerprint: str,
+    run: StageRun,
+) -> None:
     print(f"  release: training the {kind} model on all {len(data.index)} labelled images", flush=True)
 
     def log(record: dict) -> None:
         print(format_epoch(record), flush=True)
-        run.log_metrics({k: v for k, v in record.items() if k not in ("fold", "epoch")},
-                        step=record["epoch"], prefix=f"{kind}/")
+        run.log_metrics(
+            {k: v for k, v in record.items() if k not in ("fold", "epoch")}, step=record["epoch"], prefix=f"{kind}/"
+        )
 
-    model, config, _ = train(data, FOLD, model_params, params, objective, checkpoints / f"{kind}.pt", log,
-                             f"{fingerprint}-{kind}")
+    model, config, _ = train(
+        data, FOLD, model_params, params, objective, checkpoints / f"{kind}.pt", log, f"{fingerprint}-{kind}"
+    )
     save_model(path, model, config)
 
 
@@ -136,12 +168,8 @@ def write_guidance(data: PreparedData, baseline_file: Path, sections: ReleaseSec
     guided model reads them through ``objectives.load_guidance`` as the fold models do."""
     device = pick_device(sections.model.device)
     precision = resolve_precision(sections.model.precision, device)  # as the saliency stage computes
-    model, config = load_model(baseline_file, device)
-    method = create_saliency(sections.saliency.method, precision.model(model), sections.saliency.layers, precision)
-    maps, _, _ = saliency_maps(method, config, data.images, sections.saliency.batch_size)
+    write_fold_maps(data, FOLD, baseline_file, sections.saliency, precision, device, out / "saliency")
     ids = data.index["id"].tolist()
-    for image_id, saliency in zip(ids, maps):
-        write_map(out / "saliency" / f"fold{FOLD}" / f"{image_id}.png", saliency)
     maps = data.load_maps(out / "saliency" / f"fold{FOLD}", np.arange(len(ids))).numpy()  # as stored
     _, true_rows = write_fold_targets(data, FOLD, maps, sections.pseudo_labels, out / "pseudo_masks" / f"fold{FOLD}")
     write_json(out / "pseudo_masks" / layout.TRUE_MASKS, {f"fold{FOLD}": [ids[row] for row in true_rows]})
@@ -153,18 +181,26 @@ def register_release(run: StageRun, files: dict[str, Path], kind: str, name: str
     and operating point as tags, and the alias ``candidate``."""
     from pipeline.deployment.serving import log_scoring_model
 
-    version = log_scoring_model(files[kind], point["threshold"], point["operating_point"], name,
-                                teacher_file=files.get("baseline") if kind != "baseline" else None,
-                                aliases=[CANDIDATE], tags={"role": ROLE, "pipeline_run": run.pipeline_id},
-                                name="release_model")
+    version = log_scoring_model(
+        files[kind],
+        point["threshold"],
+        point["operating_point"],
+        name,
+        teacher_file=files.get("baseline") if kind != "baseline" else None,
+        aliases=[CANDIDATE],
+        tags={"role": ROLE, "pipeline_run": run.pipeline_id},
+        name="release_model",
+    )
     return str(version.version)
 
 
 def release_fingerprint(sections: ReleaseSections, *inputs: Path) -> str:
     """The checkpoints' fingerprint: every section the training reads (not the gate, which
     ``promote`` reads) and the lineage of its inputs."""
-    trained = {name: getattr(sections, name) for name in ("model", "train_baseline", "saliency", "pseudo_labels",
-                                                          "train_guided")}
+    trained = {
+        name: getattr(sections, name)
+        for name in ("model", "train_baseline", "saliency", "pseudo_labels", "train_guided")
+    }
     return fingerprint_of({**trained, "release": sections.release.model_copy(update={"gate": {}})}, *inputs)
 
 
@@ -213,9 +249,11 @@ def run_release(sections: ReleaseSections, paths: ReleasePaths) -> None:
         figures = {k: v for k, v in point.items() if k not in ("per_fold", "scores")}
         run.log_metrics({k: v for k, v in figures.items() if k not in ("model", "operating_point")})
         write_json(paths.metrics, {**figures, "images": len(data.index), "registered": name})
-    print(f"  {name} version {version} (alias {CANDIDATE}): threshold {point['threshold']:.6g} at "
-          f"{point['operating_point']}; expected miss rate {point['miss_rate']:.4f} ± {point['miss_rate_std']:.4f}, "
-          f"false-alarm rate {point['false_alarm_rate']:.4f} ± {point['false_alarm_rate_std']:.4f} over folds")
+    print(
+        f"  {name} version {version} (alias {CANDIDATE}): threshold {point['threshold']:.6g} at "
+        f"{point['operating_point']}; expected miss rate {point['miss_rate']:.4f} ± {point['miss_rate_std']:.4f}, "
+        f"false-alarm rate {point['false_alarm_rate']:.4f} ± {point['false_alarm_rate_std']:.4f} over folds"
+    )
 
 
 # --- promotion ------------------------------------------------------------------------------------
@@ -229,12 +267,16 @@ def candidate_version(client, name: str):
         version = client.get_model_version_by_alias(name, CANDIDATE)
     except MlflowException:
         known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
-        raise InputError(f"no version of {name!r} has the alias {CANDIDATE!r} (registered models: {known}): "
-                         "run the release stage first (dvc repro release), or pass --name") from None
+        raise InputError(
+            f"no version of {name!r} has the alias {CANDIDATE!r} (registered models: {known}): "
+            "run the release stage first (dvc repro release), or pass --name"
+        ) from None
     if "threshold" not in version.tags:
-        raise InputError(f"{name} version {version.version} (alias {CANDIDATE}) has no 'threshold' tag: it was "
-                         "registered before releases carried their operating point; rerun the release stage "
-                         "(dvc repro -f release) to register a candidate that has one")
+        raise InputError(
+            f"{name} version {version.version} (alias {CANDIDATE}) has no 'threshold' tag: it was "
+            "registered before releases carried their operating point; rerun the release stage "
+            "(dvc repro -f release) to register a candidate that has one"
+        )
     return version
 
 
@@ -244,13 +286,18 @@ def candidate_figures(version, tracking: str) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as folder:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=CROSS_VALIDATION,
-                                                             dst_path=folder, tracking_uri=tracking))
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=version.run_id, artifact_path=CROSS_VALIDATION, dst_path=folder, tracking_uri=tracking
+                )
+            )
             return gate_figures(read_json(local / EVALUATION_METRICS), read_json(local / layout.OPERATING_POINT))
         except (OSError, mlflow.exceptions.MlflowException) as error:
-            raise InputError(f"{version.name} version {version.version}: its run {version.run_id} holds no "
-                             f"{CROSS_VALIDATION}/ figures ({type(error).__name__}); it was not registered by the "
-                             "release stage: rerun it (dvc repro -f release)") from None
+            raise InputError(
+                f"{version.name} version {version.version}: its run {version.run_id} holds no "
+                f"{CROSS_VALIDATION}/ figures ({type(error).__name__}); it was not registered by the "
+                "release stage: rerun it (dvc repro -f release)"
+            ) from None
 
 
 def promote(name: str, gate: dict[str, str]) -> str:
@@ -261,20 +308,27 @@ def promote(name: str, gate: dict[str, str]) -> str:
     from pipeline.core.tracking import connect, tracking_uri
 
     if not gate:
-        raise InputError("release.gate in params.yaml is empty: write at least one condition, e.g. "
-                         "release.gate: {guided.ap: '>= 0.9'}")
+        raise InputError(
+            "release.gate in params.yaml is empty: write at least one condition, e.g. "
+            "release.gate: {guided.ap: '>= 0.9'}"
+        )
     connect()
     client = MlflowClient(tracking_uri())
     version = candidate_version(client, name)
     figures = candidate_figures(version, tracking_uri())
     failures = gate_failures(figures, gate, f"the cross-validated figures of {name} version {version.version}")
     if failures:
-        raise GateRefused(f"{name} version {version.version} stays {CANDIDATE}, not promoted to {CHAMPION}: "
-                          + "; ".join(failures) + " (release.gate in params.yaml)")
+        raise GateRefused(
+            f"{name} version {version.version} stays {CANDIDATE}, not promoted to {CHAMPION}: "
+            + "; ".join(failures)
+            + " (release.gate in params.yaml)"
+        )
     client.set_registered_model_alias(name, CHAMPION, version.version)
     passed = "; ".join(f"{key} = {figures[key]:.4g} {condition}" for key, condition in gate.items())
-    return (f"{name} version {version.version} promoted to {CHAMPION} (threshold {version.tags['threshold']}, "
-            f"{version.tags.get('operating_point', '?')}): {passed}")
+    return (
+        f"{name} version {version.version} promoted to {CHAMPION} (threshold {version.tags['threshold']}, "
+        f"{version.tags.get('operating_point', '?')}): {passed}"
+    )
 
 
 def default_name(prepared: Path, release: ReleaseParams) -> str:
@@ -286,18 +340,11 @@ def default_name(prepared: Path, release: ReleaseParams) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``kgi promote``: the candidate becomes champion if it passes release.gate."""
     from pipeline.config import load_section
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.deployment.release", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    promoting = commands.add_parser("promote", help="candidate -> champion if it passes release.gate")
-    promoting.add_argument("--name", help="registered model (default: <dataset>-<release.model>)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", help="registered model (default: <dataset>-<release.model>)")
     args = parser.parse_args(argv)
     release = load_section("release")
     print(promote(args.name or default_name(layout.PREPARED, release), release.gate))
-
-
-if __name__ == "__main__":
-    from pipeline.core.runner import run_stage
-
-    run_stage("release promote", main)

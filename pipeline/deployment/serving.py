@@ -37,8 +37,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline.core.errors import InputError
-from pipeline.data.sources import DataError, decode_gray
+from pipeline.core.errors import DataError, InputError
+from pipeline.data.images import decode_gray
 from pipeline.deployment.predict import (
     SCORING_MODEL_FILE,
     Predictor,
@@ -46,8 +46,8 @@ from pipeline.deployment.predict import (
     load_file,
     overlay_picture,
 )
-from pipeline.metrics.figures import png_bytes
 from pipeline.knowledge.saliency import METHODS
+from pipeline.metrics.figures import png_bytes
 from pipeline.models.files import needs_prior
 
 if TYPE_CHECKING:
@@ -59,8 +59,20 @@ OUTPUT_COLUMNS = ("score", "decision", "threshold", "operating_point", "heatmap"
 BATCH_SIZE = 16  # images per forward, as predict's default: bounds memory for large requests
 TEACHER_FILE = "teacher.pt"
 # What the served code imports; pinned to the versions it was logged with.
-REQUIREMENTS = ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless", "pillow",
-                "pydantic", "pyyaml", "matplotlib", "scikit-learn", "scipy")
+REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "mlflow",
+    "numpy",
+    "pandas",
+    "opencv-python-headless",
+    "pillow",
+    "pydantic",
+    "pyyaml",
+    "matplotlib",
+    "scikit-learn",
+    "scipy",
+)
 
 
 class ScoringModel(mlflow.pyfunc.PythonModel):
@@ -70,15 +82,20 @@ class ScoringModel(mlflow.pyfunc.PythonModel):
         settings = context.model_config
         teacher = context.artifacts.get("teacher")
         self.operating_point = str(settings["operating_point"])
-        self.predictor = Predictor(load_file(Path(context.artifacts["model"])), float(settings["threshold"]),
-                                   settings["saliency"], load_file(Path(teacher)) if teacher else None,
-                                   settings["teacher_saliency"])
+        self.predictor = Predictor(
+            load_file(Path(context.artifacts["model"])),
+            float(settings["threshold"]),
+            settings["saliency"],
+            load_file(Path(teacher)) if teacher else None,
+            settings["teacher_saliency"],
+        )
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: Mapping[str, Any] | None = None
-                ) -> pd.DataFrame:
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
         if IMAGE_COLUMN not in model_input.columns:
-            raise InputError(f"the request has columns {list(model_input.columns)}; send the image files' bytes "
-                             f"(base64 in JSON) in a column named {IMAGE_COLUMN!r}")
+            raise InputError(
+                f"the request has columns {list(model_input.columns)}; send the image files' bytes "
+                f"(base64 in JSON) in a column named {IMAGE_COLUMN!r}"
+            )
         heatmap = bool((params or {}).get("heatmap", False))
         return score_images(self.predictor, model_input[IMAGE_COLUMN], heatmap, self.operating_point)
 
@@ -91,20 +108,28 @@ def image_bytes(value: object) -> bytes:
         try:
             return base64.b64decode(value.encode("ascii"), validate=False)
         except (ValueError, UnicodeEncodeError) as error:
-            raise DataError(f"the value is a string but not base64 ({error}); send the file's bytes "
-                            "base64-encoded") from error
+            raise DataError(
+                f"the value is a string but not base64 ({error}); send the file's bytes base64-encoded"
+            ) from error
     raise DataError(f"the value is a {type(value).__name__}; send the image file's bytes (base64 in JSON)")
 
 
-def score_images(predictor: Predictor, values: Iterable[object], heatmap: bool = False,
-                 operating_point: str = "") -> pd.DataFrame:
+def score_images(
+    predictor: Predictor, values: Iterable[object], heatmap: bool = False, operating_point: str = ""
+) -> pd.DataFrame:
     """One row per value (``OUTPUT_COLUMNS``), in order; unreadable ones get ``error``, not an exception."""
     rows: list[dict] = []
     for start, chunk in _chunks(list(values), BATCH_SIZE):
         readable: list[tuple[dict, np.ndarray]] = []
         for position, value in enumerate(chunk, start):
-            row = {"score": None, "decision": "", "threshold": predictor.threshold,
-                   "operating_point": operating_point, "heatmap": "", "error": ""}
+            row = {
+                "score": None,
+                "decision": "",
+                "threshold": predictor.threshold,
+                "operating_point": operating_point,
+                "heatmap": "",
+                "error": "",
+            }
             rows.append(row)
             try:
                 readable.append((row, decode_gray(image_bytes(value), f"image {position}")))
@@ -139,10 +164,19 @@ def _score(predictor: Predictor, readable: list[tuple[dict, np.ndarray]], heatma
 # --- logging and registering ---------------------------------------------------------------------
 
 
-def log_scoring_model(model_file: str | Path, threshold: float, operating_point: str, registered_name: str, *,
-                      teacher_file: str | Path | None = None, aliases: Iterable[str] = (),
-                      tags: Mapping[str, str] | None = None, saliency: str = "gradcam",
-                      teacher_saliency: str = "layercam", name: str = "scoring_model") -> ModelVersion:
+def log_scoring_model(
+    model_file: str | Path,
+    threshold: float,
+    operating_point: str,
+    registered_name: str,
+    *,
+    teacher_file: str | Path | None = None,
+    aliases: Iterable[str] = (),
+    tags: Mapping[str, str] | None = None,
+    saliency: str = "gradcam",
+    teacher_saliency: str = "layercam",
+    name: str = "scoring_model",
+) -> ModelVersion:
     """Log ``model_file`` as a ``ScoringModel`` and register it as a new version of ``registered_name``.
 
     The threshold and operating point go into the logged model's metadata and model config, and
@@ -159,8 +193,12 @@ def log_scoring_model(model_file: str | Path, threshold: float, operating_point:
     loaded = load_file(Path(model_file))
     teacher = load_file(Path(teacher_file)) if teacher_file is not None else None
     Predictor(loaded, float(threshold), saliency, teacher, teacher_saliency)  # refuses a missing or wrong teacher
-    settings = {"threshold": float(threshold), "operating_point": str(operating_point), "saliency": saliency,
-                "teacher_saliency": teacher_saliency}
+    settings = {
+        "threshold": float(threshold),
+        "operating_point": str(operating_point),
+        "saliency": saliency,
+        "teacher_saliency": teacher_saliency,
+    }
     with tempfile.TemporaryDirectory() as folder, _active_run(registered_name):
         artifacts = {"model": shutil.copyfile(model_file, Path(folder) / SCORING_MODEL_FILE)}
         if teacher_file is not None and needs_prior(loaded.config):
@@ -174,13 +212,21 @@ def log_scoring_model(model_file: str | Path, threshold: float, operating_point:
 
 def _log(name: str, artifacts: dict[str, Path], settings: dict, config: dict, registered_name: str):
     return mlflow.pyfunc.log_model(
-        name=name, python_model=ScoringModel(), artifacts={k: str(v) for k, v in artifacts.items()},
+        name=name,
+        python_model=ScoringModel(),
+        artifacts={k: str(v) for k, v in artifacts.items()},
         # The served process imports this package: it travels with the model (code/pipeline).
-        code_paths=[str(Path(__file__).parents[1])], model_config=settings, signature=scoring_signature(),
-        metadata={"pipeline_config": config, "threshold": settings["threshold"],
-                  "operating_point": settings["operating_point"]},
+        code_paths=[str(Path(__file__).parents[1])],
+        model_config=settings,
+        signature=scoring_signature(),
+        metadata={
+            "pipeline_config": config,
+            "threshold": settings["threshold"],
+            "operating_point": settings["operating_point"],
+        },
         pip_requirements=[f"{package}=={package_version(package).split('+')[0]}" for package in REQUIREMENTS],
-        registered_model_name=registered_name)
+        registered_model_name=registered_name,
+    )
 
 
 def scoring_signature() -> ModelSignature:
@@ -189,9 +235,11 @@ def scoring_signature() -> ModelSignature:
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     types = {"score": "double", "threshold": "double"}
-    return ModelSignature(inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
-                          outputs=Schema([ColSpec(types.get(c, "string"), c) for c in OUTPUT_COLUMNS]),
-                          params=ParamSchema([ParamSpec("heatmap", "boolean", False)]))
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
+        outputs=Schema([ColSpec(types.get(c, "string"), c) for c in OUTPUT_COLUMNS]),
+        params=ParamSchema([ParamSpec("heatmap", "boolean", False)]),
+    )
 
 
 @contextmanager
@@ -207,13 +255,17 @@ def _active_run(registered_name: str) -> Iterator[None]:
         yield
 
 
-def _tag_version(registered_name: str, number: str, settings: Mapping[str, Any], tags: Mapping[str, str],
-                 aliases: Iterable[str]) -> ModelVersion:
+def _tag_version(
+    registered_name: str, number: str, settings: Mapping[str, Any], tags: Mapping[str, str], aliases: Iterable[str]
+) -> ModelVersion:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()  # the fluent API's store: the one the model was just registered in
-    for key, value in {"threshold": str(settings["threshold"]), "operating_point": settings["operating_point"],
-                       **tags}.items():
+    for key, value in {
+        "threshold": str(settings["threshold"]),
+        "operating_point": settings["operating_point"],
+        **tags,
+    }.items():
         client.set_model_version_tag(registered_name, number, key, str(value))
     for alias in aliases:
         client.set_registered_model_alias(registered_name, alias, number)
@@ -228,8 +280,9 @@ def request_body(files: Iterable[bytes], heatmap: bool = False) -> bytes:
     import json
 
     data = [[base64.b64encode(content).decode("ascii")] for content in files]
-    return json.dumps({"dataframe_split": {"columns": [IMAGE_COLUMN], "data": data},
-                       "params": {"heatmap": heatmap}}).encode()
+    return json.dumps(
+        {"dataframe_split": {"columns": [IMAGE_COLUMN], "data": data}, "params": {"heatmap": heatmap}}
+    ).encode()
 
 
 @contextmanager
@@ -244,11 +297,27 @@ def served(model_uri: str, port: int, workers: int = 1, start_timeout: float = 1
 
     from pipeline.core.errors import SetupError
 
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
-    log = tempfile.TemporaryFile()
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                              start_new_session=True)  # its workers end with it (the process group)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        str(workers),
+    ]
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (the server writes to it until the finally below closes it)
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True
+    )  # its workers end with it (the process group)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_timeout
@@ -262,8 +331,10 @@ def served(model_uri: str, port: int, workers: int = 1, start_timeout: float = 1
             if server.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
                 tail = log.read().decode(errors="replace")[-2000:]
-                raise SetupError(f"mlflow models serve -m {model_uri} did not answer on {url} within "
-                                 f"{start_timeout:.0f} s (exit code {server.poll()}); its output ends:\n{tail}")
+                raise SetupError(
+                    f"mlflow models serve -m {model_uri} did not answer on {url} within "
+                    f"{start_timeout:.0f} s (exit code {server.poll()}); its output ends:\n{tail}"
+                )
             time.sleep(0.5)
         yield url
     finally:

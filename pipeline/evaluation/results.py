@@ -10,13 +10,11 @@ tables, so it is tested without a model. Conventions:
 * Localization is scored on every defective test image that has a true mask, per image, and
   averaged per fold and over all such images (each image counts once).
 
-``python -m pipeline.evaluation.results scores_seed0.csv scores_seed1.csv ...`` combines runs of
-several seeds (see ``combine_runs``).
+Runs of several seeds are combined in ``pipeline.evaluation.seeds``.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,19 +23,18 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from pipeline.metrics.classification import (
-    MetricsError,
-    mask_iou,
-    pointing_game_hit,
-    saliency_mass_inside,
-    summarize_folds,
-)
+from pipeline.metrics.classification import MetricsError, summarize_folds
 from pipeline.metrics.figures import (
     heatmap_overlay,
     mark_mask,
     overlay_grid,
     plot_training_curves,
     results_table_markdown,
+)
+from pipeline.metrics.localization import (
+    mask_iou,
+    pointing_game_hit,
+    saliency_mass_inside,
 )
 
 MODELS = ("baseline", "guided")
@@ -46,9 +43,18 @@ SALIENCY_MAPS = ("baseline_saliency", "guided_saliency", "guided_segmentation")
 # The guided segmentation output is a probability: a pixel at or above this is "defect".
 SEGMENTATION_THRESHOLD = 0.5
 # Headline classification keys of each model in the metrics file (fold means) ...
-HEADLINE = ("ap", "auroc", "accuracy", "precision", "recall", "f1_best",
-            "false_alarms_at_full_recall", "false_alarm_rate_at_full_recall",
-            "missed_at_zero_false_alarms", "missed_rate_at_zero_false_alarms")
+HEADLINE = (
+    "ap",
+    "auroc",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1_best",
+    "false_alarms_at_full_recall",
+    "false_alarm_rate_at_full_recall",
+    "missed_at_zero_false_alarms",
+    "missed_rate_at_zero_false_alarms",
+)
 # ... those also given with their std over folds, and those given for each fold.
 WITH_STD = ("ap", "auroc", "f1_best", "false_alarms_at_full_recall", "missed_at_zero_false_alarms")
 PER_FOLD = ("ap", "auroc", "false_alarms_at_full_recall", "missed_at_zero_false_alarms")
@@ -121,8 +127,7 @@ def classification_summary(scores: pd.DataFrame, threshold: float) -> tuple[dict
             **{key: mean[key] for key in HEADLINE},
             **{f"{key}_std": std[key] for key in WITH_STD},
             "ap_pooled": summary["pooled"]["ap"],
-            **{f"fold{fold}": {key: metrics[key] for key in PER_FOLD}
-               for fold, metrics in summary["per_fold"].items()},
+            **{f"fold{fold}": {key: metrics[key] for key in PER_FOLD} for fold, metrics in summary["per_fold"].items()},
         }
         rows += [{"model": model, "fold": fold, **metrics} for fold, metrics in summary["per_fold"].items()]
     return headline, pd.DataFrame(rows)
@@ -214,8 +219,10 @@ def decision_errors(scores: pd.DataFrame, threshold: float) -> pd.DataFrame:
     for model in MODELS:
         missed = scores[(scores["label"] == 1) & (scores[model] < threshold)]
         alarms = scores[(scores["label"] == 0) & (scores[model] >= threshold)]
-        found += [missed.sort_values([model, "id"]).assign(model=model, kind="miss"),
-                  alarms.sort_values([model, "id"], ascending=[False, True]).assign(model=model, kind="false alarm")]
+        found += [
+            missed.sort_values([model, "id"]).assign(model=model, kind="miss"),
+            alarms.sort_values([model, "id"], ascending=[False, True]).assign(model=model, kind="false alarm"),
+        ]
     return pd.concat(found, ignore_index=True)
 
 
@@ -224,8 +231,9 @@ def drawn_errors(errors: pd.DataFrame, count: int = ERRORS_DRAWN) -> pd.DataFram
     return errors.groupby(["model", "kind"], sort=False).head(count)
 
 
-def error_pictures(errors: pd.DataFrame, panels: Mapping[str, Mapping[str, np.ndarray]],
-                   method: str) -> dict[str, np.ndarray]:
+def error_pictures(
+    errors: pd.DataFrame, panels: Mapping[str, Mapping[str, np.ndarray]], method: str
+) -> dict[str, np.ndarray]:
     """``errors_<model>_<kind>.png`` -> the overlay grid of that model's drawn errors of that
     kind (``drawn_errors``); a model without errors of a kind gets no picture."""
     pictures = {}
@@ -256,10 +264,10 @@ def overlay_picture(
             heatmaps = [mark_mask(heat, mask) for heat in heatmaps]
         rows.append([image, shown_mask, *heatmaps])
         kind = "DEFECT" if item.label == 1 else "no defect"
-        titles.append(f"{item.id} (fold {item.fold})\n{kind}\n"
-                      f"baseline {item.baseline:.2f}\nguided {item.guided:.2f}")
-    columns = ["image", "true mask", f"baseline {method}", f"guided {method}",
-               "guided segmentation (prob.)"][: 2 + len(heatmaps)]
+        titles.append(f"{item.id} (fold {item.fold})\n{kind}\nbaseline {item.baseline:.2f}\nguided {item.guided:.2f}")
+    columns = ["image", "true mask", f"baseline {method}", f"guided {method}", "guided segmentation (prob.)"][
+        : 2 + len(heatmaps)
+    ]
     return overlay_grid(rows, titles, columns, cell_height)
 
 
@@ -275,7 +283,8 @@ def plot_training(history_csv: str | Path, path: str | Path, title: str) -> None
     for column in history.columns:
         values = history[column]
         if column in ("epoch", "fold", "seed") or (
-                values.fillna(0).ne(0).any() and not any(values.equals(history[k]) for k in keep)):
+            values.fillna(0).ne(0).any() and not any(values.equals(history[k]) for k in keep)
+        ):
             keep.append(column)
     plot_training_curves(history[keep], path, title)
 
@@ -284,106 +293,55 @@ def results_markdown(title: str, metrics: Mapping[str, Any], method: str) -> str
     """The results in the paper's format (method, label type, pixel masks, AP) and the
     localization against the true masks, as Markdown (no timings: identical runs write identical
     files; the evaluation's ``timing.json`` has them)."""
-    rows = [{"Method": "baseline" if m == "baseline" else f"guided ({method} prior)",
-             "Label type": "image-level", "Pixel masks": 0, "AP": metrics[m]["ap"],
-             "AP std (folds)": metrics[m]["ap_std"], "AUROC": metrics[m]["auroc"],
-             "F1 (best)": metrics[m]["f1_best"],
-             "False alarms at 100% recall": metrics[m]["false_alarms_at_full_recall"],
-             "Missed at 0 false alarms": metrics[m]["missed_at_zero_false_alarms"]} for m in MODELS]
+    rows = [
+        {
+            "Method": "baseline" if m == "baseline" else f"guided ({method} prior)",
+            "Label type": "image-level",
+            "Pixel masks": 0,
+            "AP": metrics[m]["ap"],
+            "AP std (folds)": metrics[m]["ap_std"],
+            "AUROC": metrics[m]["auroc"],
+            "F1 (best)": metrics[m]["f1_best"],
+            "False alarms at 100% recall": metrics[m]["false_alarms_at_full_recall"],
+            "Missed at 0 false alarms": metrics[m]["missed_at_zero_false_alarms"],
+        }
+        for m in MODELS
+    ]
     data = metrics["data"]
-    text = [f"# {title}\n", results_table_markdown(rows, list(rows[0])),
-            f"Test images: {data['test_images']:.0f} ({data['test_defective']:.0f} defective) in "
-            f"{data['folds']:.0f} fold(s). AP, AUROC, F1 and counts are means over folds; false alarms "
-            "and misses are images of one fold, each fold's model at its own threshold.\n"]
+    text = [
+        f"# {title}\n",
+        results_table_markdown(rows, list(rows[0])),
+        f"Test images: {data['test_images']:.0f} ({data['test_defective']:.0f} defective) in "
+        f"{data['folds']:.0f} fold(s). AP, AUROC, F1 and counts are means over folds; false alarms "
+        "and misses are images of one fold, each fold's model at its own threshold.\n",
+    ]
     loc = metrics.get("localization")
     if loc:
-        names = {"baseline_saliency": f"baseline {method}", "guided_saliency": f"guided {method}",
-                 "guided_segmentation": "guided segmentation"}
-        rows = [{"Map": label, "Mass inside mask %": loc[name]["mass_inside"],
-                 "Pointing game %": loc[name]["pointing_game"],
-                 "Pointing game, tolerant %": loc[name].get("pointing_game_tolerant"),
-                 "IoU %": loc[name].get("iou")} for name, label in names.items() if name in loc]
-        rows += [{"Map": "Otsu pseudo-mask of baseline", "IoU %": loc["pseudo_mask_iou"]},
-                 {"Map": "uniform map (chance)", "Mass inside mask %": loc["mask_area_share"]}]
+        names = {
+            "baseline_saliency": f"baseline {method}",
+            "guided_saliency": f"guided {method}",
+            "guided_segmentation": "guided segmentation",
+        }
+        rows = [
+            {
+                "Map": label,
+                "Mass inside mask %": loc[name]["mass_inside"],
+                "Pointing game %": loc[name]["pointing_game"],
+                "Pointing game, tolerant %": loc[name].get("pointing_game_tolerant"),
+                "IoU %": loc[name].get("iou"),
+            }
+            for name, label in names.items()
+            if name in loc
+        ]
+        rows += [
+            {"Map": "Otsu pseudo-mask of baseline", "IoU %": loc["pseudo_mask_iou"]},
+            {"Map": "uniform map (chance)", "Mass inside mask %": loc["mask_area_share"]},
+        ]
         tolerant = "pointing_game_tolerant" in loc["baseline_saliency"]
         columns = [c for c in rows[0] if tolerant or c != "Pointing game, tolerant %"]
-        text += ["## Localization against the true masks\n", results_table_markdown(rows, columns),
-                 f"Over {loc['n_images']:.0f} defective test images with a true mask, each counted once.\n"]
+        text += [
+            "## Localization against the true masks\n",
+            results_table_markdown(rows, columns),
+            f"Over {loc['n_images']:.0f} defective test images with a true mask, each counted once.\n",
+        ]
     return "\n".join(text)
-
-
-def combine_runs(score_csvs: Sequence[str | Path], threshold: float = 0.5, ids: str | None = None) -> pd.DataFrame:
-    """Mean and spread over runs of different seeds, from their ``scores.csv`` files.
-
-    Each file is one run (one training seed, same prepared data); runs are numbered as given.
-    One row per model: each metric's fold mean averaged over runs (``<key>``), its std over
-    runs (``<key>_seed_std``) and over folds (``<key>_fold_std``), all ddof=0. ``ids``, a
-    regular expression, keeps only the test images whose id it matches (``re.search``): one
-    kind of image, one camera position.
-    """
-    if len(score_csvs) < 2:
-        raise MetricsError("combine_runs needs the scores.csv of at least two runs")
-    frames = []
-    for seed, path in enumerate(score_csvs):
-        frame = pd.read_csv(path, dtype={"id": str})
-        missing = {"fold", "id", "label", *MODELS} - set(frame.columns)
-        if missing:
-            raise MetricsError(f"{path} lacks column(s) {sorted(missing)}: is it an evaluation's scores.csv?")
-        if ids is not None:
-            frame = frame[frame["id"].str.contains(ids, regex=True)]
-            if not (frame["label"] == 1).any() or not (frame["label"] == 0).any():
-                raise MetricsError(f"{path}: the images whose id matches {ids!r} are not of both classes; "
-                                   "AP needs defective and defect-free images")
-        frames.append(frame.assign(seed=seed))
-    images = set(zip(frames[0]["fold"], frames[0]["id"]))
-    for path, frame in zip(score_csvs[1:], frames[1:]):
-        if set(zip(frame["fold"], frame["id"])) != images:
-            raise MetricsError(f"{path} scores other test images than {score_csvs[0]}: "
-                               "combine runs on the same prepared data")
-    scores = pd.concat(frames, ignore_index=True)
-    rows = []
-    for model in MODELS:
-        summary = summarize_folds(scores.rename(columns={model: "score"}), threshold)
-        row: dict[str, Any] = {"model": model, "runs": len(frames)}
-        for key in WITH_STD:
-            row.update({key: summary["mean"][key], f"{key}_seed_std": summary["seed_std"][key],
-                        f"{key}_fold_std": summary["std"][key]})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def combined_markdown(table: pd.DataFrame) -> str:
-    """``combine_runs``'s table as mean ± std over seeds (AP and AUROC in %)."""
-    def cell(row: pd.Series, key: str, scale: float) -> str:
-        return f"{scale * row[key]:.2f} ± {scale * row[f'{key}_seed_std']:.2f}"
-
-    lines = ["| Model | Runs | AP % | AUROC % | F1 % | False alarms at 100% recall | "
-             "Missed at 0 false alarms | AP std over folds % |", "| --- " * 8 + "|"]
-    for _, row in table.iterrows():
-        lines.append(f"| {row['model']} | {row['runs']} | {cell(row, 'ap', 100)} | {cell(row, 'auroc', 100)} | "
-                     f"{cell(row, 'f1_best', 100)} | {cell(row, 'false_alarms_at_full_recall', 1)} | "
-                     f"{cell(row, 'missed_at_zero_false_alarms', 1)} | {100 * row['ap_fold_std']:.2f} |")
-    return "\n".join(lines) + "\n\nMean over folds and runs ± std over runs (seeds).\n"
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.evaluation.results",
-        description="Combine the scores.csv of runs with different seeds into a mean ± std table. "
-        "Collect them e.g. with: for s in 0 1 2; do dvc exp run -S seed=$s "
-        "&& cp data/evaluation/scores.csv scores_seed$s.csv; done")
-    parser.add_argument("scores", nargs="+", help="scores.csv of each run")
-    parser.add_argument("--threshold", type=float, default=0.5, help="evaluate.threshold of the runs")
-    parser.add_argument("--ids", help="only the test images whose id matches this regular expression")
-    parser.add_argument("--out", type=Path, help="also write the table here (.md) and beside it as .csv")
-    args = parser.parse_args(argv)
-    table = combine_runs(args.scores, args.threshold, args.ids)
-    text = combined_markdown(table)
-    if args.out:
-        args.out.write_text(text)
-        table.to_csv(args.out.with_suffix(".csv"), index=False)
-    print(text)
-
-
-if __name__ == "__main__":
-    main()

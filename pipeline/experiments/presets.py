@@ -48,8 +48,10 @@ def load_preset(name: str, folder: Path = PRESETS) -> dict:
     overrides = yaml.safe_load(path.read_text()) or {}
     unknown = sorted(set(overrides) - set(SECTIONS) - {RUN_SEED})
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)} "
-                          f"and the top-level {RUN_SEED}")
+        raise ConfigError(
+            f"{path}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)} "
+            f"and the top-level {RUN_SEED}"
+        )
     return overrides
 
 
@@ -153,7 +155,3 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

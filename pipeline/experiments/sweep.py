@@ -44,11 +44,12 @@ from pipeline.core.artifacts import output_dir, read_json, write_csv
 from pipeline.core.errors import MissingInputError
 from pipeline.core.progress import log_line, progress
 from pipeline.evaluation.results import MODELS
+from pipeline.evaluation.seeds import seed_spread
+from pipeline.experiments.presets import exp_run_command
 from pipeline.metrics.figures import (
     plot_metric_vs_count,
     results_table_markdown,
 )
-from pipeline.experiments.presets import exp_run_command
 
 # Files of a finished experiment kept per point; metrics (data/metrics/*.json) are added to them.
 # A point runs up to the evaluation: the release would train both models once more on every image,
@@ -86,11 +87,14 @@ def point_overrides(param: str, value: str, seed: int, fixed: list[str]) -> list
 
 def check_seeds_follow(params: dict, source: str) -> None:
     """Refuse a sweep whose seed would not reach every derived seed (one set on its own)."""
-    fixed = [f"{section}.{key}" for section, key in DERIVED_SEEDS.items()
-             if (params.get(section) or {}).get(key) is not None]
+    fixed = [
+        f"{section}.{key}" for section, key in DERIVED_SEEDS.items() if (params.get(section) or {}).get(key) is not None
+    ]
     if fixed:
-        raise SweepError(f"{source} sets {', '.join(fixed)} on its own, so the sweep's seeds would not change "
-                         "it: leave it empty (it then follows the top-level seed) or drop it from the preset/--set")
+        raise SweepError(
+            f"{source} sets {', '.join(fixed)} on its own, so the sweep's seeds would not change "
+            "it: leave it empty (it then follows the top-level seed) or drop it from the preset/--set"
+        )
 
 
 def _dvc(*args: str) -> str:
@@ -178,8 +182,11 @@ def queue_points(points: dict[str, list[str]], states: dict[str, Experiment]) ->
 
 def wait_for(names: list[str], jobs: int, poll: float = 10.0) -> dict[str, Experiment]:
     """Start ``jobs`` queue workers and wait until none of ``names`` is queued or running."""
-    print(f"[sweep] running {len(names)} point(s) on {jobs} worker(s); watch with `dvc queue status` "
-          "and `dvc queue logs -f <point>`", flush=True)
+    print(
+        f"[sweep] running {len(names)} point(s) on {jobs} worker(s); watch with `dvc queue status` "
+        "and `dvc queue logs -f <point>`",
+        flush=True,
+    )
     _dvc("queue", "start", "-j", str(jobs))
     last: dict[str, str] = {}
     bar = progress(None, "sweep", "point", total=len(names))
@@ -204,24 +211,29 @@ def save_point(dest: Path, rev: str) -> None:
     """Copy an experiment's params, metrics and scores (from its commit and the DVC cache) into ``dest``."""
     import dvc.api
 
-    metrics = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:data/metrics"], capture_output=True,
-                             text=True, check=True).stdout.split()
+    metrics = subprocess.run(
+        ["git", "ls-tree", "--name-only", f"{rev}:data/metrics"], capture_output=True, text=True, check=True
+    ).stdout.split()
     with output_dir(dest) as building:
-        for path in [*POINT_FILES, *(f"data/metrics/{name}" for name in metrics
-                                    if name.endswith(".json") and name != STALE_METRICS)]:
+        for path in [
+            *POINT_FILES,
+            *(f"data/metrics/{name}" for name in metrics if name.endswith(".json") and name != STALE_METRICS),
+        ]:
             with dvc.api.open(path, repo=".", rev=rev, mode="rb") as source:
                 (building / Path(path).name).write_bytes(source.read())
 
 
-def run(param: str, values: list[str], seeds: list[int], out: Path, preset: str | None, fixed: list[str],
-        jobs: int = 1) -> None:
+def run(
+    param: str, values: list[str], seeds: list[int], out: Path, preset: str | None, fixed: list[str], jobs: int = 1
+) -> None:
     """Run every (value, seed) point not yet saved under ``out/runs`` on the queue, then summarize."""
     preset_sets = shlex.split(exp_run_command(preset))[5:] if preset else []  # after "dvc exp run -n NAME"
     base = [item for flag, item in zip(preset_sets[::2], preset_sets[1::2]) if flag == "-S"] + list(fixed)
     check_seeds_follow(yaml.safe_load(PARAMS_FILE.read_text()) or {}, str(PARAMS_FILE))
     check_seeds_follow(_overrides_as_params(base), "the preset or --set")
-    points = {point_name(param, value, seed): point_overrides(param, value, seed, base)
-              for value in values for seed in seeds}
+    points = {
+        point_name(param, value, seed): point_overrides(param, value, seed, base) for value in values for seed in seeds
+    }
     todo = {}
     for name, overrides in points.items():
         if (out / "runs" / name / "evaluate.json").is_file():
@@ -242,8 +254,10 @@ def run(param: str, values: list[str], seeds: list[int], out: Path, preset: str 
         else:
             failed.append(name)
     if failed:
-        raise SweepError(f"point(s) {', '.join(failed)} failed: see `dvc queue logs <point>`, fix the cause and "
-                         "rerun the same command (finished points are kept)")
+        raise SweepError(
+            f"point(s) {', '.join(failed)} failed: see `dvc queue logs <point>`, fix the cause and "
+            "rerun the same command (finished points are kept)"
+        )
     summarize(param, out)
 
 
@@ -290,15 +304,34 @@ def collect(param: str, out: Path) -> pd.DataFrame:
 def summary_table(points: pd.DataFrame, by: str) -> pd.DataFrame:
     """Per value of ``by`` and model: AP mean over seeds and its spread (over seeds, or over folds
     for one seed), and the means of false alarms at 100% recall and of the pointing game."""
-    rows = []
-    for value, group in points.groupby(by, sort=True):
-        for model in MODELS:
-            aps = group[f"{model}_ap"]
-            spread = aps.std(ddof=0) if len(aps) > 1 else group[f"{model}_ap_fold_std"].iloc[0]
-            rows.append({by: value, "model": model, "ap_mean": aps.mean(), "ap_std": spread, "seeds": len(aps),
-                         "false_alarms_mean": group.get(f"{model}_false_alarms", pd.Series(np.nan)).mean(),
-                         "pointing_game_mean": group.get(f"{model}_pointing_game", pd.Series(np.nan)).mean()})
-    return pd.DataFrame(rows)
+    tables = []
+    for model in MODELS:
+        # Points saved before a figure existed lack its column: its mean is NaN.
+        per_seed = pd.DataFrame(
+            {
+                by: points[by],
+                "ap": points[f"{model}_ap"],
+                **{name: points.get(f"{model}_{name}", np.nan) for name in ("false_alarms", "pointing_game")},
+            }
+        )
+        spread = seed_spread(per_seed, [by], ["ap", "false_alarms", "pointing_game"], sort=True)
+        # One seed has no spread over seeds: that of its folds stands in.
+        fold_std = points.drop_duplicates(by).sort_values(by)[f"{model}_ap_fold_std"].to_numpy()
+        tables.append(
+            pd.DataFrame(
+                {
+                    by: spread[by],
+                    "model": model,
+                    "ap_mean": spread["ap"],
+                    "ap_std": np.where(spread["seeds"] > 1, spread["ap_seed_std"], fold_std),
+                    "seeds": spread["seeds"],
+                    "false_alarms_mean": spread["false_alarms"],
+                    "pointing_game_mean": spread["pointing_game"],
+                }
+            )
+        )
+    # Each value's rows together, the models in order.
+    return pd.concat(tables).sort_values(by, kind="stable").reset_index(drop=True)
 
 
 def summarize(param: str, out: Path) -> pd.DataFrame:
@@ -317,13 +350,25 @@ def summarize(param: str, out: Path) -> pd.DataFrame:
         spread = "std over folds (one seed)"
     else:
         spread = "std over seeds; over folds where one seed"
-    rows = [{by: row[by], "Model": row["model"], "Seeds": row["seeds"], "AP %": row["ap_mean"],
-             "AP std %": row["ap_std"], "False alarms at 100% recall": row["false_alarms_mean"],
-             "Pointing game %": row["pointing_game_mean"]} for _, row in table.iterrows()]
-    (out / "summary.md").write_text(f"# AP against {param}\n\n" + results_table_markdown(rows, list(rows[0]))
-                                    + f"\nAP: mean over folds, then over seeds; spread: {spread}. False alarms "
-                                    "(defect-free images scored above the lowest-scored defect, per fold) and the "
-                                    "pointing game of the model's own saliency: means over folds and seeds.\n")
+    rows = [
+        {
+            by: row[by],
+            "Model": row["model"],
+            "Seeds": row["seeds"],
+            "AP %": row["ap_mean"],
+            "AP std %": row["ap_std"],
+            "False alarms at 100% recall": row["false_alarms_mean"],
+            "Pointing game %": row["pointing_game_mean"],
+        }
+        for _, row in table.iterrows()
+    ]
+    (out / "summary.md").write_text(
+        f"# AP against {param}\n\n"
+        + results_table_markdown(rows, list(rows[0]))
+        + f"\nAP: mean over folds, then over seeds; spread: {spread}. False alarms "
+        "(defect-free images scored above the lowest-scored defect, per fold) and the "
+        "pointing game of the model's own saliency: means over folds and seeds.\n"
+    )
     artifacts = [out / "summary.md", out / "summary.csv", out / "points.csv"]
     if by != "value":
         plot = out / f"ap_vs_{by}.png"
@@ -331,8 +376,9 @@ def summarize(param: str, out: Path) -> pd.DataFrame:
         artifacts.append(plot)
     with stage_run("sweep", {"sweep": {"param": param, "points": len(points)}}) as tracked:
         for _, row in table.iterrows():
-            tracked.log_metrics({f"{row['model']}.ap_mean": row["ap_mean"]}, step=int(round(float(row[by])))
-                                if by != "value" else None)
+            tracked.log_metrics(
+                {f"{row['model']}.ap_mean": row["ap_mean"]}, step=round(float(row[by])) if by != "value" else None
+            )
         for path in artifacts:
             tracked.log_artifact(path)
     print((out / "summary.md").read_text())
@@ -340,19 +386,30 @@ def summarize(param: str, out: Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.experiments.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = parser.add_subparsers(dest="action", required=True)
     run_parser = actions.add_parser("run", help="run the missing points, then summarize")
     run_parser.add_argument("param", help="the swept key, e.g. prepare.defective_images")
     run_parser.add_argument("values", help="comma-separated values, e.g. 5,10,20,all")
     run_parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    run_parser.add_argument("--preset", help="a preset (python -m pipeline.experiments.presets list) applied to every point")
-    run_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                            help="a further override for every point (repeatable)")
+    run_parser.add_argument(
+        "--preset", help="a preset (python -m pipeline.experiments.presets list) applied to every point"
+    )
+    run_parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further override for every point (repeatable)",
+    )
     run_parser.add_argument("--out", type=Path, required=True, help="folder of the saved points and the summary")
-    run_parser.add_argument("-j", "--jobs", type=int, default=1,
-                            help="queue workers, experiments run at once (default 1; each uses OMP_NUM_THREADS threads)")
+    run_parser.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=1,
+        help="queue workers, experiments run at once (default 1; each uses OMP_NUM_THREADS threads)",
+    )
     summary_parser = actions.add_parser("summarize", help="rebuild the summary from the saved points")
     summary_parser.add_argument("param")
     summary_parser.add_argument("out", type=Path)
@@ -365,7 +422,3 @@ def main(argv: list[str] | None = None) -> None:
             summarize(args.param, args.out)
     except (SweepError, ConfigError, FileNotFoundError) as error:
         sys.exit(f"[sweep] error: {error}")
-
-
-if __name__ == "__main__":
-    main()

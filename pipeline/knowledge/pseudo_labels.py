@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # annotations only
 class PseudoLabelParams(Section):
     blur: int = Field(0, ge=0, le=51, description="odd Gaussian kernel applied before Otsu; 0 = none")
     true_masks: Annotated[int, Field(ge=0)] | Literal["all"] = Field(
-        0, description="defective training images whose true mask replaces the pseudo-mask (mixed supervision)")
+        0, description="defective training images whose true mask replaces the pseudo-mask (mixed supervision)"
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="which images get their true masks")
 
 
@@ -43,8 +44,9 @@ def pseudo_mask(saliency: np.ndarray, label: int, blur: int = 0) -> np.ndarray:
     return otsu_mask(saliency, blur)
 
 
-def write_fold_targets(data: PreparedData, fold: int, maps: np.ndarray, params: PseudoLabelParams,
-                       folder: Path) -> tuple[list[np.ndarray], np.ndarray]:
+def write_fold_targets(
+    data: PreparedData, fold: int, maps: np.ndarray, params: PseudoLabelParams, folder: Path
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Write the segmentation target of every row for ``fold``'s guided model into ``folder``:
     the Otsu pseudo-mask of its saliency map (N, H, W), or its true mask for the fold's
     mixed-supervision rows (``pseudo_labels.true_masks``). Returns the Otsu masks (before any true

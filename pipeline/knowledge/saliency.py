@@ -294,8 +294,9 @@ class FullGrad(SaliencyMethod):
 METHODS: dict[str, type[SaliencyMethod]] = {"gradcam": GradCAM, "layercam": LayerCAM, "fullgrad": FullGrad}
 
 
-def create_saliency(method: str, model: nn.Module, layers: Sequence[str] | None = None,
-                    precision: Precision = FP32) -> SaliencyMethod:
+def create_saliency(
+    method: str, model: nn.Module, layers: Sequence[str] | None = None, precision: Precision = FP32
+) -> SaliencyMethod:
     """Build a saliency method by name; ``layers=None`` uses the backbone's default layers.
     ``precision`` is the forward's (``devices.resolve_precision``); the model is expected in its
     memory format (``Precision.model``)."""

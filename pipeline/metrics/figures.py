@@ -89,9 +89,7 @@ def mask_outline(
         raise ValueError(f"mask shape {mask.shape} does not match image shape {rgb.shape[:2]}")
     if thickness is None:
         thickness = max(1, round(max(mask.shape) / 200))
-    contours, _ = cv2.findContours(
-        mask.astype(bool).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
-    )
+    contours, _ = cv2.findContours(mask.astype(bool).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(rgb, contours, -1, tuple(int(c) for c in color), thickness)
     return rgb
 
@@ -112,11 +110,10 @@ def mark_mask(
     longer = max(mask.shape)
     extent = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
     if extent < small * longer:
-        centre = (int(round((cols.min() + cols.max()) / 2)), int(round((rows.min() + rows.max()) / 2)))
+        centre = (round((cols.min() + cols.max()) / 2), round((rows.min() + rows.max()) / 2))
         # Clear of the defect itself, so the ring never hides what it points at.
-        radius = int(round(extent / 2 + max(3, longer / 25)))
-        cv2.circle(rgb, centre, radius, tuple(int(c) for c in color), max(1, round(longer / 200)),
-                   cv2.LINE_AA)
+        radius = round(extent / 2 + max(3, longer / 25))
+        cv2.circle(rgb, centre, radius, tuple(int(c) for c in color), max(1, round(longer / 200)), cv2.LINE_AA)
     return rgb
 
 
@@ -126,8 +123,7 @@ def _fitted_text_scale(text: str, max_width: int, scale: float) -> float:
     return scale if width <= max_width or width == 0 else scale * max_width / width
 
 
-def _put_text(canvas: np.ndarray, text: str, left: int, top: int, width: int, height: int,
-              scale: float) -> None:
+def _put_text(canvas: np.ndarray, text: str, left: int, top: int, width: int, height: int, scale: float) -> None:
     """Draw ``text`` centred in the box (left, top, width, height), shrunk to fit its width."""
     scale = _fitted_text_scale(text, width - 2 * _GRID_GAP, scale)
     (text_w, text_h), _ = cv2.getTextSize(text, _FONT, scale, 1)
@@ -135,8 +131,7 @@ def _put_text(canvas: np.ndarray, text: str, left: int, top: int, width: int, he
     cv2.putText(canvas, text, origin, _FONT, scale, _TEXT_COLOR, 1, cv2.LINE_AA)
 
 
-def _put_lines(canvas: np.ndarray, text: str, left: int, top: int, width: int, height: int,
-               scale: float) -> None:
+def _put_lines(canvas: np.ndarray, text: str, left: int, top: int, width: int, height: int, scale: float) -> None:
     """Draw the lines of ``text`` ("\\n"-separated) as a block centred in the box."""
     lines = text.split("\n")
     line_height = height // len(lines) if len(lines) == 1 else _line_height(scale)
@@ -175,9 +170,7 @@ def overlay_grid(
         raise ValueError(f"{len(rows)} rows but {len(row_titles)} row titles")
     for index, row in enumerate(rows):
         if len(row) != len(column_titles):
-            raise ValueError(
-                f"row {index} has {len(row)} panels but there are {len(column_titles)} columns"
-            )
+            raise ValueError(f"row {index} has {len(row)} panels but there are {len(column_titles)} columns")
 
     panels = [[None if p is None else _to_rgb_uint8(p) for p in row] for row in rows]
     cell_width = max(
@@ -189,13 +182,12 @@ def overlay_grid(
     left = max(_text_width(t, font_scale) for t in row_titles) + 4 * _GRID_GAP
 
     canvas = np.full(
-        (header + len(rows) * (cell_height + _GRID_GAP),
-         left + len(column_titles) * (cell_width + _GRID_GAP), 3),
-        _GRID_BACKGROUND, dtype=np.uint8,
+        (header + len(rows) * (cell_height + _GRID_GAP), left + len(column_titles) * (cell_width + _GRID_GAP), 3),
+        _GRID_BACKGROUND,
+        dtype=np.uint8,
     )
     for col, title in enumerate(column_titles):
-        _put_text(canvas, title, left + col * (cell_width + _GRID_GAP), 0, cell_width, header,
-                  font_scale)
+        _put_text(canvas, title, left + col * (cell_width + _GRID_GAP), 0, cell_width, header, font_scale)
     for r, (row, title) in enumerate(zip(panels, row_titles, strict=True)):
         top = header + r * (cell_height + _GRID_GAP)
         _put_lines(canvas, title, 0, top, left, cell_height, font_scale)
@@ -206,7 +198,7 @@ def overlay_grid(
             # INTER_AREA when shrinking, so thin defects are averaged in rather than skipped.
             interpolation = cv2.INTER_AREA if panel.shape[0] > cell_height else cv2.INTER_LINEAR
             x = left + col * (cell_width + _GRID_GAP) + (cell_width - panel_w) // 2
-            canvas[top:top + cell_height, x:x + panel_w] = cv2.resize(
+            canvas[top : top + cell_height, x : x + panel_w] = cv2.resize(
                 panel, (panel_w, cell_height), interpolation=interpolation
             )
     return canvas
@@ -240,9 +232,7 @@ def _curve_ap(curve: pd.DataFrame) -> float:
     return float(-np.sum(np.diff(recall) * precision[:-1]))
 
 
-def plot_pr_curves(
-    curves: Mapping[str, pd.DataFrame], path: str | Path, title: str = "Precision-recall"
-) -> None:
+def plot_pr_curves(curves: Mapping[str, pd.DataFrame], path: str | Path, title: str = "Precision-recall") -> None:
     """Plot PR curves (tables from ``metrics.pr_curve``) in one PNG, one line per name.
 
     The legend shows each curve's AP: ``curve.attrs["ap"]`` when set (e.g. the fold-mean AP,
@@ -255,8 +245,7 @@ def plot_pr_curves(
     for name, curve in curves.items():
         ap = float(curve.attrs.get("ap", _curve_ap(curve)))
         # Steps, not straight segments: precision between two thresholds does not interpolate.
-        axes.plot(curve["recall"], curve["precision"], drawstyle="steps-post",
-                  label=f"{name} (AP {100 * ap:.2f}%)")
+        axes.plot(curve["recall"], curve["precision"], drawstyle="steps-post", label=f"{name} (AP {100 * ap:.2f}%)")
     axes.set(xlim=(0.0, 1.02), ylim=(0.0, 1.02), xlabel="Recall", ylabel="Precision", title=title)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower left")
@@ -289,11 +278,10 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path, title: str) ->
             key = key if isinstance(key, tuple) else (key,)
             label = " ".join(f"{name} {value}" for name, value in zip(keys, key))
             points = rows[["epoch", metric]].dropna()
-            axes.plot(points["epoch"], points[metric], marker="." if len(points) < 30 else None,
-                      label=label)
+            axes.plot(points["epoch"], points[metric], marker="." if len(points) < 30 else None, label=label)
         axes.set(title=metric, xlabel="epoch")
         axes.grid(alpha=0.3)
-    for axes in list(axes_grid.flat)[len(metrics):]:
+    for axes in list(axes_grid.flat)[len(metrics) :]:
         axes.set_visible(False)
     axes_grid.flat[0].legend(fontsize="small")
     figure.suptitle(title)
@@ -309,8 +297,7 @@ def plot_metric_vs_count(frame: pd.DataFrame, x: str, path: str | Path, title: s
     figure = Figure(figsize=METRIC_VS_COUNT_FIGSIZE)
     axes = figure.add_subplot()
     for model, rows in frame.sort_values(x).groupby("model", sort=True):
-        axes.errorbar(rows[x], rows["ap_mean"], yerr=rows["ap_std"], marker="o", capsize=3,
-                      label=str(model))
+        axes.errorbar(rows[x], rows["ap_mean"], yerr=rows["ap_std"], marker="o", capsize=3, label=str(model))
     # Sweep values (5, 10, 20, ...) are the only meaningful x positions.
     ticks = sorted(frame[x].unique())
     axes.set_xticks(ticks, [f"{tick:.3g}" for tick in ticks])

@@ -19,8 +19,10 @@ from pipeline.models.variants import LEGACY_VARIANT, variant_of
 
 KINDS = ("baseline", "guided")  # the config's ``kind``: the stage that trained the model is train_<kind>
 CONFIG_KEYS = ("kind", "backbone", "in_channels", "mean", "std", "height", "width")
-EXPECTED = ("a model file written by the training stages (data/baseline/fold<k>.pt or data/guided/fold<k>.pt: "
-            "a dict of config and state_dict) or a registered MLflow model, models:/<name>[/<version>|@<alias>]")
+EXPECTED = (
+    "a model file written by the training stages (data/baseline/fold<k>.pt or data/guided/fold<k>.pt: "
+    "a dict of config and state_dict) or a registered MLflow model, models:/<name>[/<version>|@<alias>]"
+)
 
 
 class ModelError(InputError):
@@ -71,8 +73,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
     except (ValueError, RuntimeError, OSError, EOFError) as error:
         raise ModelError(f"{path} cannot be loaded ({error}); expected {EXPECTED}") from error
     if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= set(checkpoint):
-        what = f"a dict with keys {sorted(map(str, checkpoint))[:6]}" if isinstance(checkpoint, dict) \
+        what = (
+            f"a dict with keys {sorted(map(str, checkpoint))[:6]}"
+            if isinstance(checkpoint, dict)
             else f"a {type(checkpoint).__name__}"
+        )
         raise ModelError(f"{path} holds {what}, not a model of this pipeline; expected {EXPECTED}")
     model = model_from(checkpoint["config"], checkpoint["state_dict"], str(path))
     return model.to(device).eval(), checkpoint["config"]
@@ -81,16 +86,19 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
 def model_from(config: object, state_dict: dict, source: str) -> nn.Module:
     """The deployed network of ``config`` with ``state_dict``'s weights; ``source`` names it in errors."""
     if not isinstance(config, dict) or (missing := [k for k in CONFIG_KEYS if k not in config]):
-        raise ModelError(f"{source}: its config lacks {missing if isinstance(config, dict) else CONFIG_KEYS}; "
-                         f"expected {EXPECTED}")
+        raise ModelError(
+            f"{source}: its config lacks {missing if isinstance(config, dict) else CONFIG_KEYS}; expected {EXPECTED}"
+        )
     if config["kind"] not in KINDS or config["backbone"] not in BACKBONES:
-        raise ModelError(f"{source}: unknown model kind {config['kind']!r} or backbone {config['backbone']!r}; "
-                         f"expected {EXPECTED}")
+        raise ModelError(
+            f"{source}: unknown model kind {config['kind']!r} or backbone {config['backbone']!r}; expected {EXPECTED}"
+        )
     model = build_model(config)
     try:
         model.load_state_dict(state_dict)
     except (RuntimeError, TypeError, AttributeError) as error:
         first = str(error).splitlines()[1:2] or [str(error)]
-        raise ModelError(f"{source}: its weights do not fit its config ({first[0].strip()}); "
-                         f"expected {EXPECTED}") from error
+        raise ModelError(
+            f"{source}: its weights do not fit its config ({first[0].strip()}); expected {EXPECTED}"
+        ) from error
     return model

@@ -26,9 +26,14 @@ def defect_probability(model: nn.Module, config: dict, x: torch.Tensor, prior: t
     """The defect probability of each normalised input (B,), averaged over the flipped views where
     the model's config asks for them; the prior is flipped with its image."""
     views = TEST_TIME_FLIPS if config.get("test_time_flips", False) else ((),)
-    probabilities = [torch.sigmoid(_forward(model, x.flip(dims) if dims else x,
-                                            prior.flip(dims) if dims and prior is not None else prior)[0].float())
-                     for dims in views]
+    probabilities = [
+        torch.sigmoid(
+            _forward(model, x.flip(dims) if dims else x, prior.flip(dims) if dims and prior is not None else prior)[
+                0
+            ].float()
+        )
+        for dims in views
+    ]
     return torch.stack(probabilities).mean(dim=0)
 
 
@@ -63,7 +68,8 @@ def segment(
     for batch in batches(np.arange(len(images)), batch_size):
         x = to_input(images[batch], config["in_channels"], config["mean"], config["std"]).to(device)
         _, seg_logits = model(x, priors[batch].unsqueeze(1).to(device) if priors is not None else None)
-        probabilities = F.interpolate(torch.sigmoid(seg_logits.float()), size=images.shape[-2:],
-                                      mode="bilinear", align_corners=False)
+        probabilities = F.interpolate(
+            torch.sigmoid(seg_logits.float()), size=images.shape[-2:], mode="bilinear", align_corners=False
+        )
         outputs.append(probabilities[:, 0].cpu())
     return torch.cat(outputs).numpy()

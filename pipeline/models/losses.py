@@ -42,16 +42,18 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, share: Batch
     return share.mean(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"), share.size)
 
 
-def pseudo_mask_loss(seg_logits: torch.Tensor, pseudo_masks: torch.Tensor, labels: torch.Tensor,
-                     share: BatchShare | None = None) -> torch.Tensor:
+def pseudo_mask_loss(
+    seg_logits: torch.Tensor, pseudo_masks: torch.Tensor, labels: torch.Tensor, share: BatchShare | None = None
+) -> torch.Tensor:
     """BCE of the segmentation output S against the pseudo-masks' coverage of each cell."""
     share = share or single_process_share(labels)
     target = F.adaptive_avg_pool2d(pseudo_masks, seg_logits.shape[-2:])  # a soft target in [0, 1]
     return share.mean(F.binary_cross_entropy_with_logits(seg_logits, target, reduction="none"), share.size)
 
 
-def consistency_loss(cam: torch.Tensor, prior: torch.Tensor, labels: torch.Tensor,
-                     share: BatchShare | None = None) -> torch.Tensor:
+def consistency_loss(
+    cam: torch.Tensor, prior: torch.Tensor, labels: torch.Tensor, share: BatchShare | None = None
+) -> torch.Tensor:
     """Distance between the model's Grad-CAM and the prior, over defective images only.
 
     ``cam`` is the model's Grad-CAM before its ReLU (``models.class_activation_map``); the prior

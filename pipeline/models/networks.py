@@ -61,16 +61,33 @@ class Backbone:
     torchvision_prefix: str = ""
 
 
-BACKBONES: dict[str, Backbone] = {b.name: b for b in (
-    Backbone("resnet18", _resnet18_features, stride16_split=7,
-             saliency_layers={"gradcam": ["features.layer4"], "fullgrad": [],
-                              "layercam": ["features.layer2", "features.layer3", "features.layer4"]}),
-    # The paper's network: convolutional part only, LeakyReLU; LayerCAM on conv3_3, conv4_3, conv5_3.
-    Backbone("vgg16", _vgg16_features, stride16_split=24,
-             saliency_layers={"gradcam": ["features.29"], "fullgrad": [],
-                              "layercam": ["features.15", "features.22", "features.29"]},
-             torchvision_prefix="features."),
-)}
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone(
+            "resnet18",
+            _resnet18_features,
+            stride16_split=7,
+            saliency_layers={
+                "gradcam": ["features.layer4"],
+                "fullgrad": [],
+                "layercam": ["features.layer2", "features.layer3", "features.layer4"],
+            },
+        ),
+        # The paper's network: convolutional part only, LeakyReLU; LayerCAM on conv3_3, conv4_3, conv5_3.
+        Backbone(
+            "vgg16",
+            _vgg16_features,
+            stride16_split=24,
+            saliency_layers={
+                "gradcam": ["features.29"],
+                "fullgrad": [],
+                "layercam": ["features.15", "features.22", "features.29"],
+            },
+            torchvision_prefix="features.",
+        ),
+    )
+}
 
 
 def build_features(backbone: str, in_channels: int) -> tuple[nn.Sequential, int]:
@@ -108,8 +125,9 @@ class GuidedClassifier(nn.Module):
     Grad-CAM of its last layer, differentiable (see ``class_activation_map``).
     """
 
-    def __init__(self, backbone: str = "resnet18", in_channels: int = 1, variant: str = LEGACY_VARIANT,
-                 seg_channels: int = 64) -> None:
+    def __init__(
+        self, backbone: str = "resnet18", in_channels: int = 1, variant: str = LEGACY_VARIANT, seg_channels: int = 64
+    ) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise InputError(f"unknown guided variant {variant!r}: choose one of {', '.join(VARIANTS)}")
@@ -131,7 +149,9 @@ class GuidedClassifier(nn.Module):
         self.guidance_norm = nn.BatchNorm1d(extra) if extra else None
         self.fc = nn.Linear(self.feature_dim + extra, 1)
 
-    def forward(self, images: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, images: torch.Tensor, prior: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return (defect logit (B,), auxiliary map (B, 1, h, w)): segmentation logits S, or for
         consistency the Grad-CAM before its ReLU. ``prior`` (B, 1, H, W) in [0, 1]: required by teacher, zeros
         when None for none, ignored by the others."""
@@ -149,8 +169,9 @@ class GuidedClassifier(nn.Module):
             prior = stem.new_zeros(stem.shape[0], 1, *stem.shape[-2:])
         joined = torch.cat([stem, F.adaptive_avg_pool2d(prior, stem.shape[-2:])], dim=1)  # F'
         seg_logits = self.seg_head(joined)
-        guidance = torch.cat([_max_and_mean(torch.sigmoid(seg_logits).detach()),
-                              joined.amax(dim=(2, 3)), joined.mean(dim=(2, 3))], dim=1)
+        guidance = torch.cat(
+            [_max_and_mean(torch.sigmoid(seg_logits).detach()), joined.amax(dim=(2, 3)), joined.mean(dim=(2, 3))], dim=1
+        )
         return self.fc(torch.cat([deep, self._normalise(guidance)], dim=1)).squeeze(1), seg_logits
 
     def _normalise(self, guidance: torch.Tensor) -> torch.Tensor:
@@ -227,8 +248,11 @@ def load_pretrained_features(model: nn.Module, weights_path: str | Path) -> None
     state = torch.load(path, map_location="cpu", weights_only=True)
     own = model.features.state_dict()
     prefix = BACKBONES[model.backbone_name].torchvision_prefix
-    renamed = {k.removeprefix(prefix): v for k, v in state.items()
-               if k.startswith(prefix) and k.removeprefix(prefix).split(".")[0] in own_prefixes(own)}
+    renamed = {
+        k.removeprefix(prefix): v
+        for k, v in state.items()
+        if k.startswith(prefix) and k.removeprefix(prefix).split(".")[0] in own_prefixes(own)
+    }
     mismatched = [k for k, v in renamed.items() if k in own and own[k].shape != v.shape]
     if mismatched:
         raise InputError(

@@ -6,12 +6,13 @@ for a seed on the CPU: the batch order and the flips of epoch ``e`` depend only 
 a run resumed from the checkpoint of epoch ``e`` continues exactly as an uninterrupted run would.
 With N training processes (``pipeline.core.distributed``) each takes its share of the same global
 batches, and the result equals one process's up to float rounding.
+
+The stage around the loop (one model per fold, saved, tracked and registered, and the
+checkpoints' fingerprint) is ``pipeline.training.stage``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.metrics import average_precision_score
 from torch import nn
@@ -27,19 +27,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.config import ModelParams, TrainParams
 from pipeline.core import distributed
-from pipeline.core.artifacts import (
-    load_torch,
-    output_dir,
-    read_json,
-    save_torch,
-    write_csv,
-    write_json,
-)
+from pipeline.core.artifacts import load_torch, save_torch
 from pipeline.core.devices import FP32, Precision, pick_device, resolve_precision
 from pipeline.core.errors import PipelineError
-from pipeline.core.progress import log_line, progress
-from pipeline.core.tracking import LINEAGE_FILE, StageRun, stage_run
-from pipeline.data import training_data
+from pipeline.core.progress import progress
 from pipeline.data.prepared import PreparedData
 from pipeline.data.training_data import (
     BalancedEpochs,
@@ -50,13 +41,10 @@ from pipeline.data.training_data import (
     loader,
     pixel_stats,
 )
-from pipeline.models import losses
-from pipeline.models import networks as models
-from pipeline.models.files import build_model, load_model, needs_prior, save_model
+from pipeline.models.files import build_model
 from pipeline.models.inference import predict
 from pipeline.models.losses import BatchShare, classification_loss
 from pipeline.models.networks import load_pretrained_features
-from pipeline.training import objectives
 from pipeline.training.objectives import Objective
 
 LOSSES = ("loss", "cls_loss", "seg_loss")
@@ -143,8 +131,14 @@ def train(
     resume(run, checkpoint, fingerprint, on_epoch)
     # After resuming: DDP copies rank 0's weights to every process when it wraps.
     run.net = distributed.data_parallel(run.model, run.device, run.ranks)
-    epochs = progress(range(run.start_epoch, params.epochs), f"fold {fold}", "epoch", params.epochs,
-                      run.start_epoch, shown=run.ranks.main)
+    epochs = progress(
+        range(run.start_epoch, params.epochs),
+        f"fold {fold}",
+        "epoch",
+        params.epochs,
+        run.start_epoch,
+        shown=run.ranks.main,
+    )
     for epoch in epochs:
         started = time.perf_counter()
         totals, seen = train_epoch(run, epoch)
@@ -153,34 +147,60 @@ def train(
     return FP32.model(run.result).eval(), run.config, run.history
 
 
-def set_up(data: PreparedData, fold: int, model_params: ModelParams, params: TrainParams,
-           objective: Objective) -> FoldTraining:
+def set_up(
+    data: PreparedData, fold: int, model_params: ModelParams, params: TrainParams, objective: Objective
+) -> FoldTraining:
     """The model (seeded), optimizer, epoch sampler and loader of ``fold``'s training."""
     device = pick_device(model_params.device)
     ranks = distributed.current()
     distributed.check_batch_split(params.batch_size, ranks.world, "batch_size")
     train_rows, test_rows = data.split(fold)
     mean, std = pixel_stats(data.images[train_rows])
-    config = {"kind": objective.kind, "backbone": model_params.backbone, "in_channels": model_params.in_channels,
-              "mean": mean, "std": std, "height": int(data.images.shape[1]), "width": int(data.images.shape[2]),
-              **objective.config(), **({"test_time_flips": True} if model_params.test_time_flips else {})}
+    config = {
+        "kind": objective.kind,
+        "backbone": model_params.backbone,
+        "in_channels": model_params.in_channels,
+        "mean": mean,
+        "std": std,
+        "height": int(data.images.shape[1]),
+        "width": int(data.images.shape[2]),
+        **objective.config(),
+        **({"test_time_flips": True} if model_params.test_time_flips else {}),
+    }
     torch.manual_seed(params.seed)
     model = build_model(config, deployed=False)
     if model_params.pretrained_weights:
         load_pretrained_features(model, model_params.pretrained_weights)
     precision = resolve_precision(model_params.precision, device)
     model = precision.model(distributed.for_processes(model, ranks).to(device))
-    optimizer = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum,
-                                weight_decay=params.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
+    )
     labels = data.labels
     pin_memory = model_params.pin_memory and device.type == "cuda"
     dataset = TrainingBatches(data.images, labels, config["in_channels"], mean, std, objective.step_tensors())
-    sampler = BalancedEpochs(data.index["label"].to_numpy()[train_rows], params.seed, params.sampling == "oversample",
-                             params.hard_negatives)
+    sampler = BalancedEpochs(
+        data.index["label"].to_numpy()[train_rows], params.seed, params.sampling == "oversample", params.hard_negatives
+    )
     return FoldTraining(
-        fold, params, objective, config, model, model, optimizer, sampler,
-        loader(dataset, model_params.num_workers, pin_memory), train_rows, test_rows, labels, device,
-        precision, ranks, pin_memory, weight_average(model, params, sampler.steps(params.batch_size)))
+        fold,
+        params,
+        objective,
+        config,
+        model,
+        model,
+        optimizer,
+        sampler,
+        loader(dataset, model_params.num_workers, pin_memory),
+        train_rows,
+        test_rows,
+        labels,
+        device,
+        precision,
+        ranks,
+        pin_memory,
+        weight_average(model, params, sampler.steps(params.batch_size)),
+    )
 
 
 def resume(run: FoldTraining, checkpoint: Path | None, fingerprint: str, on_epoch: Callable[[dict], None]) -> None:
@@ -209,14 +229,21 @@ def train_epoch(run: FoldTraining, epoch: int) -> tuple[list[float], int]:
     shares = [distributed.shard(len(batch), run.ranks) for batch in global_batches]
     run.loader.batch_sampler.batches = [batch[share] for batch, share in zip(global_batches, shares)]
     totals = [0.0] * len(LOSSES)
-    steps = progress(zip(global_batches, shares, run.loader), f"epoch {epoch + 1}", "batch", len(global_batches),
-                     leave=False, shown=run.ranks.main)
+    steps = progress(
+        zip(global_batches, shares, run.loader),
+        f"epoch {epoch + 1}",
+        "batch",
+        len(global_batches),
+        leave=False,
+        shown=run.ranks.main,
+    )
     for number, (batch, mine, fetched) in enumerate(steps):
         loss, values, logits = batch_losses(run, batch, mine, fetched, generator, run.objective.seg_weight(epoch))
         if not math.isfinite(values[0]):
             raise TrainingDiverged(
                 f"fold {run.fold}: loss is {values[0]} at epoch {epoch + 1}, batch {number + 1}; "
-                "lower the learning rate or check the input images. No model was written.")
+                "lower the learning rate or check the input images. No model was written."
+            )
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(epoch + number / len(global_batches), run.params)
         run.optimizer.zero_grad(set_to_none=True)
@@ -232,8 +259,14 @@ def train_epoch(run: FoldTraining, epoch: int) -> tuple[list[float], int]:
     return totals, sum(len(batch) for batch in global_batches)
 
 
-def batch_losses(run: FoldTraining, batch: np.ndarray, mine: np.ndarray, fetched: dict[str, torch.Tensor],
-           generator: torch.Generator, weight: float) -> tuple[torch.Tensor, list[float], torch.Tensor]:
+def batch_losses(
+    run: FoldTraining,
+    batch: np.ndarray,
+    mine: np.ndarray,
+    fetched: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    weight: float,
+) -> tuple[torch.Tensor, list[float], torch.Tensor]:
     """This process's loss on its share of a global batch, the global batch's losses and this
     process's (detached) logits."""
     # Drawn for the global batch in every process: the same flips whatever the processes.
@@ -246,8 +279,12 @@ def batch_losses(run: FoldTraining, batch: np.ndarray, mine: np.ndarray, fetched
         logits, aux = run.objective.forward(run.net, run.precision.input(fetched["x"]), prior)
     # The losses in fp32 whatever the forward's precision.
     logits, aux = logits.float(), aux.float() if aux is not None else None
-    share = BatchShare(distributed.real_samples(len(batch), run.ranks).to(run.device), len(batch),
-                       int(run.labels[batch].sum()), run.ranks.world)
+    share = BatchShare(
+        distributed.real_samples(len(batch), run.ranks).to(run.device),
+        len(batch),
+        int(run.labels[batch].sum()),
+        run.ranks.world,
+    )
     cls_loss = classification_loss(logits, labels, share)
     seg_loss = run.objective.auxiliary_loss(aux, fetched, labels, share)
     loss = cls_loss + weight * seg_loss
@@ -257,16 +294,31 @@ def batch_losses(run: FoldTraining, batch: np.ndarray, mine: np.ndarray, fetched
     return loss, values.tolist(), logits.detach().flatten()
 
 
-def end_epoch(run: FoldTraining, data: PreparedData, epoch: int, totals: list[float], seen: int, seconds: float,
-              on_epoch: Callable[[dict], None], checkpoint: Path | None, fingerprint: str) -> None:
+def end_epoch(
+    run: FoldTraining,
+    data: PreparedData,
+    epoch: int,
+    totals: list[float],
+    seen: int,
+    seconds: float,
+    on_epoch: Callable[[dict], None],
+    checkpoint: Path | None,
+    fingerprint: str,
+) -> None:
     """Check the weights, record the epoch, monitor the test fold and write the checkpoint."""
     if not all(t.isfinite().all() for t in run.model.state_dict().values() if t.is_floating_point()):
         # A step can break the weights although the loss before it was finite.
-        raise TrainingDiverged(f"fold {run.fold}: the weights are not finite after epoch {epoch + 1}; "
-                               "lower the learning rate. No model was written.")
-    record = {"fold": run.fold, "epoch": epoch + 1, "lr": learning_rate(epoch, run.params),
-              "seg_weight": run.objective.seg_weight(epoch),
-              **{name: total / seen for name, total in zip(LOSSES, totals)}}
+        raise TrainingDiverged(
+            f"fold {run.fold}: the weights are not finite after epoch {epoch + 1}; "
+            "lower the learning rate. No model was written."
+        )
+    record = {
+        "fold": run.fold,
+        "epoch": epoch + 1,
+        "lr": learning_rate(epoch, run.params),
+        "seg_weight": run.objective.seg_weight(epoch),
+        **{name: total / seen for name, total in zip(LOSSES, totals)},
+    }
     record["test_ap"] = math.nan
     # A model trained on every image (the release) has no test fold, and epochs between two
     # scorings are not monitored: their test AP stays NaN, which MLflow logging and the epoch line skip.
@@ -280,10 +332,18 @@ def end_epoch(run: FoldTraining, data: PreparedData, epoch: int, totals: list[fl
     if run.ranks.main:
         on_epoch(record)
         if checkpoint is not None:
-            save_torch(checkpoint, {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                                    "average": run.average.state_dict() if run.average is not None else None,
-                                    "sampler": run.sampler.state_dict(),
-                                    "history": run.history, "epoch": epoch, "fingerprint": fingerprint})
+            save_torch(
+                checkpoint,
+                {
+                    "model": run.model.state_dict(),
+                    "optimizer": run.optimizer.state_dict(),
+                    "average": run.average.state_dict() if run.average is not None else None,
+                    "sampler": run.sampler.state_dict(),
+                    "history": run.history,
+                    "epoch": epoch,
+                    "fingerprint": fingerprint,
+                },
+            )
 
 
 def monitored(epoch: int, params: TrainParams) -> bool:
@@ -319,139 +379,3 @@ def format_epoch(record: dict) -> str:
         parts.append(f"test AP {record['test_ap']:.4f}")
     parts.append(f"{record['seconds']:.1f}s")
     return "  " + " | ".join(parts)
-
-
-ObjectiveFor = Callable[[PreparedData, int], Objective]
-
-
-@dataclass(frozen=True)
-class TrainingStage:
-    """A training stage's name, the kind of model it trains and its files (``pipeline.core.layout``)."""
-
-    name: str  # train_<kind>
-    kind: str  # "baseline" | "guided": registered as <dataset>-<kind>
-    prepared: Path
-    upstream: tuple[Path, ...]  # the stage folders it reads (lineage, and the checkpoint fingerprint)
-    out: Path  # fold<k>.pt and run.json
-    metrics: Path
-    plot: Path
-    checkpoints: Path
-
-
-def run_training_stage(stage: TrainingStage, model_params: ModelParams, params: TrainParams,
-                       objective_for: ObjectiveFor) -> None:
-    """Train, save, track and register one model per fold; under ``model.nproc_per_node`` > 1,
-    as one of the torchrun processes this launches (rank 0 alone tracks and writes)."""
-    device = pick_device(model_params.device)
-    if distributed.launch(f"stages.{stage.name}", model_params.nproc_per_node, params.batch_size,
-                          f"{stage.name}.batch_size", device):
-        return
-    data = PreparedData.load(stage.prepared)
-    dataset = read_json(stage.prepared / "report.json")["dataset"]
-    sections = {"model": model_params, stage.name: params}
-    fingerprint = fingerprint_of(sections, *(folder / LINEAGE_FILE for folder in stage.upstream))
-    with distributed.process_group(device) as ranks:
-        if not ranks.main:
-            train_folds(data, model_params, params, objective_for, stage.checkpoints, fingerprint)
-            return
-        with stage_run(stage.name, sections, dataset=dataset) as run:
-            run.link_upstream(*stage.upstream)
-            run.tag_compute(str(device), resolve_precision(model_params.precision, device).name)
-            with output_dir(stage.out) as out:
-                history = train_folds(data, model_params, params, objective_for, stage.checkpoints, fingerprint,
-                                      run, out)
-                run.write_lineage(out)
-            publish(run, stage, history, dataset)
-
-
-def train_folds(
-    data: PreparedData,
-    model_params: ModelParams,
-    params: TrainParams,
-    objective_for: ObjectiveFor,
-    checkpoints: Path,
-    fingerprint: str = "",
-    run: StageRun | None = None,
-    out: Path | None = None,
-) -> list[dict]:
-    """Train one model per fold into ``out/fold<k>.pt``, logging every epoch; return the history.
-
-    Checkpoints live in ``checkpoints``, outside the stage's outputs (DVC deletes those before a
-    stage runs), and are removed once the stage succeeds. Training processes of rank > 0 pass no
-    ``run`` and no ``out``: they log and write nothing.
-    """
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    history: list[dict] = []
-    for fold in data.folds:
-        def log(record: dict, fold: int = fold) -> None:
-            log_line(format_epoch(record))
-            if run is not None:
-                run.log_metrics({k: v for k, v in record.items() if k not in ("fold", "epoch")},
-                                step=record["epoch"], prefix=f"fold{fold}/")
-
-        model, config, fold_history = train(data, fold, model_params, params, objective_for(data, fold),
-                                            checkpoints / f"fold{fold}.pt", log, fingerprint)
-        if out is not None:
-            save_model(out / f"fold{fold}.pt", model, config)
-        history.extend(fold_history)
-    return history
-
-
-def summarize(history: list[dict]) -> dict:
-    """Last-epoch figures per fold and their mean, for the stage's metrics file."""
-    last = {}
-    for record in history:
-        last[record["fold"]] = record
-    per_fold = {f"fold{fold}": {"loss": r["loss"], "test_ap": r["test_ap"]} for fold, r in sorted(last.items())}
-    aps = [r["test_ap"] for r in last.values()]
-    # No timings: the file must be identical for identical runs (they go to MLflow instead).
-    return {"per_fold": per_fold, "test_ap_mean": float(np.nanmean(aps))}
-
-
-def register_models(run: StageRun, out: Path, dataset: str, kind: str) -> None:
-    """Log every fold's model to MLflow and register it as a version of ``<dataset>-<kind>``,
-    tagged ``role=fold`` (the release stage registers the deployable version beside them)."""
-    for path in sorted(out.glob("fold*.pt")):
-        register_model_file(run, path, f"{dataset}-{kind}", {
-            "role": "fold", "fold": path.stem.removeprefix("fold"), "pipeline_run": run.pipeline_id})
-
-
-def register_model_file(run: StageRun, path: Path, registered_name: str, tags: dict[str, str]) -> str | None:
-    """Log one model file to ``run`` and register it as a new version of ``registered_name`` with
-    ``tags``; returns the version (None where the store has no registry)."""
-    model, config = load_model(path)
-    images = np.zeros((2, config["in_channels"], config["height"], config["width"]), np.float32)
-    example = (images, np.zeros((2, 1, *images.shape[2:]), np.float32)) if needs_prior(config) else (images,)
-    # The config (input size, normalisation, variant) travels with the model: the exported graph
-    # alone cannot be fed images (``pipeline.deployment.predict`` rebuilds the network from both).
-    return run.log_model(model, example, name=f"model_{path.stem}", registered_name=registered_name,
-                         tags=tags, metadata={"pipeline_config": config})
-
-
-# The modules whose code defines a training's computation: a checkpoint written by other code
-# would mix two trainings (or fail on changed layers), so their source is part of the fingerprint.
-_TRAINING_CODE = (__file__, models.__file__, objectives.__file__, losses.__file__, training_data.__file__,
-                  distributed.__file__)
-
-
-def fingerprint_of(sections: dict, *input_files: Path) -> str:
-    """A digest of a stage's params, inputs and training code: a checkpoint resumes only under the same one."""
-    digest = hashlib.sha256(json.dumps({k: v.model_dump() for k, v in sections.items()}, sort_keys=True).encode())
-    for path in (*input_files, *_TRAINING_CODE):
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()
-
-
-def publish(run: StageRun, stage: TrainingStage, history: list[dict], dataset: str) -> None:
-    """What a training stage leaves besides its models: metrics and plot files for DVC, the
-    summary and the registered models in MLflow; then its checkpoints go."""
-    summary = summarize(history)
-    write_json(stage.metrics, summary)
-    # Timings stay out of the DVC files, which must be identical for identical runs.
-    write_csv(stage.plot, pd.DataFrame(history).drop(columns="seconds"))
-    run.log_metrics({"test_ap_mean": summary["test_ap_mean"], "train_seconds": sum(r["seconds"] for r in history)})
-    run.log_artifact(stage.plot)
-    register_models(run, stage.out, dataset, stage.kind)
-    for checkpoint in stage.checkpoints.glob("*.pt"):
-        checkpoint.unlink()
-    print(f"  mean test AP over folds (last epoch): {summary['test_ap_mean']:.4f}")

@@ -49,8 +49,9 @@ def consistency_targets(priors: torch.Tensor, targets: torch.Tensor, true_mask_r
     return mixed
 
 
-def guidance_for(variant: Variant, saliency_maps: torch.Tensor, pseudo_masks: torch.Tensor,
-                 true_mask_rows: Sequence[int] = ()) -> Guidance:
+def guidance_for(
+    variant: Variant, saliency_maps: torch.Tensor, pseudo_masks: torch.Tensor, true_mask_rows: Sequence[int] = ()
+) -> Guidance:
     """What ``variant`` reads and targets, from the baseline's saliency maps and the pseudo-masks
     (N, H, W) of every row; ``true_mask_rows`` hold true masks in ``pseudo_masks`` (mixed supervision)."""
     target = pseudo_masks
@@ -84,17 +85,21 @@ class Objective:
     def seg_weight(self, epoch: int) -> float:
         return 0.0
 
-    def network_prior(self, fetched: dict[str, torch.Tensor], generator: torch.Generator, size: int,
-                      rows: np.ndarray) -> torch.Tensor | None:
+    def network_prior(
+        self, fetched: dict[str, torch.Tensor], generator: torch.Generator, size: int, rows: np.ndarray
+    ) -> torch.Tensor | None:
         """The prior the network reads in a step of a global batch of ``size``; ``rows`` are this
         process's samples of it (``distributed.shard``)."""
         return None
 
-    def forward(self, net: nn.Module, x: torch.Tensor, prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, net: nn.Module, x: torch.Tensor, prior: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return net(x), None
 
-    def auxiliary_loss(self, aux: torch.Tensor | None, fetched: dict[str, torch.Tensor], labels: torch.Tensor,
-                       share: BatchShare) -> torch.Tensor:
+    def auxiliary_loss(
+        self, aux: torch.Tensor | None, fetched: dict[str, torch.Tensor], labels: torch.Tensor, share: BatchShare
+    ) -> torch.Tensor:
         return torch.zeros((), device=labels.device)
 
     def inference_priors(self, rows: np.ndarray) -> torch.Tensor | None:
@@ -123,8 +128,9 @@ class GuidedObjective(Objective):
     def seg_weight(self, epoch: int) -> float:
         return seg_weight(epoch, self.params)
 
-    def network_prior(self, fetched: dict[str, torch.Tensor], generator: torch.Generator, size: int,
-                      rows: np.ndarray) -> torch.Tensor | None:
+    def network_prior(
+        self, fetched: dict[str, torch.Tensor], generator: torch.Generator, size: int, rows: np.ndarray
+    ) -> torch.Tensor | None:
         prior = fetched.get("prior")
         if prior is not None and self.variant.drops_prior:
             # It will see no prior at inference: it must learn to do without one. Drawn for the
@@ -133,11 +139,14 @@ class GuidedObjective(Objective):
             prior = prior * keep[rows].view(-1, 1, 1, 1).to(prior.device)
         return prior
 
-    def forward(self, net: nn.Module, x: torch.Tensor, prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, net: nn.Module, x: torch.Tensor, prior: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return net(x, prior)
 
-    def auxiliary_loss(self, aux: torch.Tensor | None, fetched: dict[str, torch.Tensor], labels: torch.Tensor,
-                       share: BatchShare) -> torch.Tensor:
+    def auxiliary_loss(
+        self, aux: torch.Tensor | None, fetched: dict[str, torch.Tensor], labels: torch.Tensor, share: BatchShare
+    ) -> torch.Tensor:
         return AUXILIARY_LOSSES[self.variant.target](aux, fetched["target"], labels, share)
 
     def inference_priors(self, rows: np.ndarray) -> torch.Tensor | None:

@@ -19,8 +19,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # Lowest first. config is the schema of params.yaml: it reads the allowed values the concerns
 # below define and is read by the orchestration above.
-LAYERS = ("core", "data", "models", "metrics", "knowledge", "config", "training", "evaluation", "deployment",
-          "experiments", "cli")
+LAYERS = (
+    "core",
+    "data",
+    "models",
+    "metrics",
+    "knowledge",
+    "config",
+    "training",
+    "evaluation",
+    "deployment",
+    "experiments",
+    "cli",
+)
 
 
 def layer_of(module: str) -> str:

@@ -1,9 +1,9 @@
-"""labelme annotation files: read and check them, find their images, draw their shapes as masks.
+"""The labelme kind: images with labelme annotation files, read and checked, their shapes drawn as masks.
 
 One JSON file per image (labelme 4 and 5), whose ``shapes`` are drawn into the true mask at the
 image's size the way labelme's own ``labelme_json_to_dataset`` draws them (Pillow's ImageDraw, with
 labelme's line width and point size as defaults). The data set kind built on this is
-``datasets.load_labelme``; ``docs/datasets.md`` describes the layout and the checks.
+:func:`load_labelme`; ``docs/datasets.md`` describes the layout and the checks.
 """
 
 from __future__ import annotations
@@ -24,11 +24,19 @@ from pydantic import Field
 
 from pipeline.core.errors import DataError
 from pipeline.core.sections import Section
+from pipeline.data.folds import grouped_folds, image_groups
+from pipeline.data.images import IMAGE_EXTENSIONS, find_duplicates
+from pipeline.data.sources.base import SourceImage, SourceKind, SourceSet, id_from_path, natural_key, validate
 
 # The shape types and the points each needs: (fewest, most); None = no upper bound.
 _POINTS: dict[str, tuple[int, int | None]] = {
-    "polygon": (3, None), "rectangle": (2, 2), "circle": (2, 2), "line": (2, 2), "linestrip": (2, None),
-    "point": (1, 1), "mask": (2, 2),
+    "polygon": (3, None),
+    "rectangle": (2, 2),
+    "circle": (2, 2),
+    "line": (2, 2),
+    "linestrip": (2, None),
+    "point": (1, 1),
+    "mask": (2, 2),
 }
 SHAPE_TYPES = tuple(_POINTS)
 # labelme's canvas keeps points on 0..W-1 (pixel centres at integers); half a pixel more on each side
@@ -41,9 +49,11 @@ class LabelmeParams(Section):
 
     images: str = Field(".", description="folder of the images, relative to prepare.path")
     annotations: str | None = Field(
-        None, description="folder of the JSON files, relative to prepare.path; null = beside the images")
+        None, description="folder of the JSON files, relative to prepare.path; null = beside the images"
+    )
     defect_labels: Annotated[list[str], Field(min_length=1)] | None = Field(
-        None, description="shape labels that count as defect; null = every label")
+        None, description="shape labels that count as defect; null = every label"
+    )
     # labelme's own defaults (labelme.utils.shape_to_mask), in pixels of the source image.
     line_width: int = Field(10, ge=1, le=1000, description="width of line and linestrip shapes")
     point_radius: int = Field(5, ge=1, le=1000, description="radius of point shapes")
@@ -130,8 +140,10 @@ def _shape(raw: object, number: int, width: int, height: int, path: str | Path) 
         plural = "" if fewest == 1 else "s"
         raise DataError(f"{where}: a {kind} needs {wanted} point{plural}, it has {len(points)}; redraw it in labelme")
     for x, y in points:
-        if not (-POINT_TOLERANCE <= x <= width - 1 + POINT_TOLERANCE
-                and -POINT_TOLERANCE <= y <= height - 1 + POINT_TOLERANCE):
+        if not (
+            -POINT_TOLERANCE <= x <= width - 1 + POINT_TOLERANCE
+            and -POINT_TOLERANCE <= y <= height - 1 + POINT_TOLERANCE
+        ):
             raise DataError(
                 f"{where}: point ({x:g}, {y:g}) lies outside the {width}x{height} image (pixels 0..{width - 1}, "
                 f"0..{height - 1}, give or take {POINT_TOLERANCE}); move it inside in labelme"
@@ -231,7 +243,7 @@ def defect_label_set(wanted: list[str] | None, annotations: list[Annotation], fo
 
 @dataclass(frozen=True)
 class LabelmeMask:
-    """A true mask drawn from an annotation's defect shapes (a ``datasets.MaskSource``)."""
+    """A true mask drawn from an annotation's defect shapes (a ``pipeline.data.images.MaskSource``)."""
 
     annotation: Annotation
     defect_labels: frozenset[str] | None  # None = every label
@@ -282,7 +294,7 @@ def _draw(pen: ImageDraw.ImageDraw, shape: Shape, line_width: int, point_radius:
     elif shape.kind in ("line", "linestrip"):
         pen.line(xy, fill=1, width=line_width)
     elif shape.kind == "point":
-        (cx, cy), = xy
+        ((cx, cy),) = xy
         pen.ellipse([cx - point_radius, cy - point_radius, cx + point_radius, cy + point_radius], fill=1, outline=1)
     else:  # every kind _shape accepts is drawn above or pasted
         raise AssertionError(shape.kind)
@@ -304,3 +316,81 @@ def _paste_mask(canvas: Image.Image, shape: Shape, where: str) -> None:
         )
     region = np.asarray(canvas.crop((x0, y0, x1 + 1, y1 + 1))) > 0
     canvas.paste(Image.fromarray(((region | pixels) * 255).astype(np.uint8)), (x0, y0))
+
+
+# --- the data set kind --------------------------------------------------------------------------
+
+
+_LABELME_EXPECTED = (
+    f"images ({', '.join(IMAGE_EXTENSIONS)}) with labelme JSON files of the same base name beside them "
+    "or in the folder prepare.labelme.annotations"
+)
+
+
+def _labelme_folder(root: Path, relative: str, key: str) -> Path:
+    folder = root / relative
+    if not folder.is_dir():
+        raise DataError(
+            f"{folder} is not a folder: prepare.{key} ({relative!r}) is relative to prepare.path {root}; "
+            f"expected {_LABELME_EXPECTED}"
+        )
+    return folder
+
+
+def load_labelme(
+    path: str | Path,
+    folds: int = 3,
+    seed: int = 0,
+    group_pattern: str | None = None,
+    options: LabelmeParams | None = None,
+) -> SourceSet:
+    """Images annotated in labelme: the images directly in ``options.images`` (subfolders are not
+    read), each with at most one JSON annotation beside it or in ``options.annotations``.
+
+    An image is defective when its annotation has a shape of a defect label; without an annotation
+    or such a shape it is defect-free. Masks are drawn from the shapes when the image is read. Each
+    image is its own group unless ``group_pattern`` derives groups from the names; grouped K-fold.
+    """
+
+    options = options or LabelmeParams()
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; expected {_LABELME_EXPECTED} in it")
+    image_folder = _labelme_folder(root, options.images, "labelme.images")
+    annotation_folder = image_folder
+    if options.annotations is not None:
+        annotation_folder = _labelme_folder(root, options.annotations, "labelme.annotations")
+    images = sorted(
+        (file for file in image_folder.iterdir() if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS),
+        key=lambda file: natural_key(file.name),
+    )
+    if not images:
+        raise DataError(f"found no images in {image_folder}; expected {_LABELME_EXPECTED}")
+    annotated = annotations_by_image(annotation_folder, image_folder, images)
+    defect_labels = defect_label_set(options.defect_labels, list(annotated.values()), annotation_folder)
+    masks = {
+        image: LabelmeMask(annotation, defect_labels, options.line_width, options.point_radius)
+        for image, annotation in annotated.items()
+    }
+    refs = [str(image) for image in images]
+    ids = [id_from_path(image.name) for image in images]
+    labels = [int(ref in masks and bool(masks[ref].defect_shapes())) for ref in refs]
+    duplicates = find_duplicates(dict(zip(ids, refs, strict=True)))
+    groups, fold_of = grouped_folds(ids, image_groups(group_pattern, ids, refs), labels, duplicates, folds, seed)
+    source = SourceSet(
+        name=LABELME.name,
+        images=[
+            SourceImage(id_, label, group, fold, ref, masks.get(ref))
+            for id_, label, group, fold, ref in zip(ids, labels, groups, fold_of, refs, strict=True)
+        ],
+        duplicates=duplicates,
+        root=str(image_folder),
+    )
+    validate(source)
+    return source
+
+
+LABELME = SourceKind(
+    "labelme",
+    lambda path, folds, seed, options: load_labelme(path, folds, seed, options.group_pattern, options.labelme),
+)
