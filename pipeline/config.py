@@ -179,10 +179,10 @@ class TrainParams(Section):
 
 
 class GuidedParams(TrainParams):
-    # Default chosen on KolektorSDD (README, "Guided variants"): best AP, no added inference cost.
+    # Default chosen on KolektorSDD (docs/method.md, "Guided variants"): best AP, no added inference cost.
     variant: Literal[tuple(VARIANTS)] = Field(  # type: ignore[valid-type]
         "consistency",
-        description="how the baseline's knowledge is used; see pipeline/models/variants.py and the README",
+        description="how the baseline's knowledge is used; see pipeline/models/variants.py and docs/method.md",
     )
     seg_weight: float = Field(1.0, ge=0, description="λ at the first epoch: weight of the auxiliary loss")
     seg_weight_schedule: Literal["linear", "constant"] = "linear"
@@ -373,6 +373,7 @@ def _with_project_paths(name: str, section: S) -> S:
     value = getattr(section, key) if key else None
     if not value or Path(value).is_absolute():
         return section
+    assert key is not None  # value is only set where the section has a path key
     root = project_root()
     if root == Path.cwd().resolve():
         return section

@@ -9,6 +9,8 @@ data/metrics/saliency.json (localization against true masks, where there are any
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from pipeline.config import load_section
@@ -68,7 +70,7 @@ def main() -> None:
                 {"images_per_second": speed, "per_fold": images_per_second, "precision": precision.name},
             )
             run.write_lineage(out)
-        metrics = {"per_fold": localization}
+        metrics: dict[str, Any] = {"per_fold": localization}
         means = mean_over_folds(localization, keys=("mass_inside", "pointing_game"))
         metrics.update(means)
         write_json(layout.metrics_file("saliency"), metrics)

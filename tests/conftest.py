@@ -8,7 +8,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from helpers import train_tiny_models
+
+from support.helpers import train_tiny_models
 
 
 @pytest.fixture()

@@ -11,7 +11,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import real_dataset
 
 from pipeline.core.errors import DataError
 from pipeline.data.folds import assign_group_folds
@@ -21,6 +20,7 @@ from pipeline.data.sources.base import SourceImage, SourceSet, validate
 from pipeline.data.sources.folder import load_folder
 from pipeline.data.sources.kolektorsdd import load_kolektorsdd, load_kolektorsdd2
 from pipeline.data.sources.manifest import load_manifest
+from support.helpers import real_dataset
 
 REAL_KSDD, needs_real_ksdd = real_dataset("KolektorSDD")
 SHAPE = (12, 8)  # height, width of the synthetic images

@@ -1,7 +1,7 @@
 """Training in several processes (DDP, torchrun, gloo on the CPU) matches one process with the
 same global batch; device, precision and DataLoader params; batch sharding.
 
-The two-process run is tests/ddp_worker.py under torchrun; its results are compared here with a
+The two-process run is tests/support/ddp_worker.py under torchrun; its results are compared here with a
 single-process run of the same cases.
 """
 
@@ -14,64 +14,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import (
-    SHRUNK,
-    dvc,
-    guided,
-    make_shrunk_project,
-    merge,
-    noise_data,
-    project_env,
-)
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import (
     ConfigError,
-    GuidedParams,
     ModelParams,
-    TrainParams,
     parse_section,
 )
 from pipeline.core import distributed
 from pipeline.core.devices import BF16, FP32, pick_device, resolve_precision
 from pipeline.core.distributed import Ranks, shard
 from pipeline.core.errors import InputError, SetupError
-from pipeline.data.prepared import PreparedData
 from pipeline.models.files import build_model
-from pipeline.models.inference import predict
 from pipeline.training.loop import train
-from pipeline.training.objectives import Objective
+from support.distributed_cases import CASES, MODEL, PARAMS, train_cases
+from support.helpers import (
+    SHRUNK,
+    dvc,
+    make_shrunk_project,
+    merge,
+    noise_data,
+    project_env,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-# fp32: the tolerance is that of float sums in another order; bf16 autocast (model.precision auto on a
-# CPU with AVX-512 bf16 or AMX) rounds every product and amplifies such differences over the steps.
-MODEL = ModelParams(device="cpu", precision="fp32")
-# Balanced epochs of 8 images in batches of 4: each process takes 2 images of each. A small
-# learning rate: on 32x32 noise, BatchNorm over 4 values per channel (layer4 is 1x1) makes
-# training at 0.01 chaotic, so that float rounding alone (one process against two, or one thread
-# against two) leads elsewhere within 4 steps; at 1e-4 the weights still move 100x the tolerance.
-# Four steps (undersampled epochs of 8 images): the tolerance holds over that few. On these noise
-# images the float differences between one and two processes grow with the steps whatever the
-# sampling (measured at 12 steps: up to 2-30% on batch-norm biases, undersampled or oversampled).
-PARAMS = TrainParams(epochs=2, batch_size=4, lr=1e-4, seed=0, sampling="undersample")
-# hard_negatives: the second epoch's defect-free images are chosen by the logits of the first,
-# which every process gathers from the others' shares.
-CASES = ("baseline", "consistency", "teacher", "hard_negatives")
 # Float sums in another order (per process, then across processes) are all that differs.
 TOLERANCE = {"atol": 2e-6, "rtol": 1e-4}
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
-
-
-def case(name: str, data: PreparedData) -> tuple[TrainParams, Objective]:
-    if name == "baseline":
-        return PARAMS, Objective()
-    if name == "hard_negatives":
-        return PARAMS.model_copy(update={"hard_negatives": 0.5}), Objective()
-    priors = torch.from_numpy(np.random.default_rng(1).random(data.images.shape, dtype=np.float32))
-    params = GuidedParams(**PARAMS.model_dump(), variant=name)
-    return params, guided(params, priors, (priors > 0.8).float())
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +54,7 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        str(ROOT / "tests" / "ddp_worker.py"),
+        str(ROOT / "tests" / "support" / "ddp_worker.py"),
         str(out),
     ]
     env = {**project_env(out), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -96,18 +67,7 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def single_process() -> dict[str, dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    data = noise_data()
-    _, test_rows = data.split(0)
-    results = {}
-    for name in CASES:
-        params, objective = case(name, data)
-        model, config, history = train(data, 0, MODEL, params, objective)
-        priors = objective.inference_priors(test_rows)
-        results[name] = {
-            "state": model.state_dict(),
-            "history": history,
-            "scores": predict(model, config, data.images[test_rows], priors),
-        }
+    results = train_cases(noise_data())
     torch.set_num_threads(threads)
     return results
 

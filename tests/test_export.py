@@ -16,7 +16,6 @@ import onnx
 import pytest
 import torch
 import yaml
-from helpers import ROOT, SHRUNK
 
 from pipeline.core.artifacts import write_image
 from pipeline.core.errors import InputError
@@ -31,6 +30,7 @@ from pipeline.deployment.export import (
 from pipeline.knowledge.saliency import create_saliency, saliency_maps
 from pipeline.models.files import load_model
 from pipeline.models.inference import predict
+from support.helpers import ROOT, SHRUNK
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import guided, tiny_data
 
 from pipeline.config import ConfigError, GuidedParams, ModelParams, parse_section
 from pipeline.models.files import inference_priors, load_model, save_model
@@ -24,6 +23,7 @@ from pipeline.models.networks import (
 from pipeline.models.variants import VARIANTS
 from pipeline.training.loop import train
 from pipeline.training.objectives import seg_weight
+from support.helpers import guided, tiny_data
 
 BACKBONES = ("resnet18", "vgg16")
 

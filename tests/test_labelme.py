@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from helpers import real_dataset
 from PIL import Image
 from test_datasets import raises_naming
 
@@ -32,6 +31,7 @@ from pipeline.data.sources.labelme import POINT_TOLERANCE, SHAPE_TYPES, load_lab
 from pipeline.data.sources.manifest import load_manifest
 from pipeline.experiments import presets
 from stages import prepare
+from support.helpers import real_dataset
 
 REAL_BSDATA, needs_real_bsdata = real_dataset("BSData")
 W, H = 20, 12  # size of the images written here

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import real_dataset
 
 from pipeline.data.near_duplicates import main, near_duplicate_pairs, perceptual_hashes
 from pipeline.data.prepared import PreparedData
+from support.helpers import real_dataset
 
 KOLEKTORSDD, KOLEKTORSDD_PRESENT = real_dataset("KolektorSDD")
 

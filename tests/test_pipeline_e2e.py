@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from browser import check_rendered, needs_chromium
-from helpers import dvc, make_shrunk_project, project_env, stages_run
 
 from pipeline.core.devices import resolve_precision
+from support.browser import check_rendered, needs_chromium
+from support.helpers import dvc, make_shrunk_project, project_env, stages_run
 
 STAGES = ["prepare", "train_baseline", "saliency", "pseudo_labels", "train_guided", "evaluate", "release"]
 

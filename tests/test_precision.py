@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, noise_data
 from test_saliency import _synthetic_batch
 
 from pipeline.config import ModelParams, TrainParams
@@ -35,6 +34,7 @@ from pipeline.knowledge.pseudo_labels import otsu_mask
 from pipeline.knowledge.saliency import METHODS, create_saliency
 from pipeline.models.networks import Classifier
 from pipeline.training.loop import train
+from support.helpers import ROOT, noise_data
 
 CPU = torch.device("cpu")
 MEAN_DIFFERENCE, LEAST_MASK_IOU, LEAST_SHARE = 0.02, 0.9, 0.8

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import ROOT
 
 from pipeline.core.artifacts import write_image
 from pipeline.deployment.predict import ModelError, decision_threshold, load_any, main
@@ -19,6 +18,7 @@ from pipeline.knowledge.saliency import create_saliency, saliency_maps
 from pipeline.models.files import load_model
 from pipeline.models.inference import predict
 from pipeline.training.stage import register_models
+from support.helpers import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,11 +12,11 @@ import sys
 import termios
 
 import pytest
-from helpers import ROOT
 
 from pipeline.core.progress import log_line, progress
+from support.helpers import ROOT
 
-WORKER = [sys.executable, str(ROOT / "tests/progress_worker.py")]
+WORKER = [sys.executable, str(ROOT / "tests/support/progress_worker.py")]
 EPOCH_LINE = re.compile(r"^  fold [01] \| epoch +[123] \| loss \d+\.\d{4}( \| test AP \d+\.\d{4})? \| \d+\.\d+s$")
 # tqdm's "n/total [elapsed<remaining, rate]"
 BAR = r"{n}/{total} \[\d\d:\d\d<\d\d:\d\d, +(\d+\.\d+|\?)({unit}/s|s/{unit})\]"

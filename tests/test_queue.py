@@ -15,12 +15,12 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from helpers import ROOT, dvc, make_shrunk_project, project_env
 
 from pipeline.config import DERIVED_SEEDS, ConfigError, load_section
 from pipeline.core.layout import project_root
 from pipeline.core.tracking import tracking_uri
 from pipeline.experiments.sweep import experiment_states
+from support.helpers import ROOT, dvc, make_shrunk_project, project_env
 
 STAGES = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # every stage logs one run
 

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import tiny_data
 
 from pipeline.config import ConfigError, parse_section
 from pipeline.core.errors import InputError
@@ -25,6 +24,7 @@ from pipeline.metrics.operating_points import (
     rates_at,
 )
 from pipeline.models.files import ModelError
+from support.helpers import tiny_data
 
 # Defects at 0.4, 0.6, 0.9; defect-free images at 0.1, 0.2, 0.3, 0.5, 0.7.
 LABELS = np.array([1, 1, 1, 0, 0, 0, 0, 0])

@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import SHRUNK, dvc, make_shrunk_project, merge, project_env, stages_run
+
+from support.helpers import SHRUNK, dvc, make_shrunk_project, merge, project_env, stages_run
 
 NAME = "synthetic-guided"
 
@@ -98,10 +99,18 @@ def test_gate_refuses_with_its_reason_and_an_unknown_metric_then_promotes(projec
     assert stages_run(dvc(project, "repro")) == []
 
 
-@pytest.mark.slow
-def test_predict_with_the_champion_uses_the_carried_threshold(project: Path) -> None:
+@pytest.fixture(scope="module")
+def champion(project: Path) -> str:
+    """The champion's URI; promoted here where the gate test has not run before (``-k``, one test)."""
     if client(project).get_registered_model(NAME).aliases.get("champion") is None:
-        pytest.skip("needs the promotion of the test before")
+        set_gate(project, {"guided.ap": ">= 0"})
+        promoted = python(project, "-m", "pipeline.cli", "promote")
+        assert promoted.returncode == 0, promoted.stderr
+    return f"models:/{NAME}@champion"
+
+
+@pytest.mark.slow
+def test_predict_with_the_champion_uses_the_carried_threshold(project: Path, champion: str) -> None:
     point = json.loads((project / "data/release/operating_point.json").read_text())
     images = project / "data/prepared/images"
     result = python(
@@ -110,7 +119,7 @@ def test_predict_with_the_champion_uses_the_carried_threshold(project: Path) -> 
         "pipeline.cli",
         "predict",
         "--model",
-        f"models:/{NAME}@champion",
+        champion,
         str(images),
         "--out",
         "champion",

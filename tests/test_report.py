@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from browser import check_rendered, needs_chromium, tagged
 from test_evaluation import SCORES
 
 from pipeline.data.prepared import count_table, group_table
@@ -21,6 +20,7 @@ from pipeline.evaluation.results import (
 )
 from pipeline.metrics.classification import pr_curve
 from pipeline.metrics.figures import plot_pr_curves, save_png
+from support.browser import check_rendered, needs_chromium, tagged
 
 # Two folds of four images (test_evaluation's); a group name and the title carry markup that must
 # arrive as text.

@@ -1,4 +1,4 @@
-"""Team stores (README, "Team stores"): a DVC remote that a fresh checkout pulls the pipeline's
+"""Team stores (docs/operations.md, "Team stores"): a DVC remote that a fresh checkout pulls the pipeline's
 outputs from, and an MLflow tracking server the stages log to."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import SHRUNK, dvc, make_shrunk_project, merge, project_env, stages_run
 from mlflow.tracking import MlflowClient
+
+from support.helpers import SHRUNK, dvc, make_shrunk_project, merge, project_env, stages_run
 
 STAGE_OUTPUTS = ("prepared", "baseline", "saliency", "pseudo_masks", "guided", "evaluation")
 # The teacher variant: at this commit the evaluation's results.md needs the teacher's prior timing,

@@ -1,8 +1,25 @@
+"""MLflow tracking: flattened params, the pipeline run id, stage runs, and an unusable store
+reported clearly."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
 import mlflow
 import pytest
 
 from pipeline.config import TrainParams
-from pipeline.core.tracking import flatten, pipeline_run_id, stage_run
+from pipeline.core.tracking import (
+    FAST_CHECK,
+    TrackingError,
+    connect,
+    environment_defaults,
+    flatten,
+    pipeline_run_id,
+    stage_run,
+)
 
 
 @pytest.fixture()
@@ -43,3 +60,34 @@ def test_a_failing_stage_marks_its_run_failed(store):
     with pytest.raises(RuntimeError), stage_run("broken", {}) as run:
         raise RuntimeError("boom")
     assert mlflow.get_run(run.run_id).info.status == "FAILED"
+
+
+# --- MLflow tracking store ----------------------------------------------------------------------
+
+
+def test_unreachable_tracking_server_is_reported_within_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on port 9
+    started = time.perf_counter()
+    with pytest.raises(TrackingError, match="'http://127.0.0.1:9' is unreachable or misconfigured"):
+        connect()
+    assert time.perf_counter() - started < 30  # MLflow's own retries would take about 4 minutes
+    assert not set(FAST_CHECK) & set(os.environ)  # the fast-fail settings do not outlive the check
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///{tmp}/missing/mlflow.db", "nosuchscheme://host/path"])
+def test_misconfigured_tracking_uri_is_reported(uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(tmp=tmp_path))
+    with pytest.raises(TrackingError, match="MLFLOW_TRACKING_URI"):
+        connect()
+    assert not (tmp_path / "missing").exists()
+
+
+def test_fast_check_settings_leave_the_users_own_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in FAST_CHECK:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    with environment_defaults(FAST_CHECK):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == FAST_CHECK["MLFLOW_HTTP_REQUEST_TIMEOUT"]
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from helpers import noise_data
 from sklearn.metrics import average_precision_score
 
 from pipeline.config import ModelParams, TrainParams
 from pipeline.experiments.variance import LAST, fold_scores, summary_table
 from pipeline.models.inference import predict
 from pipeline.training.loop import train
+from support.helpers import noise_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODEL = ModelParams(device="cpu")

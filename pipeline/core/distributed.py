@@ -174,6 +174,9 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
         global_mean = (counts * means).sum(0) / total
         variance = (all_squares + counts * (means - global_mean).pow(2)).sum(0) / total
         if self.track_running_stats:
+            # BatchNorm registers these buffers as tensors whenever it tracks running statistics.
+            assert self.num_batches_tracked is not None
+            assert self.running_mean is not None and self.running_var is not None
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)

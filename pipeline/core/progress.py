@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 
 def progress(
-    items: Iterable[T],
+    items: Iterable[T] | None,  # None: a bar updated by hand
     what: str,
     unit: str = "it",
     total: int | None = None,

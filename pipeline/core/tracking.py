@@ -191,7 +191,8 @@ class StageRun:
         self.run_id = run.info.run_id
         self.pipeline_id = pipeline_id
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, prefix: str = "") -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, prefix: str = "") -> None:
+        # Any: nested mappings are flattened and values that are not numbers left out.
         finite = {f"{prefix}{k}": float(v) for k, v in flatten(metrics).items() if _is_number(v)}
         mlflow.log_metrics(finite, step=step)
 

@@ -14,7 +14,7 @@ import zipfile
 import zlib
 from collections import defaultdict
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import cv2
 import numpy as np
@@ -149,7 +149,7 @@ def read_mask(
     ``image`` (the image's ref) is only used to name the image in the error message.
     """
     if not isinstance(ref, str):
-        return ref.draw(tuple(shape), image)
+        return ref.draw(cast(tuple[int, int], tuple(shape)), image)  # the same two ints, as a tuple
     mask = read_gray(ref, max_pixels)
     if mask.shape != tuple(shape):
         of = f"its image {image}" if image else "its image"

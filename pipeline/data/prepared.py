@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -44,7 +45,7 @@ def reproducible_choice(candidates: np.ndarray, count: int | str, seed: int, fol
     candidates = np.sort(np.asarray(candidates))
     if count == "all":
         return candidates
-    if count > len(candidates):
+    if cast(int, count) > len(candidates):  # any count but "all" is an int (the params' validation)
         raise SubsetError(f"asked for {count} but only {len(candidates)} are available")
     order = np.random.default_rng([seed, fold, _CHOICE_STREAMS[purpose]]).permutation(candidates)
     return np.sort(order[:count])
@@ -141,13 +142,13 @@ class PreparedData:
             return None
         return read_image(self.root / "masks" / f"{row['id']}.png") > 0
 
-    def load_maps(self, folder: str | Path, positions: Sequence[int]) -> torch.Tensor:
+    def load_maps(self, folder: str | Path, positions: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Stack the 16-bit maps ``folder/<id>.png`` of the given rows as float (N, H, W)."""
         folder = Path(folder)
         ids = self.index["id"].to_numpy()[np.asarray(positions, dtype=int)]
         return torch.from_numpy(np.stack([read_map(folder / f"{i}.png") for i in ids]))
 
-    def load_masks(self, folder: str | Path, positions: Sequence[int]) -> torch.Tensor:
+    def load_masks(self, folder: str | Path, positions: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Stack the 8-bit masks ``folder/<id>.png`` of the given rows as float 0/1 (N, H, W)."""
         folder = Path(folder)
         ids = self.index["id"].to_numpy()[np.asarray(positions, dtype=int)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import cv2
 import numpy as np
@@ -88,6 +89,7 @@ class _SurfaceStyle:
 
     def render(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        pattern: np.ndarray
         if self.texture == "stripes":
             # Machining marks: a wavy periodic pattern across the part.
             phase = rng.uniform(0, 2 * np.pi)
@@ -99,7 +101,8 @@ class _SurfaceStyle:
             pattern = _smooth_noise(rng, height, width, 0.7)
             kernel = np.zeros((1, 21), np.float32)
             kernel[0, :] = 1 / 21
-            pattern = cv2.filter2D(pattern, -1, kernel, borderType=cv2.BORDER_REFLECT)
+            # The cast: cv2's stubs type the result as a MatLike of integer or floating dtype.
+            pattern = cast(np.ndarray, cv2.filter2D(pattern, -1, kernel, borderType=cv2.BORDER_REFLECT))
             pattern /= pattern.std() + 1e-6
         else:
             pattern = _smooth_noise(rng, height, width, rng.uniform(0.8, 2.0))
@@ -113,7 +116,7 @@ class _SurfaceStyle:
 
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, sigma: float) -> np.ndarray:
-    noise = rng.normal(0.0, 1.0, (height, width)).astype(np.float32)
+    noise: np.ndarray = rng.normal(0.0, 1.0, (height, width)).astype(np.float32)
     noise = cv2.GaussianBlur(noise, (0, 0), sigma)
     return noise / (noise.std() + 1e-6)
 
@@ -175,7 +178,7 @@ def _draw_defect(rng: np.random.Generator, image: np.ndarray, kind: str, contras
         thickness = max(1, round(short_side / (128 if straight else 64)))
         cv2.polylines(layer, [np.round(points).astype(np.int32)], False, 255, thickness, cv2.LINE_AA)
         strength, blur = rng.uniform(6.0, 11.0), 0.7
-    profile = cv2.GaussianBlur(layer.astype(np.float32) / 255.0, (0, 0), blur)
+    profile: np.ndarray = cv2.GaussianBlur(layer.astype(np.float32) / 255.0, (0, 0), blur)
     profile /= max(float(profile.max()), 1e-6)
     # Defects are mostly darker than the surface (shadowed grooves), sometimes brighter.
     sign = -1.0 if rng.random() < 0.75 else 1.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -125,7 +126,7 @@ def _cycled(indices: np.ndarray, count: int, number: int, seed: list[int]) -> np
     """The ``number``-th run of ``count`` items of an endless sequence of seeded permutations of
     ``indices``: every item once per permutation, whatever the run length."""
     cycle, offset = divmod(number * count, len(indices))
-    orders = []
+    orders: list[np.ndarray] = []
     while len(orders) * len(indices) < offset + count:
         orders.append(np.random.default_rng([*seed, cycle + len(orders)]).permutation(indices))
     return np.concatenate(orders)[offset : offset + count]
@@ -217,7 +218,8 @@ class EpochBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
-def _whole_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _whole_batch(batch: Any) -> dict[str, torch.Tensor]:
+    # Any: DataLoader types a collate_fn's argument as a list of samples, but here it is the dict
     return batch  # ``__getitems__`` returns the batch already stacked
 
 

@@ -279,7 +279,7 @@ def plot_training(history_csv: str | Path, path: str | Path, title: str) -> None
     they would only take panels.
     """
     history = pd.read_csv(history_csv).drop(columns="seconds", errors="ignore")
-    keep = []
+    keep: list[str] = []
     for column in history.columns:
         values = history[column]
         if column in ("epoch", "fold", "seed") or (

@@ -1,11 +1,11 @@
 """Tables over training seeds: each figure's mean over folds per seed, then its mean and spread over seeds.
 
 The core, ``seed_spread``, is shared by every table that repeats runs over seeds: the combined
-evaluations of this module (``combine_runs``, ``python -m pipeline.evaluation.seeds``), the
+evaluations of this module (``combine_runs``, ``kgi seeds``), the
 sweep's summary (``pipeline.experiments.sweep``) and the variance ablation
 (``pipeline.experiments.variance``). Each caller keeps its own columns and formatting.
 
-``python -m pipeline.evaluation.seeds scores_seed0.csv scores_seed1.csv ...`` combines runs of
+``kgi seeds scores_seed0.csv scores_seed1.csv ...`` combines runs of
 several seeds (see ``combine_runs``).
 """
 

@@ -1,8 +1,8 @@
 """Named training settings: ``presets/<name>.yaml`` holds overrides of ``params.yaml``.
 
-    python -m pipeline.experiments.presets list                  # the presets and their first comment line
-    python -m pipeline.experiments.presets show cpu-kolektorsdd  # the `dvc exp run -S ...` line that runs it
-    python -m pipeline.experiments.presets apply cpu-kolektorsdd # writes it into params.yaml, comments kept
+    kgi presets list                  # the presets and their first comment line
+    kgi presets show cpu-kolektorsdd  # the `dvc exp run -S ...` line that runs it
+    kgi presets apply cpu-kolektorsdd # writes it into params.yaml, comments kept
 
 A preset has the shape of ``params.yaml`` and names only what it changes; the result is
 validated as the stages would validate it before anything is written or printed.

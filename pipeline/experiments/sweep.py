@@ -1,8 +1,8 @@
 """Sweeps: one parameter over several values and seeds, run as DVC's experiment queue.
 
-    python -m pipeline.experiments.sweep run prepare.defective_images 5,10,20,all --seeds 0,1,2 \\
+    kgi sweep run prepare.defective_images 5,10,20,all --seeds 0,1,2 \\
         --preset cpu-kolektorsdd --out results/kolektorsdd/defective_images -j 2
-    python -m pipeline.experiments.sweep summarize prepare.defective_images results/kolektorsdd/defective_images
+    kgi sweep summarize prepare.defective_images results/kolektorsdd/defective_images
 
 ``run`` queues every (value, seed) point not done yet as a named experiment
 (``dvc exp run --queue -n <point> -S <param>=<value> -S seed=<seed> evaluate``: up to the
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,7 @@ from pipeline.config import (
     PARAMS_FILE,
     RUN_SEED,
     ConfigError,
+    GuidedParams,
     parse_params,
 )
 from pipeline.core import layout
@@ -283,7 +284,7 @@ def collect(param: str, out: Path) -> pd.DataFrame:
         # and a derived seed as the top-level one (points saved before it existed set all four).
         sections = parse_params(params, source=str(folder / "params.yaml"))
         value = getattr(sections[section], key)
-        seed = sections["train_guided"].seed
+        seed = cast(GuidedParams, sections["train_guided"]).seed
         metrics = {stage: read_json(folder / f"{stage}.json") for stage in ("prepare", "pseudo_labels", "evaluate")}
         row = {"value": str(value), "seed": seed, "point": folder.name}
         if param in COUNTS:
@@ -392,9 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("param", help="the swept key, e.g. prepare.defective_images")
     run_parser.add_argument("values", help="comma-separated values, e.g. 5,10,20,all")
     run_parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    run_parser.add_argument(
-        "--preset", help="a preset (python -m pipeline.experiments.presets list) applied to every point"
-    )
+    run_parser.add_argument("--preset", help="a preset (kgi presets list) applied to every point")
     run_parser.add_argument(
         "--set",
         action="append",

@@ -8,9 +8,9 @@ fold. The baseline's training params come from ``params.yaml`` (``train_baseline
 with ``--set KEY=VALUE`` overriding ``train_baseline`` keys, so that a change to training (a
 warm-up, hard negatives) is measured on the same seeds and folds as the default:
 
-    python -m pipeline.experiments.variance data/prepared --seeds 0,1,2 --ema-epochs 1,3,10 \\
+    kgi variance data/prepared --seeds 0,1,2 --ema-epochs 1,3,10 \\
         --out results/kolektorsdd/variance
-    python -m pipeline.experiments.variance data/prepared --seeds 0,1,2 --ema-epochs 1,3,10 \\
+    kgi variance data/prepared --seeds 0,1,2 --ema-epochs 1,3,10 \\
         --set warmup_epochs=2 --out results/kolektorsdd/warmup
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 import yaml
@@ -61,11 +62,15 @@ def fold_scores(
     last weights and of each average, with and without test-time flips."""
     run = set_up(data, fold, model_params, params, Objective())
     steps = run.sampler.steps(params.batch_size)
-    averages = {
-        average_name(epochs): weight_average(run.model, params.model_copy(update={"ema_epochs": epochs}), steps)
-        for epochs in ema_epochs
-    }
-    run.average = _Averages(averages)
+    # The epochs asked for are positive, so each weight_average is an average, never None.
+    averages = cast(
+        dict[str, AveragedModel],
+        {
+            average_name(epochs): weight_average(run.model, params.model_copy(update={"ema_epochs": epochs}), steps)
+            for epochs in ema_epochs
+        },
+    )
+    run.average = cast(AveragedModel, _Averages(averages))  # the epoch loop only calls update_parameters
     for epoch in range(params.epochs):
         train_epoch(run, epoch)
     labels = run.labels[run.test_rows].numpy()
@@ -101,7 +106,8 @@ def with_overrides(params: TrainParams, overrides: list[str]) -> TrainParams:
                 f"({', '.join(TrainParams.model_fields)})"
             )
         update[key] = yaml.safe_load(value)
-    return parse_section("train_baseline", {**params.model_dump(), **update}, source=f"--set {' '.join(overrides)}")
+    section = parse_section("train_baseline", {**params.model_dump(), **update}, source=f"--set {' '.join(overrides)}")
+    return cast(TrainParams, section)  # train_baseline's section is a TrainParams
 
 
 def measured_rows(path: Path, ema_epochs: list[float], overrides: list[str]) -> list[dict]:

@@ -55,7 +55,9 @@ def write_fold_targets(
     true_rows = data.true_mask_rows(fold, params.true_masks, params.seed)
     targets = list(masks)
     for row in true_rows:
-        targets[row] = data.true_mask(row)
+        true_mask = data.true_mask(row)
+        assert true_mask is not None  # true_mask_rows picks only rows that have a true mask
+        targets[row] = true_mask
     for image_id, mask in zip(data.index["id"], targets):
         write_image(folder / f"{image_id}.png", mask.astype(np.uint8) * 255)
     return masks, true_rows

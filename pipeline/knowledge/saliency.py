@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -117,6 +117,10 @@ class SaliencyMethod:
     non-negative map per image at the input size (``_combine(x, captured, grads, input_grad)``).
     """
 
+    # Declared for the type checker only: every subclass defines both.
+    _capture: Callable[[str, nn.Module, torch.Tensor], tuple | None]
+    _combine: Callable[..., torch.Tensor]
+
     needs_input_grad = False
     # Whether the maps stay within tests/test_precision.py's tolerance of fp32 when the forward runs
     # in bf16; a method for which they do not runs in fp32 on every path.
@@ -158,9 +162,11 @@ class SaliencyMethod:
             with self.precision.autocast(x.device):
                 score = _widened(defect_score(self.model(x.requires_grad_(self.needs_input_grad))))
             wanted = [target for _, _, target in captured] + ([x] if self.needs_input_grad else [])
-            grads = [None] * len(wanted)  # stays so where no captured tensor influences the score
+            # Stays so where no captured tensor influences the score.
+            grads: list[torch.Tensor | None] = [None] * len(wanted)
             if score.requires_grad and wanted:
-                grads = list(torch.autograd.grad(score.sum(), wanted, allow_unused=True))
+                # The ignore: autograd takes a mix of tensors and gradient edges; its stubs only one kind.
+                grads = list(torch.autograd.grad(score.sum(), wanted, allow_unused=True))  # type: ignore[arg-type]
         # The maps in fp32 whatever the forward's precision (a no-op on the fp32 path).
         captured = [(name, _widened(value), target) for name, value, target in captured]
         grads = [grad if grad is None else _widened(grad) for grad in grads]
@@ -229,6 +235,7 @@ def _effective_bias(module: nn.Module) -> torch.Tensor | None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if module.running_mean is None:  # batch statistics even in eval mode: no fixed bias
             return None
+        assert module.running_var is not None  # BatchNorm registers it together with running_mean
         scale = torch.rsqrt(module.running_var + module.eps)
         scale = scale if module.weight is None else scale * module.weight
         bias = -module.running_mean * scale
@@ -268,7 +275,9 @@ class FullGrad(SaliencyMethod):
     def _capture(self, name: str, module: nn.Module, output: torch.Tensor) -> tuple | None:
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return None
-        bias = _effective_bias(module).detach().view(1, -1, *[1] * (output.ndim - 2))
+        effective = _effective_bias(module)
+        assert effective is not None  # _targets holds only the layers with an effective bias
+        bias = effective.detach().view(1, -1, *[1] * (output.ndim - 2))
         # The edge names this layer's own output even if a later op changes it in place, and does
         # not keep the activation alive.
         return bias, get_gradient_edge(output), None

@@ -90,6 +90,9 @@ def operating_threshold(labels: np.ndarray, scores: np.ndarray, point: Operating
     negatives, defects = np.sort(scores[~positive]), np.sort(scores[positive])
     false_alarms = len(negatives) - np.searchsorted(negatives, candidates, side="left")
     hits = len(defects) - np.searchsorted(defects, candidates, side="left")
+    # Every kind but zero_misses has bounds, so OperatingPoint has checked that its target is set.
+    assert point.target is not None
+    meets: np.ufunc
     if point.kind == "max_false_alarm_rate":
         figure, meets, best = false_alarms / len(negatives), np.less_equal, np.argmin
     else:

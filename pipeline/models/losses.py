@@ -47,7 +47,8 @@ def pseudo_mask_loss(
 ) -> torch.Tensor:
     """BCE of the segmentation output S against the pseudo-masks' coverage of each cell."""
     share = share or single_process_share(labels)
-    target = F.adaptive_avg_pool2d(pseudo_masks, seg_logits.shape[-2:])  # a soft target in [0, 1]
+    # A soft target in [0, 1]; the ignore: torch's stubs take no Size (a tuple[int, ...]) for output_size.
+    target = F.adaptive_avg_pool2d(pseudo_masks, seg_logits.shape[-2:])  # type: ignore[arg-type]
     return share.mean(F.binary_cross_entropy_with_logits(seg_logits, target, reduction="none"), share.size)
 
 
@@ -65,7 +66,8 @@ def consistency_loss(
     defective = labels > 0.5
     if not defective.any():
         return cam.sum() * 0.0  # keeps the graph (and the loss's device) without a term
-    target = F.adaptive_avg_pool2d(prior[defective], cam.shape[-2:]).flatten(1)
+    # The ignore: torch's stubs take no Size (a tuple[int, ...]) for output_size.
+    target = F.adaptive_avg_pool2d(prior[defective], cam.shape[-2:]).flatten(1)  # type: ignore[arg-type]
     own = cam[defective].flatten(1)
     own = own / own.norm(dim=1, keepdim=True).clamp_min(1e-8)
     target = target / target.norm(dim=1, keepdim=True).clamp_min(1e-8)

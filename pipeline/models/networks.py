@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ def _vgg16_features(in_channels: int) -> tuple[nn.Sequential, int]:
     for module in layers:  # torchvision's VGG initialisation
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            assert module.bias is not None  # every convolution here is built with a bias
             nn.init.zeros_(module.bias)
     return nn.Sequential(*layers), 512
 
@@ -138,7 +140,7 @@ class GuidedClassifier(nn.Module):
         self.features, self.feature_dim = build_features(backbone, in_channels)
         self.split = BACKBONES[backbone].stride16_split
         stem_channels = _output_channels(self.features[: self.split])
-        self.seg_head = None
+        self.seg_head: nn.Module | None = None
         if self.variant.has_head:
             self.seg_head = _segmentation_head(stem_channels + self.injects_prior, seg_channels)
         # Injecting variants: max and mean of S (2) and of each channel of F' (2 per channel).
@@ -168,6 +170,7 @@ class GuidedClassifier(nn.Module):
                 raise InputError("the teacher variant needs the baseline's saliency map as prior at inference")
             prior = stem.new_zeros(stem.shape[0], 1, *stem.shape[-2:])
         joined = torch.cat([stem, F.adaptive_avg_pool2d(prior, stem.shape[-2:])], dim=1)  # F'
+        assert self.seg_head is not None  # every variant that injects the prior has a head
         seg_logits = self.seg_head(joined)
         guidance = torch.cat(
             [_max_and_mean(torch.sigmoid(seg_logits).detach()), joined.amax(dim=(2, 3)), joined.mean(dim=(2, 3))], dim=1
@@ -176,6 +179,7 @@ class GuidedClassifier(nn.Module):
 
     def _normalise(self, guidance: torch.Tensor) -> torch.Tensor:
         norm = self.guidance_norm
+        assert norm is not None  # only injecting variants normalise guidance, and they have extra inputs
         # One image has no batch statistics: use the running ones. A SyncedBatchNorm decides
         # that itself, from the global batch: one process's single image may be one of many.
         if self.training and guidance.shape[0] == 1 and not isinstance(norm, SyncedBatchNorm):
@@ -246,8 +250,10 @@ def load_pretrained_features(model: nn.Module, weights_path: str | Path) -> None
             "or set pretrained_weights to null to train from scratch"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
-    own = model.features.state_dict()
-    prefix = BACKBONES[model.backbone_name].torchvision_prefix
+    # nn.Module types attribute access as Tensor | Module; these are the model's features and its name.
+    features = cast(nn.Module, model.features)
+    own = features.state_dict()
+    prefix = BACKBONES[cast(str, model.backbone_name)].torchvision_prefix
     renamed = {
         k.removeprefix(prefix): v
         for k, v in state.items()
@@ -262,7 +268,7 @@ def load_pretrained_features(model: nn.Module, weights_path: str | Path) -> None
     missing = [k for k in own if k not in renamed]
     if missing:
         raise InputError(f"weights in {path} lack {len(missing)} backbone tensors, e.g. {missing[0]}")
-    model.features.load_state_dict(renamed)
+    features.load_state_dict(renamed)
 
 
 def own_prefixes(state: dict[str, torch.Tensor]) -> set[str]:

@@ -1,7 +1,7 @@
 """How the guided model uses the baseline's knowledge: one row of properties per variant.
 
 ``train_guided.variant`` names a row; every other module asks for its properties, never for its
-name. The saliency map H of the baseline and the Otsu pseudo-masks are defined in the README.
+name. The saliency map H of the baseline and the Otsu pseudo-masks are defined in docs/method.md.
 
 | variant      | prior H as input (training) | segmentation head | H at inference | auxiliary loss target |
 |--------------|-----------------------------|-------------------|----------------|-----------------------|

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from pipeline.core.progress import progress
 from pipeline.data.prepared import PreparedData
 from pipeline.data.training_data import (
     BalancedEpochs,
+    EpochBatches,
     TrainingBatches,
     apply_flips,
     batches,
@@ -227,7 +229,8 @@ def train_epoch(run: FoldTraining, epoch: int) -> tuple[list[float], int]:
     sampled = list(batches(run.sampler.epoch(epoch), run.params.batch_size))  # positions in the training rows
     global_batches = [run.train_rows[positions] for positions in sampled]
     shares = [distributed.shard(len(batch), run.ranks) for batch in global_batches]
-    run.loader.batch_sampler.batches = [batch[share] for batch, share in zip(global_batches, shares)]
+    batch_sampler = cast(EpochBatches, run.loader.batch_sampler)  # what ``loader`` gives every DataLoader
+    batch_sampler.batches = [batch[share] for batch, share in zip(global_batches, shares)]
     totals = [0.0] * len(LOSSES)
     steps = progress(
         zip(global_batches, shares, run.loader),
@@ -270,7 +273,10 @@ def batch_losses(
     """This process's loss on its share of a global batch, the global batch's losses and this
     process's (detached) logits."""
     # Drawn for the global batch in every process: the same flips whatever the processes.
-    flags = tuple(flag[mine].to(run.device) for flag in flip_flags(generator, len(batch)))
+    flags = cast(
+        tuple[torch.Tensor, torch.Tensor],  # flip_flags' two, each cut to this process's share
+        tuple(flag[mine].to(run.device) for flag in flip_flags(generator, len(batch))),
+    )
     fetched = {name: tensor.to(run.device, non_blocking=run.pin_memory) for name, tensor in fetched.items()}
     labels = fetched.pop("y")
     fetched = dict(zip(fetched, apply_flips(flags, *fetched.values())))

@@ -35,7 +35,9 @@ class Guidance:
     loss_target: torch.Tensor
 
 
-def consistency_targets(priors: torch.Tensor, targets: torch.Tensor, true_mask_rows: Sequence[int]) -> torch.Tensor:
+def consistency_targets(
+    priors: torch.Tensor, targets: torch.Tensor, true_mask_rows: Sequence[int] | np.ndarray
+) -> torch.Tensor:
     """The saliency maps with the true mask in place of the map of each of ``true_mask_rows``.
 
     Under mixed supervision the true mask must replace the saliency of its image wherever the
@@ -50,7 +52,10 @@ def consistency_targets(priors: torch.Tensor, targets: torch.Tensor, true_mask_r
 
 
 def guidance_for(
-    variant: Variant, saliency_maps: torch.Tensor, pseudo_masks: torch.Tensor, true_mask_rows: Sequence[int] = ()
+    variant: Variant,
+    saliency_maps: torch.Tensor,
+    pseudo_masks: torch.Tensor,
+    true_mask_rows: Sequence[int] | np.ndarray = (),
 ) -> Guidance:
     """What ``variant`` reads and targets, from the baseline's saliency maps and the pseudo-masks
     (N, H, W) of every row; ``true_mask_rows`` hold true masks in ``pseudo_masks`` (mixed supervision)."""
@@ -147,11 +152,14 @@ class GuidedObjective(Objective):
     def auxiliary_loss(
         self, aux: torch.Tensor | None, fetched: dict[str, torch.Tensor], labels: torch.Tensor, share: BatchShare
     ) -> torch.Tensor:
+        assert aux is not None  # the guided network always returns its auxiliary map
         return AUXILIARY_LOSSES[self.variant.target](aux, fetched["target"], labels, share)
 
     def inference_priors(self, rows: np.ndarray) -> torch.Tensor | None:
         if not self.variant.prior_at_inference:
             return None
+        # A variant that reads a prior at inference injects one, so its Guidance has the maps.
+        assert self.guidance.model_prior is not None
         return self.guidance.model_prior[rows]
 
 

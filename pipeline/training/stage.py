@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -166,21 +167,26 @@ def register_model_file(run: StageRun, path: Path, registered_name: str, tags: d
 
 # The modules whose code defines a training's computation: a checkpoint written by other code
 # would mix two trainings (or fail on changed layers), so their source is part of the fingerprint.
-_TRAINING_CODE = (
-    loop.__file__,
-    __file__,
-    models.__file__,
-    objectives.__file__,
-    losses.__file__,
-    training_data.__file__,
-    distributed.__file__,
+# (A cast: modules imported from files always have a __file__.)
+_TRAINING_CODE = cast(
+    tuple[str, ...],
+    (
+        loop.__file__,
+        __file__,
+        models.__file__,
+        objectives.__file__,
+        losses.__file__,
+        training_data.__file__,
+        distributed.__file__,
+    ),
 )
 
 
 def fingerprint_of(sections: dict, *input_files: Path) -> str:
     """A digest of a stage's params, inputs and training code: a checkpoint resumes only under the same one."""
     digest = hashlib.sha256(json.dumps({k: v.model_dump() for k, v in sections.items()}, sort_keys=True).encode())
-    for path in (*input_files, *_TRAINING_CODE):
+    paths: tuple[str | Path, ...] = (*input_files, *_TRAINING_CODE)
+    for path in paths:
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()
 

@@ -14,9 +14,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -154,7 +155,8 @@ def _shape(raw: object, number: int, width: int, height: int, path: str | Path) 
 
 def _points(raw: object, where: str) -> tuple[tuple[float, float], ...]:
     try:
-        points = tuple((float(x), float(y)) for x, y in raw)  # type: ignore[union-attr]
+        # Not iterable or not pairs: the TypeError/ValueError below reports it.
+        points = tuple((float(x), float(y)) for x, y in cast("Iterable[Any]", raw))
     except (TypeError, ValueError):
         raise DataError(f"{where}: points {raw!r} are not a list of [x, y] numbers; fix it in labelme") from None
     if not all(math.isfinite(c) for point in points for c in point):
@@ -217,10 +219,12 @@ def annotations_by_image(folder: Path, image_folder: Path, images: list[Path]) -
         if not (file.is_file() and file.suffix.lower() == ".json"):
             continue
         annotation = read_annotation(file)
-        image = image_of(annotation, by_real, by_stem, str(image_folder))
-        if image in annotated:
-            raise DataError(f"{annotated[image].file} and {file} both annotate {image}; keep one of them")
-        annotated[image] = annotation
+        annotated_image = image_of(annotation, by_real, by_stem, str(image_folder))
+        if annotated_image in annotated:
+            raise DataError(
+                f"{annotated[annotated_image].file} and {file} both annotate {annotated_image}; keep one of them"
+            )
+        annotated[annotated_image] = annotation
     return annotated
 
 

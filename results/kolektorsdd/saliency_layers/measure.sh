@@ -1,7 +1,7 @@
 #!/bin/bash
 # Pseudo-mask IoU and pointing game per saliency method and layers, on one trained baseline.
 # In the project root, with the virtual environment active, after
-#   python -m pipeline.presets apply cpu-kolektorsdd && dvc repro train_baseline
+#   kgi presets apply cpu-kolektorsdd && dvc repro train_baseline
 # Each row reruns saliency and pseudo_labels only (dvc exp run pseudo_labels).
 set -euo pipefail
 ROWS=results/kolektorsdd/saliency_layers/rows.jsonl

@@ -10,29 +10,18 @@ import torch
 
 from pipeline.core import distributed
 from pipeline.models import losses
-from pipeline.models.inference import predict
 from pipeline.training.loop import TrainingDiverged, train
 
-sys.path.insert(0, str(Path(__file__).parent))
-from helpers import noise_data
-from test_distributed import CASES, MODEL, case
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: support.* as the tests import it
+from support.distributed_cases import MODEL, case, train_cases
+from support.helpers import noise_data
 
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     data = noise_data()
-    _, test_rows = data.split(0)
     with distributed.process_group(torch.device("cpu")) as ranks:
-        results = {}
-        for name in CASES:
-            params, objective = case(name, data)
-            model, config, history = train(data, 0, MODEL, params, objective)
-            priors = objective.inference_priors(test_rows)
-            results[name] = {
-                "state": model.state_dict(),
-                "history": history,
-                "scores": predict(model, config, data.images[test_rows], priors),
-            }
+        results = train_cases(data)
         # Per-sample values of a global batch of 5 (one padded sample): each process holds its share.
         mine, real = distributed.shard(5, ranks), distributed.real_samples(5, ranks)
         results["whole_batch"] = distributed.whole_batch(torch.tensor(mine, dtype=torch.float32) * real, 5, ranks)

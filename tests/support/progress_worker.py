@@ -17,8 +17,8 @@ from pipeline.knowledge.saliency import create_saliency, saliency_maps
 from pipeline.training.objectives import Objective
 from pipeline.training.stage import train_folds
 
-sys.path.insert(0, str(Path(__file__).parent))
-from helpers import tiny_data
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: support.* as the tests import it
+from support.helpers import tiny_data
 
 EPOCHS = 3
 

@@ -18,12 +18,12 @@ if TYPE_CHECKING:  # annotations only: the helpers import torch lazily, where it
 
     from pipeline.data.prepared import PreparedData
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def real_dataset(name: str) -> tuple[Path, pytest.MarkDecorator]:
     """``../shared/datasets/<name>`` beside the project, and a marker skipping a test where it is absent."""
-    path = Path(__file__).parents[1] / "../shared/datasets" / name
+    path = ROOT / "../shared/datasets" / name
     return path, pytest.mark.skipif(
         not path.is_dir(), reason=f"{name} is not at {path.resolve()} (see docs/datasets.md)"
     )
@@ -177,3 +177,12 @@ def noise_data() -> PreparedData:
     )
     images = np.random.default_rng(0).integers(0, 256, (n, 32, 32), dtype=np.uint8)
     return PreparedData(Path("."), index, torch.from_numpy(images))
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def leftovers(*folders: Path) -> list[Path]:
+    """Temporary files of a writer killed mid-write (pipeline/core/artifacts.py names them so)."""
+    return [path for folder in folders for path in folder.glob(".*.tmp-*")]

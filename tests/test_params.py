@@ -1,0 +1,97 @@
+"""params.yaml: bad keys, types and values are refused naming the key and what is allowed; a stage
+with bad params exits before any work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import (
+    ConfigError,
+    TrainParams,
+    load_section,
+    parse_section,
+)
+from support.helpers import (
+    make_shrunk_project,
+    project_env,
+)
+
+
+def test_variance_params_are_validated_with_a_message_naming_them() -> None:
+    for section, values, message in [
+        ("train_baseline", {"warmup_epochs": -1}, "train_baseline.warmup_epochs"),
+        ("train_guided", {"epochs": 4, "warmup_epochs": 4}, "warmup_epochs .4.0. must be below epochs .4."),
+        ("train_guided", {"ema_epochs": "long"}, "train_guided.ema_epochs"),
+        ("train_baseline", {"sampling": "balanced"}, "train_baseline.sampling"),
+        ("model", {"test_time_flips": "maybe"}, "model.test_time_flips"),
+        ("train_guided", {"monitor_every": 0}, "train_guided.monitor_every"),
+        ("train_baseline", {"hard_negatives": 1.5}, "train_baseline.hard_negatives"),
+        ("train_guided", {"hard_negatives": 0.5}, "hard_negatives needs sampling: undersample"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_section(section, values)
+
+
+# --- params -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params_text", "expected"),
+    [
+        ("trian_baseline: {epochs: 2}", ["unknown section(s) trian_baseline", "allowed: prepare, model"]),
+        (
+            "prepare: {synthetic: {itmes: 3}}",
+            ["unknown key 'prepare.synthetic.itmes'", "allowed here: items, images_per_item"],
+        ),
+        ("train_baseline: {epochs: ten}", ["train_baseline.epochs", "valid integer", "'ten'"]),
+        ("train_baseline: {batch_size: yes}", ["train_baseline.batch_size", "not a boolean"]),
+        ("train_baseline: {lr: 0}", ["train_baseline.lr", "greater than 0"]),
+        ("train_baseline: {momentum: 1.5}", ["train_baseline.momentum", "less than 1"]),
+        ("train_baseline: {seed: 99999999999}", ["train_baseline.seed", "less than or equal to 4294967295"]),
+        ("train_guided: {seg_weight: .nan}", ["train_guided.seg_weight", "finite number"]),
+        ("model: {backbone: resnet50}", ["model.backbone", "'resnet18' or 'vgg16'"]),
+        ("prepare: {max_image_pixels: 0}", ["prepare.max_image_pixels", "greater than or equal to 1"]),
+        # Another stage's section is checked too: `dvc repro` stops at its first stage.
+        ("evaluate: {threshold: 2}", ["evaluate.threshold", "less than 1"]),
+        ("train_baseline: {epochs: 2\n", ["params.yaml is not valid YAML"]),
+        ("- a list", ["must hold a mapping of sections"]),
+    ],
+)
+def test_bad_params_are_refused_naming_the_key_and_what_is_allowed(
+    params_text: str, expected: list[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(params_text)
+    with pytest.raises(ConfigError) as error:
+        load_section("train_baseline", path)
+    for fragment in expected:
+        assert fragment in str(error.value)
+
+
+def test_valid_params_take_defaults_and_accept_yaml_strings_for_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train_baseline: {lr: 1e-3}\nprepare:\n")  # PyYAML reads 1e-3 as text
+    assert load_section("train_baseline", path) == TrainParams(lr=0.001)
+    assert load_section("prepare", path).max_image_pixels == 50_000_000
+
+
+@pytest.mark.slow
+def test_stage_with_bad_params_exits_before_any_work(tmp_path: Path) -> None:
+    project = make_shrunk_project(tmp_path / "project", {"train_baseline": {"epochs": 2, "eopchs": 3}})
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.train_baseline"],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1
+    message = result.stderr.strip()
+    assert message.count("\n") == 0, message  # one line, no traceback
+    assert "unknown key 'train_baseline.eopchs' (allowed here: epochs, batch_size" in message
+    assert not (project / "data").exists() and not (project / "mlflow.db").exists()
