@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -100,6 +101,7 @@ def tagged(html_text: str) -> _Tagged:
 
 
 def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    assert CHROMIUM is not None, "the tests that render carry needs_chromium, which skips them here"
     command = [
         CHROMIUM,
         "--headless",
@@ -133,11 +135,13 @@ def render(report: Path, tmp: Path) -> tuple[str, list[dict], np.ndarray]:
     images = json.loads(html.unescape(dom[start : dom.index("</pre>", start)]))
     shot = tmp / "report.png"
     _chromium(tmp, f"--screenshot={shot}", "--window-size=1280,4000", report.as_uri())
-    return dom, images, cv2.imread(str(shot))
+    screenshot = cv2.imread(str(shot))
+    assert screenshot is not None, f"chromium wrote no readable screenshot {shot}"
+    return dom, images, screenshot
 
 
 def _metric(metrics: dict, key: str) -> float:
-    value = metrics
+    value: Any = metrics
     for part in key.split("."):
         value = value[part]
     return float(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     data = noise_data()
     with distributed.process_group(torch.device("cpu")) as ranks:
-        results = train_cases(data)
+        results: dict[str, Any] = train_cases(data)
         # Per-sample values of a global batch of 5 (one padded sample): each process holds its share.
         mine, real = distributed.shard(5, ranks), distributed.real_samples(5, ranks)
         results["whole_batch"] = distributed.whole_batch(torch.tensor(mine, dtype=torch.float32) * real, 5, ranks)
@@ -34,7 +35,8 @@ def main(out: Path) -> None:
         results["resumed"] = {"state": model.state_dict(), "history": history}
         # A non-finite loss in one process only stops every process, at the same batch.
         if ranks.rank == 1:
-            losses.BatchShare.mean = lambda self, *args, **kwargs: torch.tensor(float("nan"))
+            # A fault injected into this process alone, as a test double of the loss.
+            losses.BatchShare.mean = lambda self, *args, **kwargs: torch.tensor(float("nan"))  # type: ignore[method-assign]
         try:
             train(data, 0, MODEL, params)
         except TrainingDiverged as error:
