@@ -53,19 +53,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import (
-    add_machine_args,
-    cpu_name,
-    parse_machine_args,
-    parse_size,
-    time_rounds,
-)
+from timing import add_machine_args, cpu_name, parse_machine_args, parse_size, time_rounds
 
 from pipeline.knowledge.saliency import METHODS, create_saliency, defect_score
-from pipeline.models.networks import (
-    BACKBONES,
-    Classifier,
-)
+from pipeline.models.networks import BACKBONES, Classifier
 
 GOALS = {"gradcam": ("floor_b", 1.1), "layercam": ("floor_b", 1.1), "fullgrad": ("floor_a", 1.5)}
 PEER_GOALS = {"gradcam": 2.0, "layercam": 2.0, "fullgrad": 5.0}  # minimum speed-up over grad-cam

@@ -30,21 +30,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timing import (
-    add_machine_args,
-    cpu_name,
-    parse_machine_args,
-    parse_size,
-    time_rounds,
-)
+from timing import add_machine_args, cpu_name, parse_machine_args, parse_size, time_rounds
 
-from pipeline.core.devices import (
-    BF16,
-    FP32,
-    Precision,
-    cpu_has_bf16_units,
-    resolve_precision,
-)
+from pipeline.core.devices import BF16, FP32, Precision, cpu_has_bf16_units, resolve_precision
 from pipeline.models.networks import BACKBONES, Classifier
 
 PATHS = {"fp32": FP32, "channels_last": Precision(None, channels_last=True), "fast": BF16}

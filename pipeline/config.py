@@ -23,11 +23,7 @@ from pipeline.data.sources.labelme import LabelmeParams
 from pipeline.knowledge.pseudo_labels import PseudoLabelParams
 from pipeline.knowledge.saliency import METHODS
 from pipeline.metrics.classification import MetricsError
-from pipeline.metrics.operating_points import (
-    OPERATING_POINTS,
-    OperatingPoint,
-    parse_condition,
-)
+from pipeline.metrics.operating_points import OPERATING_POINTS, OperatingPoint, parse_condition
 from pipeline.models.files import KINDS
 from pipeline.models.networks import BACKBONES
 from pipeline.models.variants import VARIANTS
@@ -298,13 +294,18 @@ def read_params(path: Path = PARAMS_FILE) -> dict:
         raise ConfigError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(params, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, found {type(params).__name__}")
-    unknown = sorted(set(params) - set(SECTIONS) - {RUN_SEED})
+    check_top_level(params, path)
+    return params
+
+
+def check_top_level(values: dict, path: Path | str) -> None:
+    """Refuse a top-level key of a params file (or preset) that is neither a section nor the run seed."""
+    unknown = sorted(set(values) - set(SECTIONS) - {RUN_SEED})
     if unknown:
         raise ConfigError(
             f"{path}: unknown section(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(SECTIONS)} and the top-level {RUN_SEED}"
         )
-    return params
 
 
 def run_seed(params: dict, source: str = "params") -> int:

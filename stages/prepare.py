@@ -18,14 +18,7 @@ from pipeline.core.tracking import stage_run
 from pipeline.data import synthetic
 from pipeline.data.folds import assign_group_folds
 from pipeline.data.images import read_gray, read_mask
-from pipeline.data.prepared import (
-    SUBSETS_FILE,
-    RawImage,
-    count_table,
-    defective_subsets,
-    group_table,
-    write_prepared,
-)
+from pipeline.data.prepared import SUBSETS_FILE, RawImage, count_table, defective_subsets, group_table, write_prepared
 from pipeline.data.sources import load_source
 from pipeline.data.sources.base import LoadOptions
 

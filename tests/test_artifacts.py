@@ -8,12 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.core.artifacts import (
-    atomic_path,
-    load_torch,
-    output_dir,
-    save_torch,
-)
+from pipeline.core.artifacts import atomic_path, load_torch, output_dir, save_torch
 from support.helpers import leftovers
 
 

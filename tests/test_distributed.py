@@ -16,11 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import (
-    ConfigError,
-    ModelParams,
-    parse_section,
-)
+from pipeline.config import ConfigError, ModelParams, parse_section
 from pipeline.core import distributed
 from pipeline.core.devices import BF16, FP32, pick_device, resolve_precision
 from pipeline.core.distributed import Ranks, shard
@@ -28,14 +24,7 @@ from pipeline.core.errors import InputError, SetupError
 from pipeline.models.files import build_model
 from pipeline.training.loop import train
 from support.distributed_cases import CASES, MODEL, PARAMS, train_cases
-from support.helpers import (
-    SHRUNK,
-    dvc,
-    make_shrunk_project,
-    merge,
-    noise_data,
-    project_env,
-)
+from support.helpers import SHRUNK, dvc, make_shrunk_project, merge, noise_data, project_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # Float sums in another order (per process, then across processes) are all that differs.

@@ -26,13 +26,8 @@ from pipeline.evaluation.results import (
     summarize_localization,
     timed_per_image,
 )
-from pipeline.evaluation.seeds import (
-    combine_runs,
-    combined_markdown,
-)
-from pipeline.evaluation.seeds import (
-    main as combine_main,
-)
+from pipeline.evaluation.seeds import combine_runs, combined_markdown
+from pipeline.evaluation.seeds import main as combine_main
 from pipeline.metrics.classification import MetricsError
 
 # Fold 0 (baseline): 0.8 D, 0.4 ok, 0.35 D, 0.1 ok -> AP 1/2 + 1/2 * 2/3 = 5/6, AUROC 3/4.

@@ -19,14 +19,7 @@ import yaml
 
 from pipeline.core.artifacts import write_image
 from pipeline.core.errors import InputError
-from pipeline.deployment.export import (
-    ExportError,
-    example_inputs,
-    export,
-    fold_images,
-    main,
-    run_exported,
-)
+from pipeline.deployment.export import ExportError, example_inputs, export, fold_images, main, run_exported
 from pipeline.knowledge.saliency import create_saliency, saliency_maps
 from pipeline.models.files import load_model
 from pipeline.models.inference import predict

@@ -15,12 +15,7 @@ from pipeline.metrics.classification import (
     pr_curve,
     summarize_folds,
 )
-from pipeline.metrics.localization import (
-    localization_metrics,
-    mask_iou,
-    pointing_game_hit,
-    saliency_mass_inside,
-)
+from pipeline.metrics.localization import localization_metrics, mask_iou, pointing_game_hit, saliency_mass_inside
 
 # Case A, ranked by score: 0.8 (defect), 0.4 (ok), 0.35 (defect), 0.1 (ok).
 LABELS_A = np.array([0, 0, 1, 1])

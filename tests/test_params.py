@@ -9,16 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import (
-    ConfigError,
-    TrainParams,
-    load_section,
-    parse_section,
-)
-from support.helpers import (
-    make_shrunk_project,
-    project_env,
-)
+from pipeline.config import ConfigError, TrainParams, load_section, parse_section
+from support.helpers import make_shrunk_project, project_env
 
 
 def test_variance_params_are_validated_with_a_message_naming_them() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -16,7 +15,7 @@ import yaml
 
 from pipeline.core.devices import resolve_precision
 from support.browser import check_rendered, needs_chromium
-from support.helpers import dvc, make_shrunk_project, project_env, stages_run
+from support.helpers import dvc, kgi, make_shrunk_project, project_env, stages_run
 
 STAGES = ["prepare", "train_baseline", "saliency", "pseudo_labels", "train_guided", "evaluate", "release"]
 
@@ -180,17 +179,7 @@ def test_sweep_runs_each_point_as_an_experiment_saves_it_and_plots_ap_against_th
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("knowledge-guided")
     releases = len(client.search_runs([experiment.experiment_id], "tags.stage = 'release'"))
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "sweep",
-        "run",
-        "pseudo_labels.true_masks",
-        "0,all",
-        "--out",
-        "sweep",
-    ]
+    command = [*kgi("sweep", "run"), "pseudo_labels.true_masks", "0,all", "--out", "sweep"]
     result = subprocess.run(command, cwd=project, env=project_env(project), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     # A point runs up to the evaluation, never the release (which no summary reads).

@@ -20,7 +20,7 @@ from pipeline.config import DERIVED_SEEDS, ConfigError, load_section
 from pipeline.core.layout import project_root
 from pipeline.core.tracking import tracking_uri
 from pipeline.experiments.sweep import experiment_states
-from support.helpers import ROOT, dvc, make_shrunk_project, project_env
+from support.helpers import ROOT, dvc, kgi, make_shrunk_project, project_env
 
 STAGES = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # every stage logs one run
 
@@ -268,21 +268,7 @@ def test_a_seed_grid_queues_exactly_the_runs_it_names(tmp_path: Path) -> None:
 
 
 def sweep(project: Path, values: str, **popen: object) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "sweep",
-        "run",
-        "evaluate.threshold",
-        values,
-        "--seeds",
-        "1",
-        "--out",
-        "sweep",
-        "-j",
-        "2",
-    ]
+    command = [*kgi("sweep", "run"), "evaluate.threshold", values, "--seeds", "1", "--out", "sweep", "-j", "2"]
     return subprocess.Popen(
         command,
         cwd=project,

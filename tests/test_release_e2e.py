@@ -113,17 +113,7 @@ def champion(project: Path) -> str:
 def test_predict_with_the_champion_uses_the_carried_threshold(project: Path, champion: str) -> None:
     point = json.loads((project / "data/release/operating_point.json").read_text())
     images = project / "data/prepared/images"
-    result = python(
-        project,
-        "-m",
-        "pipeline.cli",
-        "predict",
-        "--model",
-        champion,
-        str(images),
-        "--out",
-        "champion",
-    )
+    result = python(project, "-m", "pipeline.cli", "predict", "--model", champion, str(images), "--out", "champion")
     assert result.returncode == 0, result.stderr
     assert (
         "(operating point zero_misses)" in result.stderr and "tag threshold of models:/" in result.stderr

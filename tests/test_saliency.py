@@ -18,12 +18,7 @@ from pipeline.knowledge.saliency import (
     normalise,
     saliency_maps,
 )
-from pipeline.models.networks import (
-    BACKBONES,
-    Classifier,
-    GuidedClassifier,
-    PriorAsChannel,
-)
+from pipeline.models.networks import BACKBONES, Classifier, GuidedClassifier, PriorAsChannel
 
 METHOD_NAMES = ("gradcam", "layercam", "fullgrad")
 

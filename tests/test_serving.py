@@ -17,12 +17,7 @@ import pytest
 
 from pipeline.core.errors import InputError
 from pipeline.deployment.predict import decision_threshold, load_any, main
-from pipeline.deployment.serving import (
-    log_scoring_model,
-    request_body,
-    score_images,
-    served,
-)
+from pipeline.deployment.serving import log_scoring_model, request_body, score_images, served
 from pipeline.models.files import ModelError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,24 +19,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import (
-    ModelParams,
-    TrainParams,
-)
-from pipeline.core.artifacts import (
-    load_torch,
-    read_json,
-)
-from support.helpers import (
-    SHRUNK,
-    dvc,
-    leftovers,
-    make_shrunk_project,
-    merge,
-    project_env,
-    same_weights,
-    stages_run,
-)
+from pipeline.config import ModelParams, TrainParams
+from pipeline.core.artifacts import load_torch, read_json
+from support.helpers import SHRUNK, dvc, leftovers, make_shrunk_project, merge, project_env, same_weights, stages_run
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 MODEL = ModelParams(device="cpu")

@@ -12,33 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import (
-    GuidedParams,
-    ModelParams,
-    TrainParams,
-)
-from pipeline.core.artifacts import (
-    load_torch,
-    output_dir,
-    save_torch,
-)
+from pipeline.config import GuidedParams, ModelParams, TrainParams
+from pipeline.core.artifacts import load_torch, output_dir, save_torch
 from pipeline.data.prepared import PreparedData
 from pipeline.models.files import save_model
 from pipeline.training import loop as training
-from pipeline.training.loop import (
-    TrainingDiverged,
-    _resumable_state,
-    learning_rate,
-    train,
-)
+from pipeline.training.loop import TrainingDiverged, _resumable_state, learning_rate, train
 from pipeline.training.objectives import Objective
 from pipeline.training.stage import fingerprint_of, summarize, train_folds
-from support.helpers import (
-    guided,
-    leftovers,
-    noise_data,
-    same_weights,
-)
+from support.helpers import guided, leftovers, noise_data, same_weights
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 MODEL = ModelParams(device="cpu")

@@ -2,12 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.training_data import (
-    BalancedEpochs,
-    flip_flags,
-    random_flips,
-    to_input,
-)
+from pipeline.data.training_data import BalancedEpochs, flip_flags, random_flips, to_input
 
 
 def test_balanced_epoch_holds_every_defect_and_as_many_defect_free_images():

@@ -77,12 +77,7 @@ def merge_duplicate_groups(ids: Sequence[str], groups: Sequence[str], duplicates
 
 
 def grouped_folds(
-    ids: Sequence[str],
-    groups: Sequence[str],
-    labels: Sequence[int],
-    duplicates: list[list[str]],
-    folds: int,
-    seed: int,
+    ids: Sequence[str], groups: Sequence[str], labels: Sequence[int], duplicates: list[list[str]], folds: int, seed: int
 ) -> tuple[list[str], list[int]]:
     """(merged groups, folds): grouped K-fold with byte-identical copies in one group."""
     merged = merge_duplicate_groups(ids, groups, duplicates)

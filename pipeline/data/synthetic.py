@@ -31,13 +31,7 @@ class SyntheticImage:
 
 
 def generate(
-    items: int,
-    images_per_item: int,
-    width: int,
-    height: int,
-    defect_ratio: float,
-    defect_contrast: float,
-    seed: int,
+    items: int, images_per_item: int, width: int, height: int, defect_ratio: float, defect_contrast: float, seed: int
 ) -> Iterator[SyntheticImage]:
     """Yield ``items * images_per_item`` images; exactly round(defect_ratio * total) are defective."""
     rng = np.random.default_rng(seed)

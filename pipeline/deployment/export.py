@@ -35,12 +35,7 @@ from torch import nn
 from pipeline.core.artifacts import atomic_path
 from pipeline.core.errors import InputError, SetupError
 from pipeline.data.training_data import to_input
-from pipeline.deployment.predict import (
-    Predictor,
-    decision_threshold,
-    load_any,
-    operating_point,
-)
+from pipeline.deployment.predict import Predictor, decision_threshold, load_any, operating_point
 from pipeline.metrics.classification import classification_metrics
 from pipeline.models.files import needs_prior
 from pipeline.models.inference import defect_probability, predict

@@ -21,14 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import (
-    GuidedParams,
-    ModelParams,
-    PseudoLabelParams,
-    ReleaseParams,
-    SaliencyParams,
-    TrainParams,
-)
+from pipeline.config import GuidedParams, ModelParams, PseudoLabelParams, ReleaseParams, SaliencyParams, TrainParams
 from pipeline.core import layout
 from pipeline.core.artifacts import read_json, write_json
 from pipeline.core.devices import pick_device, resolve_precision
@@ -38,10 +31,7 @@ from pipeline.data.prepared import PreparedData
 from pipeline.knowledge.fold_maps import write_fold_maps
 from pipeline.knowledge.pseudo_labels import write_fold_targets
 from pipeline.metrics.classification import MetricsError
-from pipeline.metrics.operating_points import (
-    gate_failures,
-    operating_point_summary,
-)
+from pipeline.metrics.operating_points import gate_failures, operating_point_summary
 from pipeline.models.files import save_model
 from pipeline.models.variants import VARIANTS
 from pipeline.training.loop import format_epoch, train

@@ -39,13 +39,7 @@ import pandas as pd
 
 from pipeline.core.errors import DataError, InputError
 from pipeline.data.images import decode_gray
-from pipeline.deployment.predict import (
-    SCORING_MODEL_FILE,
-    Predictor,
-    decision,
-    load_file,
-    overlay_picture,
-)
+from pipeline.deployment.predict import SCORING_MODEL_FILE, Predictor, decision, load_file, overlay_picture
 from pipeline.knowledge.saliency import METHODS
 from pipeline.metrics.figures import png_bytes
 from pipeline.models.files import needs_prior

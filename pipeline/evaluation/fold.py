@@ -168,11 +168,7 @@ def _rows(priors: torch.Tensor | None, rows) -> torch.Tensor | None:
 
 
 def evaluate_folds(
-    data: PreparedData,
-    saliency: SaliencyParams,
-    device: torch.device,
-    precision: Precision,
-    params: EvaluateParams,
+    data: PreparedData, saliency: SaliencyParams, device: torch.device, precision: Precision, params: EvaluateParams
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
     """``evaluate_fold`` on every fold: the scores frame, the localization table (empty without a
     true mask), the overlay panels by image id, and the inference timing."""

@@ -22,12 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.evaluation.results import (
-    ERROR_KINDS,
-    ERRORS_DRAWN,
-    MODELS,
-    decision_errors,
-)
+from pipeline.evaluation.results import ERROR_KINDS, ERRORS_DRAWN, MODELS, decision_errors
 
 # (metrics key, row label, shown as a percentage): the headline table, one column per model.
 HEADLINE_ROWS = (

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from pipeline.metrics.classification import MetricsError, summarize_folds
+from pipeline.metrics.classification import CLASSIFICATION_METRICS, MetricsError, summarize_folds
 from pipeline.metrics.figures import (
     heatmap_overlay,
     mark_mask,
@@ -31,11 +31,7 @@ from pipeline.metrics.figures import (
     plot_training_curves,
     results_table_markdown,
 )
-from pipeline.metrics.localization import (
-    mask_iou,
-    pointing_game_hit,
-    saliency_mass_inside,
-)
+from pipeline.metrics.localization import mask_iou, pointing_game_hit, saliency_mass_inside
 
 MODELS = ("baseline", "guided")
 # Maps scored against the true mask; all are at the prepared image size.
@@ -43,18 +39,7 @@ SALIENCY_MAPS = ("baseline_saliency", "guided_saliency", "guided_segmentation")
 # The guided segmentation output is a probability: a pixel at or above this is "defect".
 SEGMENTATION_THRESHOLD = 0.5
 # Headline classification keys of each model in the metrics file (fold means) ...
-HEADLINE = (
-    "ap",
-    "auroc",
-    "accuracy",
-    "precision",
-    "recall",
-    "f1_best",
-    "false_alarms_at_full_recall",
-    "false_alarm_rate_at_full_recall",
-    "missed_at_zero_false_alarms",
-    "missed_rate_at_zero_false_alarms",
-)
+HEADLINE = tuple(key for key in CLASSIFICATION_METRICS if key not in ("threshold_best", "n_images", "n_defective"))
 # ... those also given with their std over folds, and those given for each fold.
 WITH_STD = ("ap", "auroc", "f1_best", "false_alarms_at_full_recall", "missed_at_zero_false_alarms")
 PER_FOLD = ("ap", "auroc", "false_alarms_at_full_recall", "missed_at_zero_false_alarms")

@@ -28,6 +28,7 @@ from pipeline.config import (
     RUN_SEED,
     SECTIONS,
     ConfigError,
+    check_top_level,
     parse_section,
     run_seed,
     section_values,
@@ -46,12 +47,7 @@ def load_preset(name: str, folder: Path = PRESETS) -> dict:
     if not path.is_file():
         raise ConfigError(f"no preset {name!r} in {folder}; available: {', '.join(available(folder)) or 'none'}")
     overrides = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(overrides) - set(SECTIONS) - {RUN_SEED})
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)} "
-            f"and the top-level {RUN_SEED}"
-        )
+    check_top_level(overrides, path)
     return overrides
 
 

@@ -32,14 +32,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.config import (
-    DERIVED_SEEDS,
-    PARAMS_FILE,
-    RUN_SEED,
-    ConfigError,
-    GuidedParams,
-    parse_params,
-)
+from pipeline.config import DERIVED_SEEDS, PARAMS_FILE, RUN_SEED, ConfigError, GuidedParams, parse_params
 from pipeline.core import layout
 from pipeline.core.artifacts import output_dir, read_json, write_csv
 from pipeline.core.errors import MissingInputError
@@ -47,10 +40,7 @@ from pipeline.core.progress import log_line, progress
 from pipeline.evaluation.results import MODELS
 from pipeline.evaluation.seeds import seed_spread
 from pipeline.experiments.presets import exp_run_command
-from pipeline.metrics.figures import (
-    plot_metric_vs_count,
-    results_table_markdown,
-)
+from pipeline.metrics.figures import plot_metric_vs_count, results_table_markdown
 
 # Files of a finished experiment kept per point; metrics (data/metrics/*.json) are added to them.
 # A point runs up to the evaluation: the release would train both models once more on every image,

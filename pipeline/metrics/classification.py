@@ -24,11 +24,7 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    average_precision_score,
-    precision_recall_curve,
-    roc_auc_score,
-)
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from pipeline.core.errors import InputError
 
@@ -134,9 +130,7 @@ def _plain(key: Hashable) -> Hashable:
     return key.item() if isinstance(key, np.generic) else key
 
 
-def _mean_std(
-    metric_dicts: Sequence[Mapping[str, float]],
-) -> tuple[dict[str, float], dict[str, float]]:
+def _mean_std(metric_dicts: Sequence[Mapping[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
     table = pd.DataFrame(list(metric_dicts))
     mean = {k: float(v) for k, v in table.mean().items()}
     std = {k: float(v) for k, v in table.std(ddof=0).items()}

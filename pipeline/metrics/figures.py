@@ -73,10 +73,7 @@ def heatmap_overlay(image: np.ndarray, saliency: np.ndarray, alpha: float = 0.45
 
 
 def mask_outline(
-    image_rgb: np.ndarray,
-    mask: np.ndarray,
-    color: tuple[int, int, int] = (0, 255, 0),
-    thickness: int | None = None,
+    image_rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0), thickness: int | None = None
 ) -> np.ndarray:
     """Copy of the image (gray is promoted to RGB) with the mask's outer contours drawn on it.
 
@@ -95,10 +92,7 @@ def mask_outline(
 
 
 def mark_mask(
-    image_rgb: np.ndarray,
-    mask: np.ndarray,
-    color: tuple[int, int, int] = (255, 255, 255),
-    small: float = 0.1,
+    image_rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 255, 255), small: float = 0.1
 ) -> np.ndarray:
     """``mask_outline``, plus a ring around a mask whose extent is below ``small`` of the
     image's longer side: the outline of a 3-pixel pit is a dot that nobody finds at a glance.
@@ -174,8 +168,7 @@ def overlay_grid(
 
     panels = [[None if p is None else _to_rgb_uint8(p) for p in row] for row in rows]
     cell_width = max(
-        (_scaled_width(p, cell_height) for row in panels for p in row if p is not None),
-        default=cell_height,
+        (_scaled_width(p, cell_height) for row in panels for p in row if p is not None), default=cell_height
     )
     font_scale = max(0.4, cell_height / 512)
     header = cv2.getTextSize("Ag", _FONT, font_scale, 1)[0][1] + 4 * _GRID_GAP

@@ -89,8 +89,4 @@ def localization_metrics(saliency_maps: Sequence[np.ndarray], masks: Sequence[np
             hits.append(pointing_game_hit(saliency, mask))
     if not mass:
         raise MetricsError(f"no defective image (non-empty mask) among {len(masks)}")
-    return {
-        "mass_inside": float(np.mean(mass)),
-        "pointing_game": float(np.mean(hits)),
-        "n_images": float(len(mass)),
-    }
+    return {"mass_inside": float(np.mean(mass)), "pointing_game": float(np.mean(hits)), "n_images": float(len(mass))}

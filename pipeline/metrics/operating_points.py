@@ -17,12 +17,7 @@ import pandas as pd
 
 # The label/score checks and fold summarising are the classification figures' own, shared so a
 # gate and a metric reject the same input with the same message.
-from pipeline.metrics.classification import (
-    MetricsError,
-    _check_labels_scores,
-    _mean_std,
-    _plain,
-)
+from pipeline.metrics.classification import MetricsError, _check_labels_scores, _mean_std, _plain
 
 # The operating points a decision threshold can be chosen at, and what the value of each is
 # (None: it takes none). ``release.operating_point`` is one of them (``pipeline.config``).

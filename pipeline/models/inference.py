@@ -39,11 +39,7 @@ def defect_probability(model: nn.Module, config: dict, x: torch.Tensor, prior: t
 
 @torch.no_grad()
 def predict(
-    model: nn.Module,
-    config: dict,
-    images: torch.Tensor,
-    priors: torch.Tensor | None = None,
-    batch_size: int = 32,
+    model: nn.Module, config: dict, images: torch.Tensor, priors: torch.Tensor | None = None, batch_size: int = 32
 ) -> np.ndarray:
     """Defect probabilities for uint8 images (N, H, W); a model whose variant reads a prior at
     inference also needs priors (see ``model_files.inference_priors``)."""

@@ -38,47 +38,18 @@ class Variant:
 
 PSEUDO_MASKS, SALIENCY_MAPS = "pseudo_masks", "saliency_maps"
 
-VARIANTS: dict[str, Variant] = {
-    v.name: v
-    for v in (
-        Variant(
-            "teacher",
-            injects_prior=True,
-            has_head=True,
-            prior_at_inference=True,
-            drops_prior=False,
-            target=PSEUDO_MASKS,
-            summary="the paper: H as input at training and inference",
-        ),
-        Variant(
-            "none",
-            injects_prior=True,
-            has_head=True,
-            prior_at_inference=False,
-            drops_prior=True,
-            target=PSEUDO_MASKS,
-            summary="as teacher, trained with H dropped at random, zeros at inference",
-        ),
-        Variant(
-            "no_injection",
-            injects_prior=False,
-            has_head=True,
-            prior_at_inference=False,
-            drops_prior=False,
-            target=PSEUDO_MASKS,
-            summary="no H channel; the head only adds a loss",
-        ),
-        Variant(
-            "consistency",
-            injects_prior=False,
-            has_head=False,
-            prior_at_inference=False,
-            drops_prior=False,
-            target=SALIENCY_MAPS,
-            summary="no head: the model's own Grad-CAM is pulled towards H",
-        ),
-    )
-}
+# fmt: off
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("teacher", injects_prior=True, has_head=True, prior_at_inference=True, drops_prior=False,
+            target=PSEUDO_MASKS, summary="the paper: H as input at training and inference"),
+    Variant("none", injects_prior=True, has_head=True, prior_at_inference=False, drops_prior=True,
+            target=PSEUDO_MASKS, summary="as teacher, trained with H dropped at random, zeros at inference"),
+    Variant("no_injection", injects_prior=False, has_head=True, prior_at_inference=False, drops_prior=False,
+            target=PSEUDO_MASKS, summary="no H channel; the head only adds a loss"),
+    Variant("consistency", injects_prior=False, has_head=False, prior_at_inference=False, drops_prior=False,
+            target=SALIENCY_MAPS, summary="no head: the model's own Grad-CAM is pulled towards H"),
+)}
+# fmt: on
 
 # Models saved before variants existed are teacher models.
 LEGACY_VARIANT = "teacher"

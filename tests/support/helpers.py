@@ -186,3 +186,8 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 def leftovers(*folders: Path) -> list[Path]:
     """Temporary files of a writer killed mid-write (pipeline/core/artifacts.py names them so)."""
     return [path for folder in folders for path in folder.glob(".*.tmp-*")]
+
+
+def kgi(*args: str) -> list[str]:
+    """The command line of ``kgi ARGS`` for a subprocess in a project copy (its own code, not the installed one)."""
+    return [sys.executable, "-m", "pipeline.cli", *args]
