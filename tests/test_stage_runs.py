@@ -39,6 +39,18 @@ def prepared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return project
 
 
+def run_script(project: Path, module: str, **env: str) -> subprocess.CompletedProcess:
+    """``python -m module`` in ``project``, one thread, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=project_env(project, **ONE_THREAD, **env),
+    )
+
+
 def copy_project(project: Path, target: Path) -> Path:
     shutil.copytree(project, target, symlinks=True)
     return target
@@ -106,14 +118,7 @@ def test_training_killed_mid_epoch_resumes_under_dvc_repro_with_the_same_result(
 def test_stage_reports_an_unreachable_tracking_server_before_training(prepared_project: Path, tmp_path: Path) -> None:
     project = copy_project(prepared_project, tmp_path / "project")
     started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.train_baseline"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=project_env(project, MLFLOW_TRACKING_URI="http://127.0.0.1:9", **ONE_THREAD),
-    )
+    result = run_script(project, "stages.train_baseline", MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     assert result.returncode == 1
     assert time.perf_counter() - started < 60
     assert "[train_baseline] error: MLflow tracking store 'http://127.0.0.1:9' is unreachable" in result.stderr
@@ -136,14 +141,7 @@ def test_stage_failing_on_bad_input_midway_keeps_its_previous_outputs(prepared_p
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     before = {path: path.read_bytes() for path in (project / "data").rglob("*") if path.is_file()}
 
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.prepare"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=project_env(project, **ONE_THREAD),
-    )
+    result = run_script(project, "stages.prepare")
     assert result.returncode == 1
     assert f"{source / 'defect/z.png'} is 200x200 = 40,000 pixels, more than the limit of 10,000" in result.stderr
     assert {path: path.read_bytes() for path in (project / "data").rglob("*") if path.is_file()} == before

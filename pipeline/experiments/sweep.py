@@ -384,13 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("values", help="comma-separated values, e.g. 5,10,20,all")
     run_parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     run_parser.add_argument("--preset", help="a preset (kgi presets list) applied to every point")
-    run_parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a further override for every point (repeatable)",
-    )
+    run_parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override every point")
     run_parser.add_argument("--out", type=Path, required=True, help="folder of the saved points and the summary")
     run_parser.add_argument(
         "-j",

@@ -160,13 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("prepared", type=Path, help="a prepared data set (data/prepared)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
     parser.add_argument("--ema-epochs", default="1,3,10", help="comma-separated time constants, in epochs")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a train_baseline key of params.yaml (repeatable)",
-    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override train_baseline.KEY")
     parser.add_argument("--out", type=Path, required=True, help="folder for ablation.csv and ablation.md")
     args = parser.parse_args(argv)
     data = PreparedData.load(args.prepared)

@@ -63,33 +63,18 @@ class Backbone:
     torchvision_prefix: str = ""
 
 
-BACKBONES: dict[str, Backbone] = {
-    b.name: b
-    for b in (
-        Backbone(
-            "resnet18",
-            _resnet18_features,
-            stride16_split=7,
-            saliency_layers={
-                "gradcam": ["features.layer4"],
-                "fullgrad": [],
-                "layercam": ["features.layer2", "features.layer3", "features.layer4"],
-            },
-        ),
-        # The paper's network: convolutional part only, LeakyReLU; LayerCAM on conv3_3, conv4_3, conv5_3.
-        Backbone(
-            "vgg16",
-            _vgg16_features,
-            stride16_split=24,
-            saliency_layers={
-                "gradcam": ["features.29"],
-                "fullgrad": [],
-                "layercam": ["features.15", "features.22", "features.29"],
-            },
-            torchvision_prefix="features.",
-        ),
-    )
-}
+# fmt: off
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (
+    Backbone("resnet18", _resnet18_features, stride16_split=7,
+             saliency_layers={"gradcam": ["features.layer4"], "fullgrad": [],
+                              "layercam": ["features.layer2", "features.layer3", "features.layer4"]}),
+    # The paper's network: convolutional part only, LeakyReLU; LayerCAM on conv3_3, conv4_3, conv5_3.
+    Backbone("vgg16", _vgg16_features, stride16_split=24,
+             saliency_layers={"gradcam": ["features.29"], "fullgrad": [],
+                              "layercam": ["features.15", "features.22", "features.29"]},
+             torchvision_prefix="features."),
+)}
+# fmt: on
 
 
 def build_features(backbone: str, in_channels: int) -> tuple[nn.Sequential, int]:
