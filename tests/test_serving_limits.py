@@ -168,7 +168,7 @@ def test_a_worker_decodes_one_image_at_a_time_over_all_its_request_threads(
             most = max(most, active)
         time.sleep(0.02)  # long enough for the other threads to arrive
         try:
-            return decode(*args, **kwargs)  # type: ignore[arg-type]
+            return decode(*args, **kwargs)
         finally:
             with lock:
                 active -= 1
@@ -197,7 +197,7 @@ def test_header_reading_leaves_pillows_global_limit_alone(monkeypatch: pytest.Mo
 
     def spy(*args: object) -> Image.Image:
         seen.append(Image.MAX_IMAGE_PIXELS)
-        return parser(*args)  # type: ignore[arg-type]
+        return parser(*args)
 
     monkeypatch.setitem(images.HEADER_PARSERS, "PNG", spy)
     header = images.read_header(png_header_only(200_000, 100_000))
@@ -270,6 +270,12 @@ def test_prepare_stops_at_a_corrupt_jpeg_naming_the_file(workdir: Path, picture:
 
 CEILING = 2 * 1024**3  # bytes: a worker's peak resident memory under any mix within the default limits
 SIDE = 7000  # 49 megapixels: just under the default serving.max_image_pixels
+PROGRESSIVE_444 = (
+    cv2.IMWRITE_JPEG_PROGRESSIVE,
+    1,
+    cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+    cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444,
+)
 
 
 def hostile_files() -> dict[str, bytes]:
@@ -279,8 +285,9 @@ def hostile_files() -> dict[str, bytes]:
     colour = colour[:SIDE, :SIDE]
     return {
         "png": png(np.zeros((SIDE, SIDE), np.uint8)),  # about 58 kB
-        # Progressive: libjpeg holds every coefficient of the image (about 6 bytes a pixel in colour).
-        "jpeg": cv2.imencode(".jpg", colour, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes(),
+        # Progressive, without chroma subsampling: libjpeg holds every coefficient of the image
+        # (2 bytes each, 3 a pixel): the most memory per pixel of the accepted formats.
+        "jpeg": cv2.imencode(".jpg", colour, list(PROGRESSIVE_444))[1].tobytes(),
         "tiff": cv2.imencode(".tif", colour)[1].tobytes(),
         "png_bomb": png_header_only(12000, 12000),
         "hdr": radiance_hdr(12000, 12000),
@@ -376,3 +383,30 @@ def test_worker_memory_stays_under_its_ceiling_while_hostile_and_good_requests_m
         f"{idle / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB, ceiling {CEILING / 2**20:.0f} MiB"
     )
     assert peak < CEILING
+
+
+@pytest.mark.slow  # logging a scoring model: about 15 s
+def test_the_release_carries_its_serving_params_into_the_served_model(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from pipeline.deployment.release import register_release
+
+    paths, _ = tiny
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = ServingParams(max_image_pixels=1_000, max_request_pixels=5_000, heatmap_max_side=64, formats=["png"])
+    point = {"threshold": 0.4, "operating_point": "zero_misses"}
+    run = SimpleNamespace(pipeline_id="test")
+    try:
+        version = register_release(run, {"baseline": paths["baseline"]}, "baseline", "limited", point, params)
+    finally:
+        mlflow.end_run()
+    model = mlflow.pyfunc.load_model(f"models:/limited/{version}")
+    assert model.unwrap_python_model().limits.params == params
+    answers = model.predict(
+        pd.DataFrame({"image": [png(np.zeros((40, 30), np.uint8)), png(np.zeros((40, 25), np.uint8))]})
+    )
+    assert "limit of 1,000 (serving.max_image_pixels)" in answers["error"][0] and answers["error"][1] == ""
