@@ -132,7 +132,8 @@ def read_header(data: bytes) -> ImageHeader | None:
             try:
                 with HEADER_PARSERS[name](io.BytesIO(data)) as image:
                     width, height = image.size
-            except (OSError, SyntaxError, ValueError, struct.error, EOFError):  # a damaged header
+            # A damaged header: what Image.open itself takes as "not this format", and OSError/ValueError.
+            except (OSError, SyntaxError, ValueError, IndexError, TypeError, struct.error, EOFError):
                 return None
             return ImageHeader(name, width, height)
     return None
