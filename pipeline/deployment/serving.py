@@ -151,7 +151,7 @@ class ServingLimits:
             ) from error
 
 
-DEFAULT_LIMITS = ServingLimits()  # for a model logged without serving params, and direct callers
+DEFAULT_LIMITS = ServingLimits()  # for direct callers of score_images; a loaded model has its own
 
 
 @dataclass
