@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pipeline.core.errors import InputError
 from pipeline.core.layout import project_root
 from pipeline.core.sections import SEED, Section
+from pipeline.data.images import HEADER_PARSERS
 from pipeline.data.sources import SOURCE_KINDS
 from pipeline.data.sources.labelme import LabelmeParams
 from pipeline.knowledge.pseudo_labels import PseudoLabelParams
@@ -258,6 +259,51 @@ class ReleaseParams(Section):
         return self._point_of(self.operating_point)
 
 
+# The formats serving may accept: those whose size Pillow reads from the header before decoding.
+SERVING_FORMATS = tuple(name.lower() for name in HEADER_PARSERS)
+
+
+class ServingParams(Section):
+    """The scoring endpoint's limits (docs/deploy.md, "Limits"): carried in the released model's
+    model config by the release stage; a scoring model logged without them takes these defaults."""
+
+    max_image_pixels: int = Field(
+        default=50_000_000, ge=1, le=1_000_000_000, description="an image larger than this (from its header) is refused"
+    )
+    max_request_pixels: int = Field(
+        default=200_000_000,
+        ge=1,
+        le=10_000_000_000,
+        description="the images of one request are decoded until their pixels would pass this; the rest are refused",
+    )
+    heatmap_max_side: int = Field(
+        default=1024,
+        ge=16,
+        le=16_384,
+        description="longer side of a heatmap overlay, in pixels; larger images are shrunk",
+    )
+    formats: list[Literal[SERVING_FORMATS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(SERVING_FORMATS),
+        min_length=1,
+        description="formats accepted, each checked from its header before decoding",
+    )
+    concurrent_images: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="images one worker decodes or chunks it scores at once over all its request threads",
+    )
+
+    @model_validator(mode="after")
+    def _request_holds_an_image(self) -> ServingParams:
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"serving.max_request_pixels ({self.max_request_pixels:,}) is below serving.max_image_pixels "
+                f"({self.max_image_pixels:,}): a request must hold at least one image of the largest size"
+            )
+        return self
+
+
 SECTIONS: dict[str, type[Section]] = {
     "prepare": PrepareParams,
     "model": ModelParams,
@@ -267,6 +313,7 @@ SECTIONS: dict[str, type[Section]] = {
     "pseudo_labels": PseudoLabelParams,
     "evaluate": EvaluateParams,
     "release": ReleaseParams,
+    "serving": ServingParams,
 }
 
 S = TypeVar("S", bound=Section)
@@ -352,6 +399,8 @@ def load_section(name: Literal["pseudo_labels"], path: Path = ...) -> PseudoLabe
 def load_section(name: Literal["evaluate"], path: Path = ...) -> EvaluateParams: ...
 @overload
 def load_section(name: Literal["release"], path: Path = ...) -> ReleaseParams: ...
+@overload
+def load_section(name: Literal["serving"], path: Path = ...) -> ServingParams: ...
 
 
 def load_section(name: str, path: Path = PARAMS_FILE) -> Section:

@@ -2,7 +2,8 @@
 cross-validation's pooled out-of-fold scores, registered as the alias ``candidate``.
 
 ``release.model`` says which model (guided: its baseline, saliency and pseudo-masks first);
-``release.operating_point`` where the threshold lies. The logic lives in ``pipeline.deployment.release``.
+``release.operating_point`` where the threshold lies; ``serving`` the limits the registered model keeps.
+The logic lives in ``pipeline.deployment.release``.
 Outputs: data/release/{baseline.pt, guided.pt, operating_point.json, run.json, saliency/,
 pseudo_masks/}; data/metrics/release.json.
 """
@@ -32,6 +33,7 @@ def main() -> None:
         pseudo_labels=load_section("pseudo_labels"),
         train_guided=load_section("train_guided"),
         release=load_section("release"),
+        serving=load_section("serving"),
     )
     run_release(sections, PATHS)
 

@@ -57,6 +57,6 @@ def test_image_without_a_readable_header_is_checked_after_decoding(
 ) -> None:
     path = tmp_path / "image.png"
     cv2.imwrite(str(path), np.zeros((80, 100), np.uint8))
-    monkeypatch.setattr(images, "_header_size", lambda data: None)  # a format Pillow does not know
+    monkeypatch.setattr(images, "read_header", lambda data: None)  # a format Pillow does not know
     with pytest.raises(DataError, match="100x80"):
         read_gray(str(path), max_pixels=1_000)

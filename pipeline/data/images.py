@@ -2,29 +2,34 @@
 
 A file is referred to by its path, or by ``"<zip path>::<member name>"`` for a member of a zip
 archive, so the official archives can be used without unpacking them. An image is checked for
-truncation and for its size (from its header where possible) before it is decoded as gray; a mask
-is read the same way or drawn from annotations (:class:`MaskSource`).
+truncation and for its size (from its header where possible) before it is decoded as gray, and a
+JPEG for corrupt scan data that the decoder would only warn about; a mask is read the same way or
+drawn from annotations (:class:`MaskSource`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import zipfile
 import zlib
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
 
 import cv2
 import numpy as np
-from PIL import Image
+import simplejpeg
+from PIL import BmpImagePlugin, ImageFile, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 
 from pipeline.core.errors import DataError
 
 ZIP_SEPARATOR = "::"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_IMAGE_PIXELS = 50_000_000  # default of prepare.max_image_pixels: about 50 MB decoded as gray
+PREPARE_LIMIT = "prepare.max_image_pixels"  # the param a refusal of prepare's advises
 
 
 class MaskSource(Protocol):
@@ -87,38 +92,94 @@ def _truncation(data: bytes) -> str | None:
     return None
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the file's header alone, or None where Pillow cannot parse it."""
-    # Pillow's own decompression-bomb limit would interfere with ours (prepare.max_image_pixels).
-    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except (OSError, SyntaxError, ValueError):  # unknown or damaged header: OpenCV will judge it
-        return None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file's header says before anything is decoded: its format (Pillow's name) and size."""
+
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
 
 
-def _check_size(width: int, height: int, ref: str, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise DataError(
-            f"{ref} is {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,}; "
-            "raise prepare.max_image_pixels in params.yaml if the machine has the memory, or downscale the image"
-        )
+# Formats whose size Pillow reads from the header alone, by Pillow's name: the parsers are called
+# directly rather than through ``Image.open``, which also checks Pillow's process-wide
+# ``Image.MAX_IMAGE_PIXELS``. Switching that global off around each call raced between the
+# server's request threads (one thread's restore re-enabled it under another's parse); the
+# direct parsers read it nowhere, so no global is touched and our own limits decide alone.
+HEADER_PARSERS: dict[str, type[ImageFile.ImageFile]] = {
+    "PNG": PngImagePlugin.PngImageFile,
+    "JPEG": JpegImagePlugin.JpegImageFile,
+    "BMP": BmpImagePlugin.BmpImageFile,
+    "TIFF": TiffImagePlugin.TiffImageFile,
+}
+_SIGNATURES = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "JPEG": (b"\xff\xd8\xff",),
+    "BMP": (b"BM",),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+}
 
 
-def decode_gray(data: bytes, ref: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode an image file's bytes as uint8 H x W gray; ``ref`` names it in errors (``DataError``)."""
+def read_header(data: bytes) -> ImageHeader | None:
+    """Format and (width, height) from the file's header alone; None for a format outside
+    ``HEADER_PARSERS`` or a header Pillow cannot parse (then only decoding can tell the size)."""
+    for name, signatures in _SIGNATURES.items():
+        if data.startswith(signatures):
+            try:
+                with HEADER_PARSERS[name](io.BytesIO(data)) as image:
+                    width, height = image.size
+            # A damaged header: what Image.open itself takes as "not this format", and OSError/ValueError.
+            except (OSError, SyntaxError, ValueError, IndexError, TypeError, struct.error, EOFError):
+                return None
+            return ImageHeader(name, width, height)
+    return None
+
+
+def check_file(data: bytes, ref: str) -> ImageHeader | None:
+    """Refuse an empty or truncated file (``DataError`` naming ``ref``); its header where readable."""
     if not data:
         raise DataError(f"{ref} is empty (0 bytes); replace it with the original file")
     why = _truncation(data)
     if why:
         raise DataError(f"{ref} is truncated: {why}; replace it with a complete copy")
+    return read_header(data)
+
+
+def _check_size(width: int, height: int, ref: str, max_pixels: int, param: str) -> None:
+    if width * height > max_pixels:
+        raise DataError(
+            f"{ref} is {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,}; "
+            f"raise {param} in params.yaml if the machine has the memory, or downscale the image"
+        )
+
+
+def _check_jpeg_scan(data: bytes, ref: str) -> None:
+    """Refuse a JPEG whose compressed data libjpeg-turbo only warns about (garbled scan data,
+    bad Huffman codes, a premature end): OpenCV prints such a warning on stderr and returns the
+    garbled pixels as if whole. simplejpeg's strict mode raises on it; decoding at an eighth of
+    the size still entropy-decodes every byte of the scan, at 1/64 of the memory. OpenCV then
+    decodes the pixels, so that they stay those prepare has always read (EXIF orientation too)."""
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", min_factor=8, strict=True)
+    except ValueError as error:
+        raise DataError(
+            f"{ref} is a corrupt JPEG ({error}); its pixels would be garbled: replace it with an intact copy"
+        ) from error
+
+
+def decode_gray(data: bytes, ref: str, max_pixels: int = MAX_IMAGE_PIXELS, param: str = PREPARE_LIMIT) -> np.ndarray:
+    """Decode an image file's bytes as uint8 H x W gray; ``ref`` names it in errors (``DataError``),
+    ``param`` the setting that raises ``max_pixels`` (prepare's; serving passes its own)."""
+    header = check_file(data, ref)
     # The header tells the size before decoding: a small file can decode to gigabytes.
-    size = _header_size(data)
-    if size is not None:
-        _check_size(*size, ref, max_pixels)
+    if header is not None:
+        _check_size(header.width, header.height, ref, max_pixels, param)
+    if header is not None and header.format == "JPEG":
+        _check_jpeg_scan(data, ref)
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
     except cv2.error:
@@ -128,7 +189,7 @@ def decode_gray(data: bytes, ref: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np
             f"{ref} is not a readable image (OpenCV cannot decode it); replace it or remove it from the data set"
         )
     # Formats Pillow cannot parse are checked after decoding (OpenCV refuses above 2^30 pixels).
-    _check_size(image.shape[1], image.shape[0], ref, max_pixels)
+    _check_size(image.shape[1], image.shape[0], ref, max_pixels, param)
     return image
 
 

@@ -15,13 +15,21 @@ from __future__ import annotations
 import argparse
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.config import GuidedParams, ModelParams, PseudoLabelParams, ReleaseParams, SaliencyParams, TrainParams
+from pipeline.config import (
+    GuidedParams,
+    ModelParams,
+    PseudoLabelParams,
+    ReleaseParams,
+    SaliencyParams,
+    ServingParams,
+    TrainParams,
+)
 from pipeline.core import layout
 from pipeline.core.artifacts import read_json, write_json
 from pipeline.core.devices import pick_device, resolve_precision
@@ -61,13 +69,19 @@ class ReleaseSections:
     pseudo_labels: PseudoLabelParams
     train_guided: GuidedParams
     release: ReleaseParams
+    serving: ServingParams = field(default_factory=lambda: ServingParams())  # limits the registered model keeps
 
     def logged(self) -> dict:
         """What the release run logs as params (release.gate is read by promote, not by training)."""
         sections = {name: getattr(self, name) for name in ("model", "train_baseline", "saliency", "pseudo_labels")}
         if self.release.model == "guided":
             sections["train_guided"] = self.train_guided
-        return {**sections, "release.model": self.release.model, "release.operating_point": str(self.release.point)}
+        return {
+            **sections,
+            "release.model": self.release.model,
+            "release.operating_point": str(self.release.point),
+            "serving": self.serving,
+        }
 
 
 def choose_operating_point(scores_csv: Path, model: str, release: ReleaseParams) -> dict:
@@ -165,10 +179,12 @@ def write_guidance(data: PreparedData, baseline_file: Path, sections: ReleaseSec
     write_json(out / "pseudo_masks" / layout.TRUE_MASKS, {f"fold{FOLD}": [ids[row] for row in true_rows]})
 
 
-def register_release(run: StageRun, files: dict[str, Path], kind: str, name: str, point: dict) -> str:
+def register_release(
+    run: StageRun, files: dict[str, Path], kind: str, name: str, point: dict, serving: ServingParams | None = None
+) -> str:
     """Register the released model as a new version of ``name``: the scoring model that takes
     image bytes (``pipeline.deployment.serving``; ``mlflow models serve`` serves it), with its role, threshold
-    and operating point as tags, and the alias ``candidate``."""
+    and operating point as tags, the alias ``candidate`` and ``serving``'s limits in its model config."""
     from pipeline.deployment.serving import log_scoring_model
 
     version = log_scoring_model(
@@ -180,6 +196,7 @@ def register_release(run: StageRun, files: dict[str, Path], kind: str, name: str
         aliases=[CANDIDATE],
         tags={"role": ROLE, "pipeline_run": run.pipeline_id},
         name="release_model",
+        serving=serving,
     )
     return str(version.version)
 
@@ -235,7 +252,9 @@ def run_release(sections: ReleaseSections, paths: ReleasePaths) -> None:
         run.log_artifact(paths.out / layout.OPERATING_POINT, CROSS_VALIDATION)
         run.log_artifact(paths.evaluation_metrics, CROSS_VALIDATION)
         name = f"{dataset}-{kind}"
-        version = register_release(run, {k: paths.out / f.name for k, f in files.items()}, kind, name, point)
+        version = register_release(
+            run, {k: paths.out / f.name for k, f in files.items()}, kind, name, point, sections.serving
+        )
         figures = {k: v for k, v in point.items() if k not in ("per_fold", "scores")}
         run.log_metrics({k: v for k, v in figures.items() if k not in ("model", "operating_point")})
         write_json(paths.metrics, {**figures, "images": len(data.index), "registered": name})

@@ -6,8 +6,9 @@ threshold and the operating point it was chosen at as a pyfunc model and registe
     mlflow models serve -m models:/<name>@champion --env-manager local -h 127.0.0.1 -p 5001
 
 serves it over REST (``POST /invocations``). The input is one column ``image`` of image files'
-bytes (PNG, JPEG or anything OpenCV reads; any size, gray or colour, read as gray and resized as
-``pipeline.deployment.predict`` does); over REST, MLflow expects a binary column base64-encoded:
+bytes (PNG, JPEG, BMP or TIFF: formats whose size the header tells; any size up to the limits,
+gray or colour, read as gray and resized as ``pipeline.deployment.predict`` does); over REST,
+MLflow expects a binary column base64-encoded:
 
     {"dataframe_split": {"columns": ["image"], "data": [["<base64 of a.png>"], ["<base64 of b.jpg>"]]},
      "params": {"heatmap": true}}
@@ -15,10 +16,16 @@ bytes (PNG, JPEG or anything OpenCV reads; any size, gray or colour, read as gra
 The answer is ``{"predictions": [...]}``, one record per image, in order: ``score`` (defect
 probability, null where the image could not be read), ``decision`` (``defect`` / ``ok``, empty
 on error), ``threshold``, ``operating_point``, ``heatmap`` (with ``params.heatmap`` true: the
-overlay predict writes, a base64 PNG; else empty) and ``error`` (why the image could not be
-read; empty when it was scored). A corrupt image gets its error and the others are scored; a
-string that is not base64 at all makes MLflow refuse the whole request (HTTP 400) before the
-model sees it. Scores are ``pipeline.deployment.predict``'s: the same reading, resizing and ``Predictor``.
+overlay predict writes, its longer side capped, a base64 PNG; else empty) and ``error`` (why the
+image could not be read or was refused; empty when it was scored). A corrupt, unaccepted or
+too large image gets its error and the others are scored; a string that is not base64 at all
+makes MLflow refuse the whole request (HTTP 400) before the model sees it. Scores are
+``pipeline.deployment.predict``'s: the same reading, resizing and ``Predictor``.
+
+The limits (``ServingParams``: pixels per image and per request, the heatmap's size, the formats,
+how many images a worker decodes at once) travel in the logged model's model config; each image
+is refused from its header before it is decoded, and reduced to the model's input size (and the
+heatmap's) right after, so a worker's memory stays bounded whatever the mix of requests.
 """
 
 from __future__ import annotations
@@ -26,19 +33,23 @@ from __future__ import annotations
 import base64
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import mlflow
 import numpy as np
 import pandas as pd
 
+from pipeline.config import ServingParams
 from pipeline.core.errors import DataError, InputError
-from pipeline.data.images import decode_gray
+from pipeline.data.images import check_file, decode_gray
 from pipeline.deployment.predict import SCORING_MODEL_FILE, Predictor, decision, load_file, overlay_picture
 from pipeline.knowledge.saliency import METHODS
 from pipeline.metrics.figures import png_bytes
@@ -50,7 +61,7 @@ if TYPE_CHECKING:
 
 IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = ("score", "decision", "threshold", "operating_point", "heatmap", "error")
-BATCH_SIZE = 16  # images per forward, as predict's default: bounds memory for large requests
+BATCH_SIZE = 16  # images per forward, as predict's default (each held at the model's input size)
 TEACHER_FILE = "teacher.pt"
 # What the served code imports; pinned to the versions it was logged with.
 REQUIREMENTS = (
@@ -61,6 +72,7 @@ REQUIREMENTS = (
     "pandas",
     "opencv-python-headless",
     "pillow",
+    "simplejpeg",
     "pydantic",
     "pyyaml",
     "matplotlib",
@@ -76,6 +88,7 @@ class ScoringModel(mlflow.pyfunc.PythonModel):
         settings = context.model_config
         teacher = context.artifacts.get("teacher")
         self.operating_point = str(settings["operating_point"])
+        self.limits = ServingLimits.of(settings)
         self.predictor = Predictor(
             load_file(Path(context.artifacts["model"])),
             float(settings["threshold"]),
@@ -91,7 +104,7 @@ class ScoringModel(mlflow.pyfunc.PythonModel):
                 f"(base64 in JSON) in a column named {IMAGE_COLUMN!r}"
             )
         heatmap = bool((params or {}).get("heatmap", False))
-        return score_images(self.predictor, model_input[IMAGE_COLUMN], heatmap, self.operating_point)
+        return score_images(self.predictor, model_input[IMAGE_COLUMN], heatmap, self.operating_point, self.limits)
 
 
 def image_bytes(value: object) -> bytes:
@@ -108,13 +121,58 @@ def image_bytes(value: object) -> bytes:
     raise DataError(f"the value is a {type(value).__name__}; send the image file's bytes (base64 in JSON)")
 
 
+class ServingLimits:
+    """A worker's limits (``ServingParams``) and the slots its request threads share.
+
+    MLflow's server answers each request in a thread of its own, so limits per request alone do
+    not bound a worker: every image is decoded, and every chunk scored, in one of
+    ``concurrent_images`` slots of the worker, and the others wait.
+    """
+
+    def __init__(self, params: ServingParams | None = None) -> None:
+        self.params = params or ServingParams()
+        self.slots = threading.BoundedSemaphore(self.params.concurrent_images)
+
+    @classmethod
+    def of(cls, settings: Mapping[str, Any]) -> ServingLimits:
+        """From a logged model's model config: its ``serving`` section, else the defaults."""
+        try:
+            return cls(ServingParams.model_validate(settings.get("serving") or {}))
+        except ValueError as error:
+            raise InputError(
+                f"the scoring model's model_config 'serving' is not valid ({error}); "
+                "log it again with valid serving params (params.yaml: serving)"
+            ) from error
+
+
+DEFAULT_LIMITS = ServingLimits()  # for direct callers of score_images; a loaded model has its own
+
+
+@dataclass
+class Reduced:
+    """A decoded image reduced right away: the model's input and, for a heatmap, a capped copy."""
+
+    row: dict
+    model_input: np.ndarray  # at the model's input size
+    picture: np.ndarray | None  # the heatmap's background, longer side at most heatmap_max_side
+
+
 def score_images(
-    predictor: Predictor, values: Iterable[object], heatmap: bool = False, operating_point: str = ""
+    predictor: Predictor,
+    values: Iterable[object],
+    heatmap: bool = False,
+    operating_point: str = "",
+    limits: ServingLimits = DEFAULT_LIMITS,
 ) -> pd.DataFrame:
-    """One row per value (``OUTPUT_COLUMNS``), in order; unreadable ones get ``error``, not an exception."""
+    """One row per value (``OUTPUT_COLUMNS``), in order; unreadable ones get ``error``, not an exception.
+
+    Images are decoded one at a time, each checked from its header against the per-image limit
+    and what is left of the request's budget, then reduced at once: a chunk holds small arrays.
+    """
     rows: list[dict] = []
+    budget = limits.params.max_request_pixels
     for start, chunk in _chunks(list(values), BATCH_SIZE):
-        readable: list[tuple[dict, np.ndarray]] = []
+        readable: list[Reduced] = []
         for position, value in enumerate(chunk, start):
             row = {
                 "score": None,
@@ -126,15 +184,62 @@ def score_images(
             }
             rows.append(row)
             try:
-                readable.append((row, decode_gray(image_bytes(value), f"image {position}")))
+                data = image_bytes(value)
+                pixels = _admit(data, f"image {position}", budget, limits.params)
+                with limits.slots:
+                    readable.append(_reduce(predictor, row, data, f"image {position}", heatmap, limits.params))
+                budget -= pixels
             except DataError as error:
                 row["error"] = str(error)
         if readable:
-            _score(predictor, readable, heatmap)
+            with limits.slots:
+                _score(predictor, readable)
     table = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
     # Object dtype keeps None for unreadable images: JSON null, where a float column would send NaN.
     table["score"] = pd.Series([row["score"] for row in rows], dtype=object)
     return table
+
+
+def _admit(data: bytes, ref: str, budget: int, params: ServingParams) -> int:
+    """The image's pixels from its header, once its format, size and the request's budget allow it."""
+    header = check_file(data, ref)
+    accepted = ", ".join(name.upper() for name in params.formats)
+    if header is None or header.format.lower() not in params.formats:
+        what = f"a {header.format} file" if header else "not a file whose header gives its size"
+        raise DataError(
+            f"{ref} is not a readable image of an accepted format ({what}; serving.formats accepts "
+            f"{accepted}); send it as one of those"
+        )
+    if header.pixels > params.max_image_pixels:
+        raise DataError(
+            f"{ref} is {header.width}x{header.height} = {header.pixels:,} pixels, more than the limit of "
+            f"{params.max_image_pixels:,} (serving.max_image_pixels); downscale it, or ask the model's "
+            "publisher to raise serving.max_image_pixels"
+        )
+    if header.pixels > budget:
+        raise DataError(
+            f"{ref} is {header.width}x{header.height} = {header.pixels:,} pixels, more than the "
+            f"{max(budget, 0):,} left of this request's {params.max_request_pixels:,} "
+            "(serving.max_request_pixels) after its earlier images; send it in another request"
+        )
+    return header.pixels
+
+
+def _reduce(predictor: Predictor, row: dict, data: bytes, ref: str, heatmap: bool, params: ServingParams) -> Reduced:
+    """Decode one image and keep only its reductions: the full-size array is freed on return."""
+    image = decode_gray(data, ref, params.max_image_pixels, "serving.max_image_pixels")
+    picture = _capped(image, params.heatmap_max_side) if heatmap else None
+    return Reduced(row, predictor.resize(image), picture)
+
+
+def _capped(image: np.ndarray, max_side: int) -> np.ndarray:
+    """``image`` shrunk (area interpolation) so that its longer side is at most ``max_side``."""
+    height, width = image.shape
+    scale = max_side / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 def _chunks(values: list, size: int) -> Iterable[tuple[int, list]]:
@@ -142,17 +247,19 @@ def _chunks(values: list, size: int) -> Iterable[tuple[int, list]]:
         yield start, values[start : start + size]
 
 
-def _score(predictor: Predictor, readable: list[tuple[dict, np.ndarray]], heatmap: bool) -> None:
-    images = [image for _, image in readable]
+def _score(predictor: Predictor, readable: list[Reduced]) -> None:
+    # The inputs are at the model's size already: Predictor's resize leaves them as they are.
+    images = [item.model_input for item in readable]
+    heatmap = readable[0].picture is not None
     if heatmap:
         scores, maps = predictor(images)
     else:
         scores, maps = predictor.scores(images), [None] * len(images)
-    for (row, image), score, saliency in zip(readable, scores, maps):
-        row.update(score=float(score), decision=decision(float(score), predictor.threshold))
-        if saliency is not None:
-            picture = overlay_picture(image, saliency, float(score), predictor.threshold)
-            row["heatmap"] = base64.b64encode(png_bytes(picture)).decode("ascii")
+    for item, score, saliency in zip(readable, scores, maps):
+        item.row.update(score=float(score), decision=decision(float(score), predictor.threshold))
+        if saliency is not None and item.picture is not None:
+            picture = overlay_picture(item.picture, saliency, float(score), predictor.threshold)
+            item.row["heatmap"] = base64.b64encode(png_bytes(picture)).decode("ascii")
 
 
 # --- logging and registering ---------------------------------------------------------------------
@@ -170,6 +277,7 @@ def log_scoring_model(
     saliency: str = "gradcam",
     teacher_saliency: str = "layercam",
     name: str = "scoring_model",
+    serving: ServingParams | None = None,
 ) -> ModelVersion:
     """Log ``model_file`` as a ``ScoringModel`` and register it as a new version of ``registered_name``.
 
@@ -192,6 +300,7 @@ def log_scoring_model(
         "operating_point": str(operating_point),
         "saliency": saliency,
         "teacher_saliency": teacher_saliency,
+        "serving": (serving or ServingParams()).model_dump(),
     }
     with tempfile.TemporaryDirectory() as folder, _active_run(registered_name):
         artifacts = {"model": shutil.copyfile(model_file, Path(folder) / SCORING_MODEL_FILE)}
