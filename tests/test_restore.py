@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import dvc, git_env, make_shrunk_project, project_env
 
-from tests.helpers import dvc, git_env, make_shrunk_project, project_env
+from pipeline.core.restore import restore_commands
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 STAGE = "train_baseline"
@@ -49,6 +50,10 @@ def refused_repro(project: Path) -> tuple[str, list[str]]:
             break
         commands.append(line.strip())
     return result.stderr, commands
+
+
+def git(project: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=project, check=True, env=git_env(), capture_output=True)
 
 
 def run_printed(project: Path, commands: list[str]) -> None:
@@ -95,8 +100,8 @@ def test_refused_stage_prints_the_commands_that_restore_its_deleted_outputs_byte
     assert snapshot(outputs) == before
 
     # Committed and absent from the cache (a fresh clone's), they come back from git.
-    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "a run"]):
-        subprocess.run(command, cwd=project, check=True, env=git_env())
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "a run")
     cached_copy = project / commands[1].split()[1]
     cached_copy.unlink()
     stderr, commands = refused_repro(project)
@@ -107,3 +112,67 @@ def test_refused_stage_prints_the_commands_that_restore_its_deleted_outputs_byte
     # What came back is what dvc.lock records: with the params of that run, nothing is to be rerun.
     (project / "params.yaml").write_text(good_params)
     assert "Data and pipelines are up to date." in dvc(project, "status", STAGE)
+
+    # Refused again, then the last run's params restored: DVC's run cache brings all back unrun.
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    refused_repro(project)
+    (project / "params.yaml").write_text(good_params)
+    assert "skipping run, checking out outputs" in dvc(project, "repro", STAGE, **ONE_THREAD)
+    assert snapshot(outputs) == before
+
+
+def tiny_project(root: Path) -> Path:
+    """A DVC project of one stage, `make`, that writes a cached folder and an uncached metrics file."""
+    root.mkdir()
+    (root / "make.py").write_text(
+        "from pathlib import Path\n"
+        "Path('out').mkdir()\n"
+        "Path('out/a.txt').write_text('a')\n"
+        "Path('metrics.json').write_text('{\"x\": 1}')\n"
+    )
+    stage = {"cmd": f"{sys.executable} make.py", "deps": ["make.py"], "outs": ["out"]}
+    stage["metrics"] = [{"metrics.json": {"cache": False}}]
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": stage}}))
+    git(root, "init", "-q")
+    dvc(root, "init", "-q")
+    dvc(root, "repro")
+    return root
+
+
+def test_restore_commands_come_from_the_cache_else_git_else_say_what_is_lost(tmp_path: Path) -> None:
+    project = tiny_project(tmp_path / "project")
+    assert restore_commands("make", project).missing == []  # all in place
+    assert restore_commands("other", project).missing == []  # no such stage
+    (project / "metrics.json").unlink()
+    (project / "out/a.txt").unlink()
+    (project / "out").rmdir()
+
+    restore = restore_commands("make", project)
+    assert restore.missing == ["out", "metrics.json"] and restore.lost == []
+    assert restore.commands[0] == "dvc checkout make"
+    cached_copy = restore.commands[1].split()[1]
+    assert restore.commands[1] == f"cp {cached_copy} metrics.json" and cached_copy.startswith(".dvc/cache/files/md5/")
+
+    (project / cached_copy).unlink()  # not in the cache, nor in git: lost, and said so
+    restore = restore_commands("make", project)
+    assert restore.commands == ["dvc checkout make"] and restore.lost == ["metrics.json"]
+
+    run_printed(project, ["dvc checkout make"])
+    (project / "metrics.json").write_text('{"x": 1}')
+    git(project, "add", "-A")
+    git(project, "commit", "-qm", "a run")
+    (project / "metrics.json").unlink()
+    assert restore_commands("make", project).commands == ["git checkout HEAD -- metrics.json"]
+    (project / "metrics.json").write_text('{"x": 2}')
+    git(project, "commit", "-qam", "another file than dvc.lock records")
+    (project / "metrics.json").unlink()
+    assert restore_commands("make", project).lost == ["metrics.json"]
+
+    # A cached output the local cache lacks is pulled from the remote (then checked out).
+    for path in (project / ".dvc/cache/files/md5").rglob("*"):
+        if path.is_file() and not path.name.endswith(".dir"):
+            path.chmod(0o644)
+            path.unlink()
+    (project / "out/a.txt").unlink()
+    (project / "out").rmdir()
+    assert restore_commands("make", project).commands == ["dvc pull make"]

@@ -39,10 +39,11 @@ def restore_commands(stage: str, root: Path) -> Restore:
         return Restore()
     from dvc.repo import Repo  # seconds to import: only when a stage has failed
 
+    dvc_yaml = str(root / "dvc.yaml")  # DVC's default, dvc.yaml, would be the working directory's
     with Repo(str(root)) as repo:
-        if stage not in {s.name for s in repo.stage.load_all()}:
+        if stage not in {s.name for s in repo.stage.load_all(dvc_yaml)}:
             return Restore()
-        outs = [out for out in repo.stage.load_one(name=stage).outs if out.hash_info and not out.exists]
+        outs = [out for out in repo.stage.load_one(dvc_yaml, stage).outs if out.hash_info and not out.exists]
         result = Restore(missing=[out.def_path for out in outs])
         cached = [out for out in outs if out.use_cache]
         if cached:

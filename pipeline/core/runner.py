@@ -21,7 +21,7 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
 
     Only the pipeline's own errors are bad input (their message says what to do); anything else
     is a bug and keeps its traceback. A refusal under ``dvc repro`` comes after DVC deleted the
-    stage's previous outputs, so it also prints the commands that restore them.
+    stage's previous outputs, so there the message goes on with the commands that restore them.
     """
     torch.set_num_threads(_threads())
     started = time.perf_counter()
@@ -64,9 +64,7 @@ def _print_restore_commands(stage: str) -> None:
         lines.append(f"[{stage}] to restore them as dvc.lock records them, run in {root}:")
         lines += [f"  {command}" for command in restore.commands]
     if restore.lost:
-        lines.append(
-            f"[{stage}] not in the DVC cache nor in git, rerun the stage to rebuild: {', '.join(restore.lost)}"
-        )
+        lines.append(f"[{stage}] in neither the DVC cache nor git, so only a rerun rebuilds: {', '.join(restore.lost)}")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
