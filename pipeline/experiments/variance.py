@@ -20,11 +20,10 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
-import yaml
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from pipeline.config import ModelParams, TrainParams, load_section, parse_section
+from pipeline.config import ModelParams, TrainParams, load_section, load_yaml, parse_section
 from pipeline.core.artifacts import write_bytes, write_csv
 from pipeline.core.devices import FP32
 from pipeline.core.errors import InputError
@@ -100,7 +99,7 @@ def with_overrides(params: TrainParams, overrides: list[str]) -> TrainParams:
                 f"--set {override!r}: write KEY=VALUE with KEY one of train_baseline's keys "
                 f"({', '.join(TrainParams.model_fields)})"
             )
-        update[key] = yaml.safe_load(value)
+        update[key] = load_yaml(value)
     return parse_section("train_baseline", {**params.model_dump(), **update}, source=f"--set {' '.join(overrides)}")
 
 
