@@ -99,11 +99,18 @@ def test_refused_stage_prints_the_commands_that_restore_its_deleted_outputs_byte
     assert by_hand.returncode == 1 and by_hand.stderr.strip().count("\n") == 0, by_hand.stderr
     assert snapshot(outputs) == before
 
+    # Refused again, then the last run's params restored: DVC's run cache brings all back unrun.
+    refused_repro(project)
+    (project / "params.yaml").write_text(good_params)
+    assert "skipping run, checking out outputs" in dvc(project, "repro", STAGE, **ONE_THREAD)
+    assert snapshot(outputs) == before
+
     # Committed and absent from the cache (a fresh clone's), they come back from git.
     git(project, "add", "-A")
     git(project, "commit", "-qm", "a run")
     cached_copy = project / commands[1].split()[1]
     cached_copy.unlink()
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
     stderr, commands = refused_repro(project)
     assert commands == [f"dvc checkout {STAGE}", f"git checkout HEAD -- {metrics}"]
     run_printed(project, commands)
@@ -112,13 +119,6 @@ def test_refused_stage_prints_the_commands_that_restore_its_deleted_outputs_byte
     # What came back is what dvc.lock records: with the params of that run, nothing is to be rerun.
     (project / "params.yaml").write_text(good_params)
     assert "Data and pipelines are up to date." in dvc(project, "status", STAGE)
-
-    # Refused again, then the last run's params restored: DVC's run cache brings all back unrun.
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    refused_repro(project)
-    (project / "params.yaml").write_text(good_params)
-    assert "skipping run, checking out outputs" in dvc(project, "repro", STAGE, **ONE_THREAD)
-    assert snapshot(outputs) == before
 
 
 def tiny_project(root: Path) -> Path:
