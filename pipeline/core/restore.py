@@ -71,5 +71,8 @@ def _restore_uncached(out: Any, root: Path, result: Restore) -> None:
 
 def _committed_md5(root: Path, path: str) -> str | None:
     """The md5 of ``path`` as committed at git's HEAD; None where git has no such file."""
-    shown = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=root, capture_output=True, check=False)
+    try:
+        shown = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=root, capture_output=True, check=False)
+    except FileNotFoundError:  # no git installed: a DVC project without git (`dvc init --no-scm`)
+        return None
     return hashlib.md5(shown.stdout).hexdigest() if shown.returncode == 0 else None
