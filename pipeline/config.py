@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar, overload
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, overload
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from pipeline.core.errors import InputError
 from pipeline.core.layout import project_root
@@ -332,9 +334,28 @@ DERIVED_SEEDS: dict[str, str] = {
 PROJECT_PATHS: dict[str, str] = {"prepare": "path", "model": "pretrained_weights"}
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does: ``1e-3`` is a number, not text.
+
+    DVC reads and writes params.yaml as YAML 1.2 (ruamel.yaml): it writes ``-S lr=0.00001`` as
+    ``1e-05``, which PyYAML's YAML 1.1 reads as the text '1e-05', and strict sections refuse text.
+    """
+
+
+# Appended after YAML 1.1's float pattern, which it widens by numbers without a point.
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Params text (params.yaml, a preset, a ``--set`` value) as DVC reads it; raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_ParamsLoader)  # a SafeLoader: plain data only
+
+
 def read_params(path: Path = PARAMS_FILE) -> dict:
     try:
-        params = yaml.safe_load(path.read_text())
+        params = load_yaml(path.read_text())
     except FileNotFoundError as error:
         raise ConfigError(f"{path} not found: run the stage from the project root") from error
     except yaml.YAMLError as error:
@@ -435,16 +456,76 @@ def parse_section(name: str, values: dict, source: str = "params") -> Section:
     try:
         return model.model_validate(values)
     except ValidationError as error:
-        problems = []
+        problems: list[tuple[str, str, bool]] = []  # key, message, whether it says what to write
         for item in error.errors():
-            key = ".".join([name, *map(str, item["loc"])])
+            key = _key(name, model, item["loc"])
             if item["type"] == "extra_forbidden":
                 field_model = _nested_model(model, item["loc"][:-1])
                 allowed = ", ".join(field_model.model_fields)
-                problems.append(f"unknown key {key!r} (allowed here: {allowed})")
+                problems.append((key, f"unknown key {key!r} (allowed here: {allowed})", False))
             else:
-                problems.append(f"{key}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
-        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+                problems.append((key, *_problem(key, item)))
+        # A union (a number or 'all') fails once per member: where one says what to write, it alone.
+        hinted = [key for key, _, says in problems if says]
+        kept = [
+            text for key, text, says in problems if says or not any(h == key or h.startswith(f"{key}.") for h in hinted)
+        ]
+        raise ConfigError(f"{source}: " + "; ".join(kept)) from None
+
+
+def _key(name: str, model: type[BaseModel], location: tuple) -> str:
+    """``section.key.subkey`` of an error's location, without the tags pydantic adds to it for
+    each member of a union (``prepare.defective_images``, not ``...defective_images.constrained-int``)."""
+    parts, tagged = [name], False
+    current: object = model
+    for part in location:
+        if tagged:
+            tagged = False
+            continue
+        parts.append(str(part))
+        fields = current.model_fields if isinstance(current, type) and issubclass(current, BaseModel) else {}
+        annotation = fields[part].annotation if isinstance(part, str) and part in fields else None
+        members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
+        tagged = len([member for member in members if member is not type(None)]) > 1
+        current = annotation
+    return ".".join(parts)
+
+
+# Strict types (pipeline/core/sections.py): the errors of a value of the wrong type, and what is expected.
+_EXPECTED = {"int_type": "a whole number", "float_type": "a number", "bool_type": "true or false"}
+
+
+def _problem(key: str, item: ErrorDetails) -> tuple[str, bool]:
+    """One error's message, and whether it says what to write instead."""
+    value = item.get("input")
+    expected = _EXPECTED.get(item["type"])
+    if expected is None:
+        return f"{key}: {item['msg'].removeprefix('Value error, ')} (got {value!r})", False
+    got = f"the text {value!r}" if isinstance(value, str) else repr(value)
+    written = _as_written(item["type"], value)
+    if written is None:
+        return f"{key}: expected {expected}, got {got}", False
+    quoted = " without quotes (YAML reads a quoted value as text)" if isinstance(value, str) else ""
+    return f"{key}: expected {expected}, got {got}; write {key.rsplit('.', 1)[-1]}: {written}{quoted}", True
+
+
+def _as_written(kind: str, value: object) -> str | None:
+    """How params.yaml writes ``value`` as a value of the expected type; None where it is none."""
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = load_yaml(value)
+        except yaml.YAMLError:
+            return None
+    if kind == "bool_type" and (isinstance(parsed, bool) or parsed in (0, 1)):
+        return "true" if parsed else "false"
+    if isinstance(parsed, bool) or not isinstance(parsed, int | float):
+        return None
+    if kind == "float_type":
+        return value.strip() if isinstance(value, str) else repr(parsed)
+    if kind == "int_type" and float(parsed).is_integer():
+        return str(int(parsed))
+    return None
 
 
 def _nested_model(model: type[BaseModel], location: tuple) -> type[BaseModel]:

@@ -3,6 +3,7 @@ with bad params exits before any work."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, TrainParams, load_section, parse_section
-from support.helpers import make_shrunk_project, project_env
+from support.helpers import ROOT, make_shrunk_project, project_env
 
 
 def test_variance_params_are_validated_with_a_message_naming_them() -> None:
@@ -39,7 +40,31 @@ def test_variance_params_are_validated_with_a_message_naming_them() -> None:
             "prepare: {synthetic: {itmes: 3}}",
             ["unknown key 'prepare.synthetic.itmes'", "allowed here: items, images_per_item"],
         ),
-        ("train_baseline: {epochs: ten}", ["train_baseline.epochs", "valid integer", "'ten'"]),
+        ("train_baseline: {epochs: ten}", ["train_baseline.epochs: expected a whole number, got the text 'ten'"]),
+        # Strict types: a quoted number or switch is text, refused with what to write instead.
+        (
+            'train_baseline: {epochs: "10"}',
+            ["train_baseline.epochs: expected a whole number, got the text '10'; write epochs: 10 without quotes"],
+        ),
+        (
+            "train_baseline: {epochs: 10.0}",
+            ["train_baseline.epochs: expected a whole number, got 10.0; write epochs: 10"],
+        ),
+        (
+            'train_baseline: {lr: "1e-3"}',
+            ["train_baseline.lr: expected a number, got the text '1e-3'; write lr: 1e-3 without"],
+        ),
+        (
+            'model: {pin_memory: "true"}',
+            ["model.pin_memory: expected true or false, got the text 'true'; write pin_memory: true without quotes"],
+        ),
+        ("model: {pin_memory: 1}", ["model.pin_memory: expected true or false, got 1; write pin_memory: true"]),
+        ('prepare: {synthetic: {items: "4"}}', ["prepare.synthetic.items: expected a whole number, got the text '4'"]),
+        # A union (a number or 'all') names the key alone and says what to write, once.
+        (
+            'prepare: {defective_images: "5"}',
+            ["prepare.defective_images: expected a whole number, got the text '5'; write"],
+        ),
         ("train_baseline: {batch_size: yes}", ["train_baseline.batch_size", "not a boolean"]),
         ("train_baseline: {lr: 0}", ["train_baseline.lr", "greater than 0"]),
         ("train_baseline: {momentum: 1.5}", ["train_baseline.momentum", "less than 1"]),
@@ -64,11 +89,28 @@ def test_bad_params_are_refused_naming_the_key_and_what_is_allowed(
         assert fragment in str(error.value)
 
 
-def test_valid_params_take_defaults_and_accept_yaml_strings_for_numbers(tmp_path: Path) -> None:
+def test_valid_params_take_defaults_and_read_numbers_as_dvc_does(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
-    path.write_text("train_baseline: {lr: 1e-3}\nprepare:\n")  # PyYAML reads 1e-3 as text
-    assert load_section("train_baseline", path) == TrainParams(lr=0.001)
-    assert load_section("prepare", path).max_image_pixels == 50_000_000
+    # YAML 1.2 (DVC's ruamel.yaml) reads 1e-3 as a number, PyYAML's YAML 1.1 as text; a whole
+    # number is a valid float; null stays None where allowed.
+    path.write_text("train_baseline: {lr: 1e-3, weight_decay: 0}\ntrain_guided: {seg_weight: 2}\nprepare:\n")
+    assert load_section("train_baseline", path) == TrainParams(lr=0.001, weight_decay=0.0)
+    assert load_section("train_guided", path).seg_weight == 2.0
+    prepare = load_section("prepare", path)
+    assert prepare.max_image_pixels == 50_000_000 and prepare.path is None
+
+
+def test_dvc_set_param_overrides_validate_with_their_types(tmp_path: Path) -> None:
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` writes params.yaml with
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    overrides = ["train_baseline.epochs=10", "train_baseline.lr=1e-5", "model.pin_memory=true"]
+    apply_overrides(path, [*overrides, "train_guided.seg_weight=2", "prepare.defective_images=all", "seed=3"])
+    assert "lr: 1e-05" in path.read_text()  # text to PyYAML's YAML 1.1
+    baseline, model = load_section("train_baseline", path), load_section("model", path)
+    assert (baseline.epochs, baseline.lr, baseline.seed, model.pin_memory) == (10, 1e-5, 3, True)
+    assert load_section("train_guided", path).seg_weight == 2.0
 
 
 @pytest.mark.slow

@@ -6,18 +6,22 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.layout import project_root
+from pipeline.core.restore import restore_commands
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Run a stage's main function; exit 1 with a one-line message on bad input.
 
     Only the pipeline's own errors are bad input (their message says what to do); anything else
-    is a bug and keeps its traceback.
+    is a bug and keeps its traceback. A refusal under ``dvc repro`` comes after DVC deleted the
+    stage's previous outputs, so there the message goes on with the commands that restore them.
     """
     torch.set_num_threads(_threads())
     started = time.perf_counter()
@@ -31,9 +35,37 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     except PipelineError as error:
         where = f"{name}, rank {worker}" if worker is not None else name
         print(f"[{where}] error: {error}", file=sys.stderr, flush=True)
+        if worker is None:
+            _print_restore_commands(name)
         sys.exit(1)
     if worker is None:
         print(f"[{name}] done in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+def _print_restore_commands(stage: str) -> None:
+    """Say how to bring back the stage's outputs that dvc.lock records and the workspace lacks."""
+    root = Path.cwd().resolve()
+    if project_root() != root:
+        return  # a queued experiment's temporary copy: the workspace kept its outputs
+    from dvc.exceptions import DvcException
+
+    try:
+        restore = restore_commands(stage, root)
+    except DvcException as error:  # the refusal above stays the message; this is only a hint
+        print(f"[{stage}] could not read dvc.yaml or dvc.lock to list restore commands: {error}", file=sys.stderr)
+        return
+    if not restore.missing:
+        return
+    lines = [
+        f"[{stage}] its previous outputs are missing (DVC deletes a stage's outputs before running it): "
+        f"{', '.join(restore.missing)}; dvc.lock still records them."
+    ]
+    if restore.commands:
+        lines.append(f"[{stage}] to restore them as dvc.lock records them, run in {root}:")
+        lines += [f"  {command}" for command in restore.commands]
+    if restore.lost:
+        lines.append(f"[{stage}] in neither the DVC cache nor git, so only a rerun rebuilds: {', '.join(restore.lost)}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def run_command(prog: str, main: Callable[[list[str]], Any], argv: Sequence[str]) -> int:

@@ -1,5 +1,10 @@
-"""The base of every params section: strict keys, no booleans for numbers. A leaf module, so that
-a module defining its own options (``labelme.LabelmeParams``) needs no import of ``config``."""
+"""The base of every params section: strict keys and types. A leaf module, so that a module
+defining its own options (``labelme.LabelmeParams``) needs no import of ``config``.
+
+Strict types: a number must be written as one (``epochs: 10``, not ``epochs: "10"``) and a switch as
+``true``/``false`` (not ``1`` or ``"true"``), so that what params.yaml says is what runs. A whole
+number is still a valid value for a number with a fraction (``lr: 1``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ SEED = Field(0, ge=0, le=2**32 - 1)  # the per-epoch generator seeds derived fro
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -29,6 +29,7 @@ from pipeline.config import (
     SECTIONS,
     ConfigError,
     check_top_level,
+    load_yaml,
     parse_section,
     run_seed,
     section_values,
@@ -46,7 +47,7 @@ def load_preset(name: str, folder: Path = PRESETS) -> dict:
     path = folder / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"no preset {name!r} in {folder}; available: {', '.join(available(folder)) or 'none'}")
-    overrides = yaml.safe_load(path.read_text()) or {}
+    overrides = load_yaml(path.read_text()) or {}
     check_top_level(overrides, path)
     return overrides
 
@@ -82,7 +83,7 @@ def validate(params: dict, overrides: dict, source: str) -> None:
 def exp_run_command(name: str, folder: Path = PRESETS, params_path: Path = PARAMS_FILE) -> str:
     """The ``dvc exp run`` line that runs the preset as an experiment, params.yaml untouched."""
     overrides = load_preset(name, folder)
-    validate(yaml.safe_load(params_path.read_text()) or {}, overrides, f"preset {name}")
+    validate(load_yaml(params_path.read_text()) or {}, overrides, f"preset {name}")
     sets = [f"-S {shlex.quote(f'{key}={_override_value(value)}')}" for key, value in flat_overrides(overrides).items()]
     return " ".join(["dvc exp run -n", shlex.quote(name), *sets])
 
@@ -107,7 +108,7 @@ def apply(name: str, folder: Path = PRESETS, params_path: Path = PARAMS_FILE) ->
     round_trip = YAML()
     round_trip.preserve_quotes = True
     document = round_trip.load(params_path.read_text())
-    validate(yaml.safe_load(params_path.read_text()) or {}, overrides, f"preset {name}")
+    validate(load_yaml(params_path.read_text()) or {}, overrides, f"preset {name}")
     changed = []
     for key, value in flat_overrides(overrides).items():
         *sections, leaf = key.split(".")

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline.config import DERIVED_SEEDS, PARAMS_FILE, RUN_SEED, ConfigError, GuidedParams, parse_params
+from pipeline.config import DERIVED_SEEDS, PARAMS_FILE, RUN_SEED, ConfigError, GuidedParams, load_yaml, parse_params
 from pipeline.core import layout
 from pipeline.core.artifacts import output_dir, read_json, write_csv
 from pipeline.core.errors import MissingInputError
@@ -268,7 +268,7 @@ def collect(param: str, out: Path) -> pd.DataFrame:
     for folder in sorted((out / "runs").iterdir()):
         if not (folder / "evaluate.json").is_file():
             continue
-        params = yaml.safe_load((folder / "params.yaml").read_text()) or {}
+        params = load_yaml((folder / "params.yaml").read_text()) or {}
         section, key = param.split(".", 1)
         # Through the params' models, so a key the point's params.yaml lacks reads as its default
         # and a derived seed as the top-level one (points saved before it existed set all four).

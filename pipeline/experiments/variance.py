@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import cast
 
 import pandas as pd
-import yaml
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from pipeline.config import ModelParams, TrainParams, load_section, parse_section
+from pipeline.config import ModelParams, TrainParams, load_section, load_yaml, parse_section
 from pipeline.core.artifacts import write_bytes, write_csv
 from pipeline.core.devices import FP32
 from pipeline.core.errors import InputError
@@ -105,7 +104,7 @@ def with_overrides(params: TrainParams, overrides: list[str]) -> TrainParams:
                 f"--set {override!r}: write KEY=VALUE with KEY one of train_baseline's keys "
                 f"({', '.join(TrainParams.model_fields)})"
             )
-        update[key] = yaml.safe_load(value)
+        update[key] = load_yaml(value)
     section = parse_section("train_baseline", {**params.model_dump(), **update}, source=f"--set {' '.join(overrides)}")
     return cast(TrainParams, section)  # train_baseline's section is a TrainParams
 
