@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from pipeline.core.errors import InputError
+from pipeline.core.tracking import DIGEST_TAG
 from pipeline.deployment.predict import decision_threshold, load_any, main
 from pipeline.deployment.serving import (
     log_scoring_model,
@@ -92,7 +93,11 @@ def check_answers(answers: pd.DataFrame, photos: dict[str, Path], expected: pd.D
 @pytest.mark.slow  # logging the scoring model: about 15 s
 def test_pyfunc_scores_image_bytes_as_predict_does(released, photos: dict[str, Path], tmp_path: Path) -> None:
     assert str(released.version) == "1" and released.aliases == ["champion"]
+    digests = json.loads(released.tags.pop(DIGEST_TAG))
     assert released.tags == {"threshold": "0.45", "operating_point": "zero_misses", "kind": "release"}
+    # Every file of the version has its digest: the model file, the code file, the MLmodel, the package.
+    assert {"MLmodel", "artifacts/model.pt", "scoring_model.py", "code/pipeline/deployment/serving.py"} <= set(digests)
+    assert not [name for name in digests if name.endswith((".pkl", ".pt2"))]  # nothing pickled is stored
     expected = predicted(photos, tmp_path / "predict", 0.45)
     model = mlflow.pyfunc.load_model(CHAMPION)
     assert model.metadata.metadata["threshold"] == 0.45 and model.metadata.metadata["operating_point"] == "zero_misses"

@@ -300,6 +300,11 @@ def candidate_figures(version, tracking: str) -> dict[str, float]:
             ) from None
 
 
+def trial_uri(name: str) -> str:
+    """The candidate of ``name``, as ``kgi serve`` and ``kgi predict --model`` take it."""
+    return f"models:/{name}@{CANDIDATE}"
+
+
 def promote(name: str, gate: dict[str, str]) -> str:
     """Give ``name``'s candidate the alias ``champion`` if its cross-validated figures pass
     ``gate``; otherwise raise ``GateRefused`` listing every failed condition."""
@@ -318,10 +323,11 @@ def promote(name: str, gate: dict[str, str]) -> str:
     figures = candidate_figures(version, tracking_uri())
     failures = gate_failures(figures, gate, f"the cross-validated figures of {name} version {version.version}")
     if failures:
+        # The first run on the default params may well end here: say how to try the candidate anyway.
         raise GateRefused(
             f"{name} version {version.version} stays {CANDIDATE}, not promoted to {CHAMPION}: "
             + "; ".join(failures)
-            + " (release.gate in params.yaml)"
+            + f" (release.gate in params.yaml). To serve the candidate for a trial: kgi serve {trial_uri(name)}"
         )
     client.set_registered_model_alias(name, CHAMPION, version.version)
     passed = "; ".join(f"{key} = {figures[key]:.4g} {condition}" for key, condition in gate.items())

@@ -3,7 +3,7 @@
 ``log_scoring_model`` logs a model file (with its teacher for variant teacher), the decision
 threshold and the operating point it was chosen at as a pyfunc model and registers it; then
 
-    mlflow models serve -m models:/<name>@champion --env-manager local -h 127.0.0.1 -p 5001
+    kgi serve models:/<name>@champion -p 5001
 
 serves it over REST (``POST /invocations``). The input is one column ``image`` of image files'
 bytes (PNG, JPEG or anything OpenCV reads; any size, gray or colour, read as gray and resized as
@@ -24,6 +24,7 @@ model sees it. Scores are ``pipeline.deployment.predict``'s: the same reading, r
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import tempfile
 import warnings
@@ -58,6 +59,7 @@ IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = ("score", "decision", "threshold", "operating_point", "heatmap", "error")
 BATCH_SIZE = 16  # images per forward, as predict's default: bounds memory for large requests
 TEACHER_FILE = "teacher.pt"
+MODEL_CODE = Path(__file__).with_name("scoring_model.py")  # what the logged model runs to build itself
 # What the served code imports; pinned to the versions it was logged with.
 REQUIREMENTS = (
     "torch",
@@ -114,6 +116,42 @@ def image_bytes(value: object) -> bytes:
     raise DataError(f"the value is a {type(value).__name__}; send the image file's bytes (base64 in JSON)")
 
 
+# MLflow's server decodes a binary column's base64 only in the dataframe_split / dataframe_records
+# forms; in the inputs / instances forms the model gets the base64 text itself as bytes.
+EXPECTED_FORM = (
+    'send the request in the dataframe_split form with column "image" holding each file\'s bytes '
+    'base64-encoded: {"dataframe_split": {"columns": ["image"], "data": [["<base64 of the file>"]]}}'
+)
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/\s]+={0,2}\s*")
+
+
+def request_image(value: object, position: int) -> np.ndarray:
+    """The gray image of one request value; ``DataError`` says why not, and names the request form
+    MLflow expects where the value is base64 text that was never decoded (another form)."""
+    raw = image_bytes(value)
+    try:
+        return decode_gray(raw, f"image {position}")
+    except DataError as error:
+        if isinstance(value, (bytes, bytearray, memoryview)) and _is_base64_image(raw):
+            raise DataError(
+                f"image {position} arrived as base64 text, not as the file's bytes: the request was in "
+                f"another form than dataframe_split (such as inputs or instances), which MLflow passes on "
+                f"undecoded; {EXPECTED_FORM}"
+            ) from error
+        raise
+
+
+def _is_base64_image(raw: bytes) -> bool:
+    """Whether ``raw`` is base64 text of a file OpenCV reads as an image."""
+    if len(raw) < 8 or not _BASE64_TEXT.fullmatch(raw):
+        return False
+    try:
+        decode_gray(base64.b64decode(raw), "")
+    except (ValueError, DataError):
+        return False
+    return True
+
+
 def score_images(
     predictor: Predictor, values: Iterable[object], heatmap: bool = False, operating_point: str = ""
 ) -> pd.DataFrame:
@@ -132,7 +170,7 @@ def score_images(
             }
             rows.append(row)
             try:
-                readable.append((row, decode_gray(image_bytes(value), f"image {position}")))
+                readable.append((row, request_image(value, position)))
             except DataError as error:
                 row["error"] = str(error)
         if readable:
@@ -210,10 +248,12 @@ def log_scoring_model(
     return _tag_version(registered_name, str(info.registered_model_version), settings, tags or {}, aliases)
 
 
-def _log(name: str, artifacts: dict[str, Path], settings: dict, config: dict, registered_name: str):
+def _log(name: str, artifacts: dict[str, Path], settings: dict, config: dict, registered_name: str) -> Any:
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=ScoringModel(),
+        # Models from code: the logged model stores this small file, not a cloudpickle of a
+        # ScoringModel (which anyone able to change the store could make run code when loaded).
+        python_model=str(MODEL_CODE),
         artifacts={k: str(v) for k, v in artifacts.items()},
         # The served process imports this package: it travels with the model (code/pipeline).
         code_paths=[str(Path(__file__).parents[1])],
@@ -260,6 +300,8 @@ def _tag_version(
 ) -> ModelVersion:
     from mlflow.tracking import MlflowClient
 
+    from pipeline.core.tracking import record_digests
+
     client = MlflowClient()  # the fluent API's store: the one the model was just registered in
     for key, value in {
         "threshold": str(settings["threshold"]),
@@ -267,6 +309,8 @@ def _tag_version(
         **tags,
     }.items():
         client.set_model_version_tag(registered_name, number, key, str(value))
+    # Before any alias points at it: a version is served or loaded only with its digests.
+    record_digests(client, registered_name, number)
     for alias in aliases:
         client.set_registered_model_alias(registered_name, alias, number)
     return client.get_model_version(registered_name, number)
@@ -287,8 +331,9 @@ def request_body(files: Iterable[bytes], heatmap: bool = False) -> bytes:
 
 @contextmanager
 def served(model_uri: str, port: int, workers: int = 1, start_timeout: float = 180.0) -> Iterator[str]:
-    """Run ``mlflow models serve`` for ``model_uri`` on 127.0.0.1:``port`` (this Python's environment);
-    yield its base URL once it answers ``/ping``, stop it on exit."""
+    """Run ``kgi serve`` for ``model_uri`` on 127.0.0.1:``port`` (``mlflow models serve`` in this Python's
+    environment, once the version's files are checked); yield its base URL once it answers ``/ping``,
+    stop it on exit."""
     import os
     import subprocess
     import sys
@@ -297,16 +342,13 @@ def served(model_uri: str, port: int, workers: int = 1, start_timeout: float = 1
 
     from pipeline.core.errors import SetupError
 
+    # Through kgi serve: the version's files are checked against their digests before it starts.
     command = [
         sys.executable,
         "-m",
-        "mlflow",
-        "models",
+        "pipeline.cli",
         "serve",
-        "-m",
         model_uri,
-        "--env-manager",
-        "local",
         "-h",
         "127.0.0.1",
         "-p",
@@ -332,7 +374,7 @@ def served(model_uri: str, port: int, workers: int = 1, start_timeout: float = 1
                 log.seek(0)
                 tail = log.read().decode(errors="replace")[-2000:]
                 raise SetupError(
-                    f"mlflow models serve -m {model_uri} did not answer on {url} within "
+                    f"kgi serve {model_uri} did not answer on {url} within "
                     f"{start_timeout:.0f} s (exit code {server.poll()}); its output ends:\n{tail}"
                 )
             time.sleep(0.5)
