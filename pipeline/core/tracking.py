@@ -245,7 +245,7 @@ class StageRun:
         import tempfile
 
         with tempfile.TemporaryDirectory() as folder:
-            mlflow.log_artifact(shutil.copyfile(path, Path(folder) / REGISTERED_MODEL_FILE), artifact_path=name)
+            mlflow.log_artifact(str(shutil.copyfile(path, Path(folder) / REGISTERED_MODEL_FILE)), artifact_path=name)
         client = MlflowClient(tracking_uri())
         try:
             client.create_registered_model(registered_name)

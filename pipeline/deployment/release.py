@@ -177,7 +177,7 @@ def write_guidance(data: PreparedData, baseline_file: Path, sections: ReleaseSec
 
 def register_release(run: StageRun, files: dict[str, Path], kind: str, name: str, point: dict) -> str:
     """Register the released model as a new version of ``name``: the scoring model that takes
-    image bytes (``pipeline.deployment.serving``; ``mlflow models serve`` serves it), with its role, threshold
+    image bytes (``pipeline.deployment.serving``; ``kgi serve`` serves it), with its role, threshold
     and operating point as tags, and the alias ``candidate``."""
     from pipeline.deployment.serving import log_scoring_model
 
