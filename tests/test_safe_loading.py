@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.cli import main as kgi
 from pipeline.core.errors import PipelineError
 from pipeline.core.tracking import DIGEST_TAG, TamperedModelError, file_digests, stage_run, tracking_uri
-from pipeline.deployment import export
+from pipeline.deployment import export, serve
 from pipeline.deployment.predict import Predictor, load_any, load_file
 from pipeline.deployment.serving import log_scoring_model, score_images
 from pipeline.models.files import ModelError
@@ -96,9 +96,18 @@ def attempts(uri: str, tmp_path: Path) -> dict[str, object]:
         with pytest.raises(PipelineError) as error:
             load()
         answers[name] = error.value
-    # The check runs before the server would start: a refused version binds no port at all.
     answers["serve"] = kgi(["serve", uri, "-p", "1"])
     return answers
+
+
+@pytest.fixture(autouse=True)
+def no_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kgi serve's check must refuse before a server starts: starting one fails the test instead."""
+
+    def started(command: list[str]) -> int:
+        raise AssertionError(f"kgi serve started a server: {command}")
+
+    monkeypatch.setattr(serve, "run_server", started)
 
 
 @pytest.mark.slow  # registering two models: about 20 s
@@ -225,3 +234,31 @@ def test_a_request_in_another_form_is_told_the_expected_one(tiny) -> None:
     )
     assert table["error"][1] == "" and np.isfinite(table["score"][1])
     assert "is not a readable image" in table["error"][2] and "dataframe_split" not in table["error"][2]
+
+
+@pytest.mark.slow
+def test_kgi_serve_serves_the_checked_copy_not_the_store(
+    registered: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    served: dict[str, object] = {}
+
+    def run_server(command: list[str]) -> int:
+        folder = Path(option(command, "-m"))
+        served.update(command=command, files=file_digests(folder))
+        return 0
+
+    monkeypatch.setattr(serve, "run_server", run_server)
+    assert kgi(["serve", registered["scoring"], "-p", "5099"]) == 0
+    command = served["command"]
+    assert isinstance(command, list) and command[1:5] == ["-m", "mlflow", "models", "serve"]
+    assert option(command, "--env-manager") == "local"
+    assert option(command, "-h") == "127.0.0.1" and option(command, "-p") == "5099"
+    recorded = MlflowClient(tracking_uri()).get_model_version_by_alias(SCORING, "champion").tags[DIGEST_TAG]
+    assert served["files"] == json.loads(recorded)  # exactly the files that were checked
+    assert not Path(option(command, "-m")).exists()  # the copy goes when the server ends
+    assert f"{registered['scoring']} is models:/{SCORING}/1" in capsys.readouterr().err
+
+
+def option(command: list[str], name: str) -> str:
+    """The value of the last ``name`` in ``command`` (``python -m mlflow`` has a -m of its own)."""
+    return command[len(command) - command[::-1].index(name)]
