@@ -126,9 +126,11 @@ def test_served_endpoint_answers_as_predict_and_survives_a_corrupt_image(
         port = probe.getsockname()[1]
     with served(CHAMPION, port) as url:
         answers = []
+        gray = base64.b64encode(photos["gray.png"].read_bytes()).decode()
         for body in (
             request_body([path.read_bytes() for path in photos.values()]),
             request_body([photos["gray.png"].read_bytes()]),
+            json.dumps({"inputs": [gray]}).encode(),  # another form: MLflow hands the model the text
         ):
             request = urllib.request.Request(
                 f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}
@@ -140,6 +142,8 @@ def test_served_endpoint_answers_as_predict_and_survives_a_corrupt_image(
     check_answers(pd.DataFrame(answers[0]), photos, expected)
     assert answers[1][0]["score"] == pytest.approx(expected.loc["gray.png", "score"], abs=1e-6)
     assert answers[0][-1]["score"] is None  # JSON null, not NaN
+    assert answers[2][0]["score"] is None and "arrived as base64 text" in answers[2][0]["error"]
+    assert '{"dataframe_split": {"columns": ["image"]' in answers[2][0]["error"]
 
 
 @pytest.mark.slow
