@@ -31,6 +31,11 @@ COMMANDS = {
             "export", "pipeline.deployment.export", "export a model to TorchScript and ONNX, checked against PyTorch"
         ),
         Command(
+            "serve",
+            "pipeline.deployment.serve",
+            "check a registered version's files against their digests, then serve it over REST",
+        ),
+        Command(
             "promote", "pipeline.deployment.release", "make the release candidate champion if it passes release.gate"
         ),
         Command("presets", "pipeline.experiments.presets", "list, show or apply a configuration preset to params.yaml"),

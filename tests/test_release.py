@@ -174,3 +174,27 @@ def test_all_training_trains_on_every_image_and_monitors_nothing(one_thread: Non
     assert len(train_rows) == 8 and len(test_rows) == 0 and everything.folds == []
     _, _, history = train(everything, FOLD, ModelParams(device="cpu"), TrainParams(epochs=1, batch_size=8))
     assert math.isnan(history[0]["test_ap"]) and math.isfinite(history[0]["loss"])
+
+
+def test_a_refused_promotion_names_the_figure_and_how_to_serve_the_candidate(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.deployment import release
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    candidate = SimpleNamespace(name="synthetic-guided", version="3", tags={"threshold": "0.02"}, run_id="r")
+    monkeypatch.setattr(release, "candidate_version", lambda client, name: candidate)
+    # The default run's figures: AP 0.80 and the zero-miss threshold flagging 97% of good parts.
+    figures = {"guided.ap": 0.80, "operating_point.false_alarm_rate": 0.97}
+    monkeypatch.setattr(release, "candidate_figures", lambda version, tracking: figures)
+    gate = {"guided.ap": ">= 0.9", "operating_point.false_alarm_rate": "<= 0.2"}
+    with pytest.raises(release.GateRefused) as refused:
+        release.promote("synthetic-guided", gate)
+    message = str(refused.value)
+    assert "guided.ap = 0.8, needs >= 0.9" in message
+    assert "operating_point.false_alarm_rate = 0.97, needs <= 0.2" in message
+    assert message.endswith("To serve the candidate for a trial: kgi serve models:/synthetic-guided@candidate")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_registered_models() == []  # nothing was given an alias

@@ -4,15 +4,19 @@ the gate that promotes it, and predict with models:/<name>@champion at the carri
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from support.helpers import SHRUNK, dvc, make_shrunk_project, merge, project_env, stages_run
+from support.helpers import ROOT, SHRUNK, dvc, make_shrunk_project, merge, project_env, stages_run
 
 NAME = "synthetic-guided"
 
@@ -79,12 +83,59 @@ def test_release_is_its_own_version_tagged_with_its_threshold_and_alias_candidat
     assert baseline_roles == {"fold"}  # a guided release registers no baseline version
 
 
+def walkthrough(name: str) -> str:
+    """The commands of docs/deploy.md's block marked ``<!-- walkthrough: <name> -->``."""
+    text = (ROOT / "docs/deploy.md").read_text()
+    return text.split(f"<!-- walkthrough: {name} -->\n```bash\n", 1)[1].split("\n```", 1)[0]
+
+
+@pytest.mark.slow
+def test_the_serving_walkthrough_works_as_written_on_the_default_gate(project: Path) -> None:
+    """docs/deploy.md's first-run walk-through, command by command, under the default params'
+    gate: whether promote passes or refuses, the candidate is served and answers a request."""
+    set_gate(project, yaml.safe_load((ROOT / "params.yaml").read_text())["release"]["gate"])
+    with socket.socket() as probe:  # a free port on this machine only
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    *steps, serve = [line.split("#")[0].strip() for line in walkthrough("serve").splitlines()]
+    assert steps[0] == "dvc repro" and steps[1] == "kgi promote" and serve.startswith("kgi serve ")
+    assert stages_run(run_shell(project, steps[0]).stdout) == []  # the fixture's run: nothing left to do
+    promoted = run_shell(project, steps[1])
+    if promoted.returncode != 0:  # the default gate refused: it says why and how to serve the candidate
+        assert "stays candidate" in promoted.stderr and ", needs " in promoted.stderr
+        assert f"kgi serve models:/{NAME}@candidate" in promoted.stderr
+    server = subprocess.Popen(
+        ["bash", "-c", serve.replace("5001", port)], cwd=project, env=project_env(project), start_new_session=True
+    )
+    try:
+        answered = None
+        for _ in range(360):  # the server's start: seconds, a minute on a loaded machine
+            answered = run_shell(project, walkthrough("request").replace("5001", port))
+            if answered.returncode == 0 or server.poll() is not None:
+                break
+            time.sleep(0.5)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert answered is not None and answered.returncode == 0, answered and answered.stderr
+    predictions = json.loads(answered.stdout)
+    assert len(predictions) == 2 and all(p["error"] == "" and p["decision"] in ("ok", "defect") for p in predictions)
+    assert {p["operating_point"] for p in predictions} == {"zero_misses"}
+
+
+def run_shell(project: Path, script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-c", script], cwd=project, env=project_env(project), capture_output=True, text=True, timeout=600
+    )
+
+
 @pytest.mark.slow
 def test_gate_refuses_with_its_reason_and_an_unknown_metric_then_promotes(project: Path) -> None:
     set_gate(project, {"guided.ap": ">= 1.5"})
     refused = python(project, "-m", "pipeline.cli", "promote")
     assert refused.returncode == 1
     assert "stays candidate" in refused.stderr and "guided.ap = " in refused.stderr and ">= 1.5" in refused.stderr
+    assert f"To serve the candidate for a trial: kgi serve models:/{NAME}@candidate" in refused.stderr
     set_gate(project, {"guided.aq": ">= 0.5"})
     unknown = python(project, "-m", "pipeline.cli", "promote")
     assert unknown.returncode == 1 and "'guided.aq' (closest: guided.ap" in unknown.stderr

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from pipeline.core.errors import InputError
+from pipeline.core.tracking import DIGEST_TAG
 from pipeline.deployment.predict import decision_threshold, load_any, main
 from pipeline.deployment.serving import log_scoring_model, request_body, score_images, served
 from pipeline.models.files import ModelError
@@ -87,7 +88,11 @@ def check_answers(answers: pd.DataFrame, photos: dict[str, Path], expected: pd.D
 @pytest.mark.slow  # logging the scoring model: about 15 s
 def test_pyfunc_scores_image_bytes_as_predict_does(released, photos: dict[str, Path], tmp_path: Path) -> None:
     assert str(released.version) == "1" and released.aliases == ["champion"]
+    digests = json.loads(released.tags.pop(DIGEST_TAG))
     assert released.tags == {"threshold": "0.45", "operating_point": "zero_misses", "kind": "release"}
+    # Every file of the version has its digest: the model file, the code file, the MLmodel, the package.
+    assert {"MLmodel", "artifacts/model.pt", "scoring_model.py", "code/pipeline/deployment/serving.py"} <= set(digests)
+    assert not [name for name in digests if name.endswith((".pkl", ".pt2"))]  # nothing pickled is stored
     expected = predicted(photos, tmp_path / "predict", 0.45)
     model = mlflow.pyfunc.load_model(CHAMPION)
     assert model.metadata.metadata["threshold"] == 0.45 and model.metadata.metadata["operating_point"] == "zero_misses"
@@ -116,9 +121,11 @@ def test_served_endpoint_answers_as_predict_and_survives_a_corrupt_image(
         port = probe.getsockname()[1]
     with served(CHAMPION, port) as url:
         answers = []
+        gray = base64.b64encode(photos["gray.png"].read_bytes()).decode()
         for body in (
             request_body([path.read_bytes() for path in photos.values()]),
             request_body([photos["gray.png"].read_bytes()]),
+            json.dumps({"inputs": [gray]}).encode(),  # another form: MLflow hands the model the text
         ):
             request = urllib.request.Request(
                 f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}
@@ -130,6 +137,8 @@ def test_served_endpoint_answers_as_predict_and_survives_a_corrupt_image(
     check_answers(pd.DataFrame(answers[0]), photos, expected)
     assert answers[1][0]["score"] == pytest.approx(expected.loc["gray.png", "score"], abs=1e-6)
     assert answers[0][-1]["score"] is None  # JSON null, not NaN
+    assert answers[2][0]["score"] is None and "arrived as base64 text" in answers[2][0]["error"]
+    assert '{"dataframe_split": {"columns": ["image"]' in answers[2][0]["error"]
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ class Section(BaseModel):
     @classmethod
     def _no_booleans_for_numbers(cls, value: object, info: ValidationInfo) -> object:
         # YAML reads yes/no/on/off as booleans, and pydantic would silently take them as 1 and 0.
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation is not bool:
             raise ValueError("expected a number or text, not a boolean (YAML reads yes/no/on/off/true/false as one)")
         return value

@@ -11,6 +11,8 @@ runs behind its numbers, whether those stages ran now or were restored.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import subprocess
 import uuid
@@ -232,59 +234,105 @@ class StageRun:
             },
         )
 
-    def log_model(
-        self,
-        model: Any,
-        example: tuple,
-        name: str,
-        registered_name: str,
-        tags: Mapping[str, str],
-        metadata: Mapping[str, Any] | None = None,
-    ) -> str | None:
-        """Log a PyTorch model and register it as a new version of ``registered_name``; returns
-        the version (None where the store has no model registry).
+    def register_model_file(self, path: str | Path, name: str, registered_name: str, tags: Mapping[str, str]) -> str:
+        """Log a model file as ``<name>/model.pt`` of this run and register that folder as a new
+        version of ``registered_name`` with ``tags`` and its files' digests; returns the version.
 
-        The model is stored as an exported graph (MLflow's "pt2" format), which loads without
-        unpickling code; ``example`` is one batch of inputs to trace it with. ``metadata`` goes
-        into the model's MLmodel file (``pipeline.deployment.predict`` reads the model's config from there).
+        The model file alone (its ``config`` and ``state_dict``) is what a version holds: it loads
+        with ``weights_only=True`` and the network is rebuilt from its config, where a pickled or
+        exported (pt2) object would run code while it is loaded.
         """
-        import mlflow.pytorch
-        import numpy as np
-        from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
+        import shutil
+        import tempfile
 
-        def spec(array: Any, name: str | None = None) -> TensorSpec:
-            return TensorSpec(np.dtype(np.float32), (-1, *array.shape[1:]), name=name)
-
-        names = ("images", "prior")
-        signature = ModelSignature(
-            inputs=Schema([spec(array, names[i]) for i, array in enumerate(example)]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,))]),
-        )
-        info = mlflow.pytorch.log_model(
-            model,
-            name=name,
-            registered_model_name=registered_name,
-            serialization_format="pt2",
-            input_example=example,
-            signature=signature,
-            metadata=dict(metadata) if metadata else None,
-            # Explicit requirements: inferring them imports the model in a subprocess (slow).
-            pip_requirements=[f"torch=={_version('torch')}", f"torchvision=={_version('torchvision')}"],
-        )
-        if info.registered_model_version is None:
-            return None
-        version = str(info.registered_model_version)
+        with tempfile.TemporaryDirectory() as folder:
+            mlflow.log_artifact(str(shutil.copyfile(path, Path(folder) / REGISTERED_MODEL_FILE)), artifact_path=name)
         client = MlflowClient(tracking_uri())
+        try:
+            client.create_registered_model(registered_name)
+        except mlflow.exceptions.MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":  # a name registered before is what we want
+                raise
+        version = str(client.create_model_version(registered_name, f"runs:/{self.run_id}/{name}", self.run_id).version)
         for key, value in tags.items():
             client.set_model_version_tag(registered_name, version, key, value)
+        record_digests(client, registered_name, version)
         return version
 
 
-def _version(package: str) -> str:
-    from importlib.metadata import version
+# --- what a registered version holds, and the check that it is what was registered -----------
 
-    return version(package).split("+")[0]
+# The model file of a registered version: ``<folder>/model.pt`` (a fold model) or, in a scoring
+# model (pipeline.deployment.serving), ``<folder>/artifacts/model.pt``.
+REGISTERED_MODEL_FILE = "model.pt"
+# The version tag holding the SHA-256 of every file of the version, as JSON {relative path: digest}.
+DIGEST_TAG = "artifact_sha256"
+
+
+class TamperedModelError(SetupError):
+    """A registered version's files are not those it was registered with (or lack digests)."""
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder``, by path relative to it (POSIX separators)."""
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digests[path.relative_to(folder).as_posix()] = digest.hexdigest()
+    return digests
+
+
+def record_digests(client: MlflowClient, registered_name: str, version: str) -> dict[str, str]:
+    """Tag ``version`` with the digests of its files as stored (read back from the artifact store)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        local = _download_version(registered_name, version, Path(folder))
+        digests = file_digests(local)
+    client.set_model_version_tag(registered_name, version, DIGEST_TAG, json.dumps(digests, sort_keys=True))
+    return digests
+
+
+def verified_download(version: Any, folder: Path) -> Path:
+    """Download ``version`` (a ``ModelVersion``) into ``folder`` and check every file against the
+    digests recorded at registration, before anything reads it; returns the local model folder.
+
+    ``TamperedModelError`` names the first file that differs, is missing or was added.
+    """
+    source = f"models:/{version.name}/{version.version}"
+    recorded = (version.tags or {}).get(DIGEST_TAG)
+    if recorded is None:
+        raise TamperedModelError(
+            f"{source} has no {DIGEST_TAG} tag: it was registered before versions carried their files' "
+            "digests (or by other code), so nothing shows its files are the ones registered; register it "
+            "anew (dvc repro -f release, or the training stage) and use the new version"
+        )
+    try:
+        expected = json.loads(recorded)
+    except ValueError:
+        expected = None
+    if not isinstance(expected, dict):
+        raise TamperedModelError(f"{source}: its {DIGEST_TAG} tag is not a JSON object of digests; register it anew")
+    local = _download_version(version.name, str(version.version), folder)
+    found = file_digests(local)
+    for relative in sorted(set(expected) | set(found)):
+        if expected.get(relative) != found.get(relative):
+            what = "is missing" if relative not in found else "was added" if relative not in expected else "differs"
+            raise TamperedModelError(
+                f"refusing {source}: its file {relative} {what} since registration (SHA-256 tag {DIGEST_TAG}); "
+                "the artifact store was changed: nothing of it was loaded. Register the model anew from its "
+                "stage's files (dvc repro -f release) or restore the store"
+            )
+    return local
+
+
+def _download_version(registered_name: str, version: str, folder: Path) -> Path:
+    store = tracking_uri()
+    uri = f"models:/{registered_name}/{version}"
+    return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(folder), tracking_uri=store, registry_uri=store))
 
 
 def _is_number(value: Any) -> bool:

@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -39,7 +40,7 @@ from pipeline.core.progress import bars_paused, progress
 from pipeline.data.images import read_gray
 from pipeline.knowledge.saliency import METHODS, create_saliency, saliency_maps
 from pipeline.metrics.figures import heatmap_overlay, save_png
-from pipeline.models.files import ModelError, load_model, model_from, needs_prior
+from pipeline.models.files import ModelError, load_model, needs_prior
 from pipeline.models.inference import predict
 from pipeline.models.networks import GuidedClassifier, PriorAsChannel
 
@@ -90,7 +91,7 @@ def _lineage(folder: Path) -> tuple[str | None, str | None]:
         return None, None
 
 
-def _client(uri: str):
+def registry_client(uri: str) -> Any:
     """An MLflow client for ``uri``; a SQLite store must exist (MLflow would create an empty one)."""
     from mlflow.tracking import MlflowClient
 
@@ -108,61 +109,71 @@ def _client(uri: str):
 def load_registered(uri: str, device: torch.device | str = "cpu") -> LoadedModel:
     """Load ``models:/<name>[/<version>|/latest|@<alias>]`` from the registry of ``tracking_uri()``.
 
-    Weights come from the logged exported graph, the config from the model's metadata
-    (``pipeline_config``, written by ``training.register_models``); the network is rebuilt from
-    both, so saliency can hook its layers as on a model file. A scoring model
-    (``pipeline.deployment.serving``) holds the model file itself. The threshold and operating point travel
-    as the version's tags, or in a scoring model's metadata where the version lacks the tags.
+    The version's files are checked against the digests recorded at registration before anything
+    reads them; then only its model file is loaded (weights only, the network rebuilt from the
+    file's config) and its MLmodel read as YAML: nothing stored runs. The threshold and operating
+    point travel as the version's tags, or in a scoring model's metadata where the version lacks them.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.core.tracking import FAST_CHECK, environment_defaults, tracking_uri
+    from pipeline.core.tracking import FAST_CHECK, environment_defaults, tracking_uri, verified_download
 
     store = tracking_uri()
-    client = _client(store)
+    client = registry_client(store)
     with environment_defaults(FAST_CHECK):
+        version = registered_version(client, uri, store)
+        source = f"models:/{version.name}/{version.version}"
         try:
-            version = _resolve_version(client, uri)
             with tempfile.TemporaryDirectory() as folder:
-                local = Path(
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=f"models:/{version.name}/{version.version}",
-                        dst_path=folder,
-                        tracking_uri=store,
-                        registry_uri=store,
-                    )
-                )
-                metadata = mlflow.models.Model.load(local / "MLmodel").metadata or {}
-                source = f"models:/{version.name}/{version.version}"
-                model, config = _registered_network(local, metadata, source)
+                local = verified_download(version, Path(folder))
+                metadata = _metadata(local)
+                model, config = load_model(_registered_file(local, source))
         except MlflowException as error:
-            known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
-            raise ModelError(
-                f"cannot load {uri} from {store} ({str(error).splitlines()[0]}); registered models: {known}"
-            ) from error
+            raise ModelError(f"cannot download {source} from {store} ({str(error).splitlines()[0]})") from error
     carried = {key: str(metadata[key]) for key in ("threshold", "operating_point") if key in metadata}
     return LoadedModel(
         model.to(device).eval(), config, source, version.run_id, store, {**carried, **(version.tags or {})}
     )
 
 
-def _registered_network(local: Path, metadata: dict, source: str) -> tuple[nn.Module, dict]:
-    """The network of a downloaded model version: a training stage's exported graph (pt2) with
-    its ``pipeline_config`` metadata, or the model file inside a scoring model (pipeline.deployment.serving)."""
-    scoring_file = local / "artifacts" / SCORING_MODEL_FILE
-    if scoring_file.is_file():
-        return load_model(scoring_file)
-    graphs = sorted(local.rglob("*.pt2"))
-    config = metadata.get("pipeline_config")
-    if config is None or not graphs:
+def _metadata(local: Path) -> dict:
+    """The ``metadata`` of a scoring model's MLmodel file (YAML, read safely); {} for a fold model."""
+    import yaml
+
+    mlmodel = local / "MLmodel"
+    if not mlmodel.is_file():
+        return {}
+    return (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
+
+
+def _registered_file(local: Path, source: str) -> Path:
+    """The model file of a downloaded version: ``model.pt`` of a fold model, ``artifacts/model.pt``
+    of a scoring model (pipeline.deployment.serving). Nothing else is loaded: a version holding a
+    pickled or exported (pt2) model instead is refused, since loading either runs stored code."""
+    for candidate in (local / SCORING_MODEL_FILE, local / "artifacts" / SCORING_MODEL_FILE):
+        if candidate.is_file():
+            return candidate
+    found = ", ".join(sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())) or "nothing"
+    raise ModelError(
+        f"{source} holds no model file ({SCORING_MODEL_FILE} or artifacts/{SCORING_MODEL_FILE}; it holds {found}): "
+        "it was registered as a pickled or exported (pt2) model, which cannot be loaded without running "
+        "stored code; rerun the stage that registers it (dvc repro -f train_guided, dvc repro -f release) "
+        "or give the model file data/<kind>/fold<k>.pt"
+    )
+
+
+def registered_version(client: Any, uri: str, store: str) -> Any:
+    """The ``ModelVersion`` that ``models:/<name>[/<version>|/latest|@<alias>]`` names in ``client``'s
+    registry; ``ModelError`` lists the registered models where there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _resolve_version(client, uri)
+    except MlflowException as error:
+        known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
         raise ModelError(
-            f"{source} has no {'pipeline_config metadata' if graphs else 'pt2 graph'}: it was "
-            "registered before predict existed or by other code; rerun its training stage "
-            "(dvc repro -f train_guided) or give the model file data/<kind>/fold<k>.pt"
-        )
-    program = torch.export.load(graphs[0])
-    return model_from(config, {**program.state_dict, **program.constants}, source), config
+            f"cannot load {uri} from {store} ({str(error).splitlines()[0]}); registered models: {known}"
+        ) from error
 
 
 def _resolve_version(client, uri: str):
@@ -201,7 +212,7 @@ def decision_threshold(loaded: LoadedModel, override: float | None = None) -> tu
         stage = f"train_{loaded.config['kind']}"
         try:
             with environment_defaults(FAST_CHECK):
-                client = _client(loaded.tracking_uri)
+                client = registry_client(loaded.tracking_uri)
                 experiment = client.get_run(loaded.run_id).info.experiment_id
                 runs = client.search_runs(
                     [experiment],
@@ -321,7 +332,8 @@ class Predictor:
 
 def predict_files(predictor: Predictor, files: Sequence[Path], out: Path, batch_size: int = 16) -> pd.DataFrame:
     """Score every file, write its overlay under ``out/overlays`` and ``out/predictions.csv``."""
-    rows, names = [], set()
+    rows: list[dict] = []
+    names: set[str] = set()
     bar = progress(files, "predict", "file")
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
@@ -345,7 +357,7 @@ def predict_files(predictor: Predictor, files: Sequence[Path], out: Path, batch_
         if readable:
             scores, maps = predictor([image for _, image in readable])
             for (row, image), score, saliency in zip(readable, scores, maps):
-                overlay = out / "overlays" / _unique_name(Path(row["path"]), names)
+                overlay = out / "overlays" / _unique_name(Path(str(row["path"])), names)
                 save_png(overlay, overlay_picture(image, saliency, score, predictor.threshold))
                 row.update(score=float(score), decision=decision(score, predictor.threshold), overlay=str(overlay))
         bar.update(len(chunk))

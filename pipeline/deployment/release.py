@@ -183,7 +183,7 @@ def register_release(
     run: StageRun, files: dict[str, Path], kind: str, name: str, point: dict, serving: ServingParams | None = None
 ) -> str:
     """Register the released model as a new version of ``name``: the scoring model that takes
-    image bytes (``pipeline.deployment.serving``; ``mlflow models serve`` serves it), with its role, threshold
+    image bytes (``pipeline.deployment.serving``; ``kgi serve`` serves it), with its role, threshold
     and operating point as tags, the alias ``candidate`` and ``serving``'s limits in its model config."""
     from pipeline.deployment.serving import log_scoring_model
 
@@ -309,6 +309,11 @@ def candidate_figures(version, tracking: str) -> dict[str, float]:
             ) from None
 
 
+def trial_uri(name: str) -> str:
+    """The candidate of ``name``, as ``kgi serve`` and ``kgi predict --model`` take it."""
+    return f"models:/{name}@{CANDIDATE}"
+
+
 def promote(name: str, gate: dict[str, str]) -> str:
     """Give ``name``'s candidate the alias ``champion`` if its cross-validated figures pass
     ``gate``; otherwise raise ``GateRefused`` listing every failed condition."""
@@ -327,10 +332,11 @@ def promote(name: str, gate: dict[str, str]) -> str:
     figures = candidate_figures(version, tracking_uri())
     failures = gate_failures(figures, gate, f"the cross-validated figures of {name} version {version.version}")
     if failures:
+        # The first run on the default params may well end here: say how to try the candidate anyway.
         raise GateRefused(
             f"{name} version {version.version} stays {CANDIDATE}, not promoted to {CHAMPION}: "
             + "; ".join(failures)
-            + " (release.gate in params.yaml)"
+            + f" (release.gate in params.yaml). To serve the candidate for a trial: kgi serve {trial_uri(name)}"
         )
     client.set_registered_model_alias(name, CHAMPION, version.version)
     passed = "; ".join(f"{key} = {figures[key]:.4g} {condition}" for key, condition in gate.items())

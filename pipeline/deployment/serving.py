@@ -3,7 +3,7 @@
 ``log_scoring_model`` logs a model file (with its teacher for variant teacher), the decision
 threshold and the operating point it was chosen at as a pyfunc model and registers it; then
 
-    mlflow models serve -m models:/<name>@champion --env-manager local -h 127.0.0.1 -p 5001
+    kgi serve models:/<name>@champion -p 5001
 
 serves it over REST (``POST /invocations``). The input is one column ``image`` of image files'
 bytes (PNG, JPEG, BMP or TIFF: formats whose size the header tells; any size up to the limits,
@@ -31,6 +31,7 @@ heatmap's) right after, so a worker's memory stays bounded whatever the mix of r
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import tempfile
 import threading
@@ -46,10 +47,11 @@ import cv2
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from pipeline.config import ServingParams
 from pipeline.core.errors import DataError, InputError
-from pipeline.data.images import check_file, decode_gray
+from pipeline.data.images import check_file, decode_gray, read_header
 from pipeline.deployment.predict import SCORING_MODEL_FILE, Predictor, decision, load_file, overlay_picture
 from pipeline.knowledge.saliency import METHODS
 from pipeline.metrics.figures import png_bytes
@@ -63,6 +65,7 @@ IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = ("score", "decision", "threshold", "operating_point", "heatmap", "error")
 BATCH_SIZE = 16  # images per forward, as predict's default (each held at the model's input size)
 TEACHER_FILE = "teacher.pt"
+MODEL_CODE = Path(__file__).with_name("scoring_model.py")  # what the logged model runs to build itself
 # What the served code imports; pinned to the versions it was logged with.
 REQUIREMENTS = (
     "torch",
@@ -81,10 +84,10 @@ REQUIREMENTS = (
 )
 
 
-class ScoringModel(mlflow.pyfunc.PythonModel):
+class ScoringModel(PythonModel):
     """The pyfunc model: image bytes in, score, decision, threshold (and heatmap) out."""
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         settings = context.model_config
         teacher = context.artifacts.get("teacher")
         self.operating_point = str(settings["operating_point"])
@@ -119,6 +122,35 @@ def image_bytes(value: object) -> bytes:
                 f"the value is a string but not base64 ({error}); send the file's bytes base64-encoded"
             ) from error
     raise DataError(f"the value is a {type(value).__name__}; send the image file's bytes (base64 in JSON)")
+
+
+# MLflow's server decodes a binary column's base64 only in the dataframe_split / dataframe_records
+# forms; in the inputs / instances forms the model gets the base64 text itself as bytes.
+EXPECTED_FORM = (
+    'send the request in the dataframe_split form with column "image" holding each file\'s bytes '
+    'base64-encoded: {"dataframe_split": {"columns": ["image"], "data": [["<base64 of the file>"]]}}'
+)
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/\s]+={0,2}\s*")
+
+
+def in_another_form(value: object, position: int) -> DataError | None:
+    """The error naming the expected request form where ``value`` is base64 text of an image that
+    was never decoded (a request in another form); None otherwise. Only the header is read."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        return None
+    raw = bytes(value)
+    if len(raw) < 8 or not _BASE64_TEXT.fullmatch(raw):
+        return None
+    try:
+        header = read_header(base64.b64decode(raw))
+    except ValueError:
+        return None
+    if header is None:
+        return None
+    return DataError(
+        f"image {position} arrived as base64 text, not as the file's bytes: the request was in another form "
+        f"than dataframe_split (such as inputs or instances), which MLflow passes on undecoded; {EXPECTED_FORM}"
+    )
 
 
 class ServingLimits:
@@ -190,7 +222,7 @@ def score_images(
                     readable.append(_reduce(predictor, row, data, f"image {position}", heatmap, limits.params))
                 budget -= pixels
             except DataError as error:
-                row["error"] = str(error)
+                row["error"] = str(in_another_form(value, position) or error)
         if readable:
             with limits.slots:
                 _score(predictor, readable)
@@ -251,8 +283,10 @@ def _score(predictor: Predictor, readable: list[Reduced]) -> None:
     # The inputs are at the model's size already: Predictor's resize leaves them as they are.
     images = [item.model_input for item in readable]
     heatmap = readable[0].picture is not None
+    maps: list[np.ndarray | None]
     if heatmap:
-        scores, maps = predictor(images)
+        scores, drawn = predictor(images)
+        maps = list(drawn)
     else:
         scores, maps = predictor.scores(images), [None] * len(images)
     for item, score, saliency in zip(readable, scores, maps):
@@ -313,10 +347,12 @@ def log_scoring_model(
     return _tag_version(registered_name, str(info.registered_model_version), settings, tags or {}, aliases)
 
 
-def _log(name: str, artifacts: dict[str, Path], settings: dict, config: dict, registered_name: str):
+def _log(name: str, artifacts: dict[str, Path], settings: dict, config: dict, registered_name: str) -> Any:
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=ScoringModel(),
+        # Models from code: the logged model stores this small file, not a cloudpickle of a
+        # ScoringModel (which anyone able to change the store could make run code when loaded).
+        python_model=str(MODEL_CODE),
         artifacts={k: str(v) for k, v in artifacts.items()},
         # The served process imports this package: it travels with the model (code/pipeline).
         code_paths=[str(Path(__file__).parents[1])],
@@ -363,6 +399,8 @@ def _tag_version(
 ) -> ModelVersion:
     from mlflow.tracking import MlflowClient
 
+    from pipeline.core.tracking import record_digests
+
     client = MlflowClient()  # the fluent API's store: the one the model was just registered in
     for key, value in {
         "threshold": str(settings["threshold"]),
@@ -370,6 +408,8 @@ def _tag_version(
         **tags,
     }.items():
         client.set_model_version_tag(registered_name, number, key, str(value))
+    # Before any alias points at it: a version is served or loaded only with its digests.
+    record_digests(client, registered_name, number)
     for alias in aliases:
         client.set_registered_model_alias(registered_name, alias, number)
     return client.get_model_version(registered_name, number)
@@ -390,8 +430,9 @@ def request_body(files: Iterable[bytes], heatmap: bool = False) -> bytes:
 
 @contextmanager
 def served(model_uri: str, port: int, workers: int = 1, start_timeout: float = 180.0) -> Iterator[str]:
-    """Run ``mlflow models serve`` for ``model_uri`` on 127.0.0.1:``port`` (this Python's environment);
-    yield its base URL once it answers ``/ping``, stop it on exit."""
+    """Run ``kgi serve`` for ``model_uri`` on 127.0.0.1:``port`` (``mlflow models serve`` in this Python's
+    environment, once the version's files are checked); yield its base URL once it answers ``/ping``,
+    stop it on exit."""
     import os
     import subprocess
     import sys
@@ -400,16 +441,13 @@ def served(model_uri: str, port: int, workers: int = 1, start_timeout: float = 1
 
     from pipeline.core.errors import SetupError
 
+    # Through kgi serve: the version's files are checked against their digests before it starts.
     command = [
         sys.executable,
         "-m",
-        "mlflow",
-        "models",
+        "pipeline.cli",
         "serve",
-        "-m",
         model_uri,
-        "--env-manager",
-        "local",
         "-h",
         "127.0.0.1",
         "-p",
@@ -435,7 +473,7 @@ def served(model_uri: str, port: int, workers: int = 1, start_timeout: float = 1
                 log.seek(0)
                 tail = log.read().decode(errors="replace")[-2000:]
                 raise SetupError(
-                    f"mlflow models serve -m {model_uri} did not answer on {url} within "
+                    f"kgi serve {model_uri} did not answer on {url} within "
                     f"{start_timeout:.0f} s (exit code {server.poll()}); its output ends:\n{tail}"
                 )
             time.sleep(0.5)

@@ -28,7 +28,7 @@ from pipeline.data import training_data
 from pipeline.data.prepared import PreparedData
 from pipeline.models import losses
 from pipeline.models import networks as models
-from pipeline.models.files import load_model, needs_prior, save_model
+from pipeline.models.files import load_model, save_model
 from pipeline.training import loop, objectives
 from pipeline.training.loop import format_epoch, train
 from pipeline.training.objectives import Objective
@@ -147,22 +147,13 @@ def register_models(run: StageRun, out: Path, dataset: str, kind: str) -> None:
         )
 
 
-def register_model_file(run: StageRun, path: Path, registered_name: str, tags: dict[str, str]) -> str | None:
+def register_model_file(run: StageRun, path: Path, registered_name: str, tags: dict[str, str]) -> str:
     """Log one model file to ``run`` and register it as a new version of ``registered_name`` with
-    ``tags``; returns the version (None where the store has no registry)."""
-    model, config = load_model(path)
-    images = np.zeros((2, config["in_channels"], config["height"], config["width"]), np.float32)
-    example = (images, np.zeros((2, 1, *images.shape[2:]), np.float32)) if needs_prior(config) else (images,)
-    # The config (input size, normalisation, variant) travels with the model: the exported graph
-    # alone cannot be fed images (``pipeline.deployment.predict`` rebuilds the network from both).
-    return run.log_model(
-        model,
-        example,
-        name=f"model_{path.stem}",
-        registered_name=registered_name,
-        tags=tags,
-        metadata={"pipeline_config": config},
-    )
+    ``tags``; returns the version."""
+    load_model(path)  # refuses a file that is not a model of this pipeline before it reaches the registry
+    # The file itself is what the version holds: its config (input size, normalisation, variant)
+    # rebuilds the network and its weights load without unpickling (pipeline.deployment.predict).
+    return run.register_model_file(path, f"model_{path.stem}", registered_name, tags)
 
 
 # The modules whose code defines a training's computation: a checkpoint written by other code
