@@ -537,9 +537,7 @@ def test_real_bsdata_masks_match_their_images(real_bsdata: SourceSet) -> None:
 
 
 def test_cpu_bsdata_preset_survives_dvc_exp_run_set_params(tmp_path: Path) -> None:
-    from dvc.utils.hydra import (
-        apply_overrides,  # what `dvc exp run -S` does to params.yaml
-    )
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` does to params.yaml
 
     params = tmp_path / "params.yaml"
     shutil.copy(Path(__file__).parents[1] / "params.yaml", params)

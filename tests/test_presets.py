@@ -56,9 +56,7 @@ def test_apply_keeps_comments_and_other_values(params: Path) -> None:
 
 
 def test_show_gives_the_dvc_command_that_sets_what_apply_writes(params: Path, tmp_path: Path) -> None:
-    from dvc.utils.hydra import (
-        apply_overrides,  # what `dvc exp run -S` does to params.yaml
-    )
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` does to params.yaml
 
     command = shlex.split(presets.exp_run_command("paper-kolektorsdd2", params_path=params))
     assert command[:5] == ["dvc", "exp", "run", "-n", "paper-kolektorsdd2"]

@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ruamel.yaml import (
-    YAML,  # DVC's own YAML library (a dependency of dvc): keeps comments
-)
+from ruamel.yaml import YAML  # DVC's own YAML library (a dependency of dvc): keeps comments
 
 from pipeline.config import (
     PARAMS_FILE,

@@ -326,9 +326,7 @@ def summary_table(points: pd.DataFrame, by: str) -> pd.DataFrame:
 
 
 def summarize(param: str, out: Path) -> pd.DataFrame:
-    from pipeline.core.tracking import (
-        stage_run,  # MLflow only when there is something to log
-    )
+    from pipeline.core.tracking import stage_run  # MLflow only when there is something to log
 
     points = collect(param, out)
     by = COUNTS[param][0] if param in COUNTS else "value"
