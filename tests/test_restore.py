@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import dvc, git_env, make_shrunk_project, project_env
 
 from pipeline.core.restore import restore_commands
+from support.helpers import dvc, git_env, make_shrunk_project, project_env
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 STAGE = "train_baseline"
