@@ -26,6 +26,7 @@ from pipeline.deployment.predict import Predictor, load_any, load_file
 from pipeline.deployment.serving import log_scoring_model, score_images
 from pipeline.models.files import ModelError
 from pipeline.training.stage import register_models
+from support.helpers import temporary_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,12 +45,8 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    folder = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
-        patch.setenv("MLFLOW_EXPERIMENT_NAME", "safe-loading-test")
+    with temporary_store(tmp_path_factory.mktemp("store"), "safe-loading-test") as folder:
         yield folder
-    mlflow.end_run()
 
 
 @pytest.fixture(scope="module")

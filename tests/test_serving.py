@@ -20,6 +20,7 @@ from pipeline.core.tracking import DIGEST_TAG
 from pipeline.deployment.predict import decision_threshold, load_any, main
 from pipeline.deployment.serving import log_scoring_model, request_body, score_images, served
 from pipeline.models.files import ModelError
+from support.helpers import temporary_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,12 +30,8 @@ CHAMPION = f"models:/{NAME}@champion"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    folder = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
-        patch.setenv("MLFLOW_EXPERIMENT_NAME", "serving-test")
+    with temporary_store(tmp_path_factory.mktemp("store"), "serving-test") as folder:
         yield folder
-    mlflow.end_run()
 
 
 @pytest.fixture(scope="module")

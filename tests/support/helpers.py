@@ -7,6 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -193,3 +195,15 @@ def leftovers(*folders: Path) -> list[Path]:
 def kgi(*args: str) -> list[str]:
     """The command line of ``kgi ARGS`` for a subprocess in a project copy (its own code, not the installed one)."""
     return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+@contextmanager
+def temporary_store(folder: Path, experiment: str) -> Iterator[Path]:
+    """An MLflow store of its own in ``folder`` for a test module, its experiment named."""
+    import mlflow
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        patch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+        yield folder
+    mlflow.end_run()
