@@ -14,7 +14,6 @@ import argparse
 import io
 import re
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +140,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.name:
         parser.error(f"{args.action} needs a preset name: one of {', '.join(available())}")
-    try:
-        if args.action == "show":
-            print(exp_run_command(args.name))
-        else:
-            changed = apply(args.name)
-            print(f"{PARAMS_FILE}: {len(changed)} value(s) set: {', '.join(changed) or 'none (already applied)'}")
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    # A ConfigError ends the command with one line and exit status 1 (kgi's run_command).
+    if args.action == "show":
+        print(exp_run_command(args.name))
+    else:
+        changed = apply(args.name)
+        print(f"{PARAMS_FILE}: {len(changed)} value(s) set: {', '.join(changed) or 'none (already applied)'}")
