@@ -48,6 +48,7 @@ COMMANDS = {
         Command(
             "seeds", "pipeline.evaluation.seeds", "combine the scores.csv of runs with different seeds: mean +- std"
         ),
+        Command("rounds", "pipeline.evaluation.rounds", "per knowledge round: pointing game, pseudo-mask IoU and AP"),
         Command(
             "near-duplicates", "pipeline.data.near_duplicates", "near-identical images across groups of a prepared set"
         ),

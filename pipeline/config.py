@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_core import ErrorDetails
 
 from pipeline.core.errors import InputError
-from pipeline.core.layout import project_root
+from pipeline.core.layout import FIRST_ROUND, KnowledgeRound, project_root
 from pipeline.core.sections import SEED, Section
 from pipeline.data.images import HEADER_PARSERS
 from pipeline.data.sources import SOURCE_KINDS
@@ -321,6 +321,9 @@ SECTIONS: dict[str, type[Section]] = {
 S = TypeVar("S", bound=Section)
 
 RUN_SEED = "seed"
+# Knowledge rounds after the first (docs/method.md): ``round<k>: <the round before>``, each a
+# set of stages of its own in dvc.yaml (foreach), so adding a round runs only the new one.
+ROUNDS = "rounds"
 # The seeds that differ between repetitions of one setting: each takes the top-level `seed` unless
 # set on its own, so `-S seed=1` is a whole repetition. `prepare.seed` (the folds) is not among
 # them: every repetition is tested on the same folds.
@@ -363,17 +366,54 @@ def read_params(path: Path = PARAMS_FILE) -> dict:
     if not isinstance(params, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, found {type(params).__name__}")
     check_top_level(params, path)
+    knowledge_rounds(params, str(path))
     return params
 
 
 def check_top_level(values: dict, path: Path | str) -> None:
     """Refuse a top-level key of a params file (or preset) that is neither a section nor the run seed."""
-    unknown = sorted(set(values) - set(SECTIONS) - {RUN_SEED})
+    unknown = sorted(set(values) - set(SECTIONS) - {RUN_SEED, ROUNDS})
     if unknown:
         raise ConfigError(
             f"{path}: unknown section(s) {', '.join(unknown)}; "
-            f"allowed: {', '.join(SECTIONS)} and the top-level {RUN_SEED}"
+            f"allowed: {', '.join(SECTIONS)} and the top-level {RUN_SEED} and {ROUNDS}"
         )
+
+
+def knowledge_rounds(params: dict, source: str = "params") -> dict[str, KnowledgeRound]:
+    """The rounds after the first, by name, from ``params[rounds]``: ``round2: guided``,
+    ``round3: round2``, ... Each must learn from the round before it; the chain is written out
+    because dvc.yaml cannot compute a round's predecessor from its name."""
+    value = params.get(ROUNDS) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {ROUNDS}: expected a mapping such as {{round2: guided}}, got {value!r}")
+    rounds: dict[str, KnowledgeRound] = {}
+    before = FIRST_ROUND.name
+    for number, (name, learns_from) in enumerate(value.items(), start=2):
+        expected = f"round{number}"
+        if (name, learns_from) != (expected, before):
+            written = f"{name}: {learns_from}"
+            raise ConfigError(
+                f"{source}: {ROUNDS}: found '{written}' where round {number} must be '{expected}: {before}' "
+                f"(rounds are numbered from 2, each learning from the one before; round 1 is train_guided)"
+            )
+        rounds[name] = KnowledgeRound(name, learns_from)
+        before = name
+    return rounds
+
+
+def load_round(name: str | None, path: Path = PARAMS_FILE) -> KnowledgeRound:
+    """The knowledge round a round stage runs for: the first (the pipeline's own stages) without a
+    name, else the params' round of that name (refused where params.yaml has no such round)."""
+    if name is None:
+        return FIRST_ROUND
+    rounds = knowledge_rounds(read_params(path), str(path))
+    if name not in rounds:
+        raise ConfigError(
+            f"{path}: {ROUNDS}: no round {name!r} (declared: {', '.join(rounds) or 'none'}); "
+            f"dvc.yaml generates the round stages from {ROUNDS}"
+        )
+    return rounds[name]
 
 
 def run_seed(params: dict, source: str = "params") -> int:

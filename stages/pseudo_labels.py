@@ -7,45 +7,48 @@ Mixed supervision (``true_masks`` > 0): for that many defective training images 
 drawn from ``seed``, the true mask is the target instead (the rest keep their pseudo-masks).
 Outputs: data/pseudo_masks/fold<k>/<id>.png (0/255), true_masks.json (per fold, the ids whose
 target is a true mask) and run.json; data/metrics/pseudo_labels.json.
+``python -m stages.pseudo_labels round<k>`` does the same for knowledge round k (dvc.yaml's
+round_pseudo_labels), from data/round<k>_saliency into data/round<k>_pseudo_masks.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import load_section
+from pipeline.config import load_round, load_section
 from pipeline.core import layout
 from pipeline.core.artifacts import output_dir, read_json, write_json
-from pipeline.core.runner import run_stage
+from pipeline.core.runner import round_argument, run_stage
 from pipeline.core.tracking import stage_run
 from pipeline.data.prepared import PreparedData
 from pipeline.knowledge.pseudo_labels import write_fold_targets
 from pipeline.metrics.classification import mean_over_folds
 from pipeline.metrics.localization import mask_iou
 
-PREPARED, SALIENCY, OUT = layout.PREPARED, layout.SALIENCY, layout.PSEUDO_MASKS
+PREPARED = layout.PREPARED
 
 
 def main() -> None:
+    knowledge_round = load_round(round_argument())
     params = load_section("pseudo_labels")
     data = PreparedData.load(PREPARED)
     dataset = read_json(PREPARED / "report.json")["dataset"]
     labels = data.index["label"].to_numpy()
     defective = np.flatnonzero(labels == 1)
-    with stage_run("pseudo_labels", {"pseudo_labels": params}, dataset=dataset) as run:
-        run.link_upstream(PREPARED, SALIENCY)
+    with stage_run(knowledge_round.stage("pseudo_labels"), {"pseudo_labels": params}, dataset=dataset) as run:
+        run.link_upstream(PREPARED, knowledge_round.saliency)
         summary: dict[str, dict] = {}
         true_mask_ids: dict[str, list[str]] = {}
-        with output_dir(OUT) as out:
+        with output_dir(knowledge_round.pseudo_masks) as out:
             for fold in data.folds:
-                maps = data.load_maps(SALIENCY / f"fold{fold}", np.arange(len(labels))).numpy()
+                maps = data.load_maps(knowledge_round.saliency / f"fold{fold}", np.arange(len(labels))).numpy()
                 masks, true_rows = write_fold_targets(data, fold, maps, params, out / f"fold{fold}")
                 summary[f"fold{fold}"] = {**_score(data, fold, masks, defective), "true_masks": len(true_rows)}
                 true_mask_ids[f"fold{fold}"] = data.index["id"].iloc[true_rows].tolist()
             write_json(out / layout.TRUE_MASKS, true_mask_ids)
             run.write_lineage(out)
         means = mean_over_folds(summary)
-        write_json(layout.metrics_file("pseudo_labels"), {"per_fold": summary, **means})
+        write_json(knowledge_round.metrics("pseudo_labels"), {"per_fold": summary, **means})
         run.log_metrics(means)
         for name, value in means.items():
             print(f"  {name}: {value:.4f}")
@@ -68,4 +71,4 @@ def _score(data: PreparedData, fold: int, masks: list[np.ndarray], defective: np
 
 
 if __name__ == "__main__":
-    run_stage("pseudo_labels", main)
+    run_stage(layout.round_stage("pseudo_labels", round_argument()), main)

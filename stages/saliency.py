@@ -5,6 +5,8 @@ guided model's pseudo-masks; its test images get the prior channel the guided mo
 inference). Maps are 16-bit PNGs in [0, 1] at the prepared image size.
 Outputs: data/saliency/fold<k>/<id>.png, overlays.png, report.json, run.json;
 data/metrics/saliency.json (localization against true masks, where there are any).
+``python -m stages.saliency round<k>`` does the same for knowledge round k (dvc.yaml's
+round_saliency): the maps of round k - 1's model, in data/round<k>_saliency.
 """
 
 from __future__ import annotations
@@ -13,22 +15,23 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import load_section
+from pipeline.config import load_round, load_section
 from pipeline.core import layout
 from pipeline.core.artifacts import output_dir, read_json, write_json
 from pipeline.core.devices import pick_device, resolve_precision
 from pipeline.core.progress import log_line, progress
-from pipeline.core.runner import run_stage
+from pipeline.core.runner import round_argument, run_stage
 from pipeline.core.tracking import stage_run
 from pipeline.data.prepared import PreparedData
 from pipeline.knowledge.fold_maps import fold_localization, overlay_rows, write_fold_maps
 from pipeline.metrics.classification import mean_over_folds
 from pipeline.metrics.figures import overlay_grid, save_png
 
-PREPARED, BASELINE, OUT = layout.PREPARED, layout.BASELINE, layout.SALIENCY
+PREPARED = layout.PREPARED
 
 
 def main() -> None:
+    knowledge_round = load_round(round_argument())
     model_params = load_section("model")
     params = load_section("saliency")
     device = pick_device(model_params.device)
@@ -36,20 +39,27 @@ def main() -> None:
     data = PreparedData.load(PREPARED)
     dataset = read_json(PREPARED / "report.json")["dataset"]
     with stage_run(
-        "saliency",
+        knowledge_round.stage("saliency"),
         {"saliency": params, "model.device": model_params.device, "model.precision": model_params.precision},
         dataset,
     ) as run:
-        run.link_upstream(PREPARED, BASELINE)
+        run.link_upstream(PREPARED, knowledge_round.teacher)
         run.tag_compute(str(device), precision.name)
         report: dict = {"method": params.method, "invalid_maps": {}}
         images_per_second: dict[str, float] = {}
         localization: dict[str, dict] = {}
         overlays = []
-        with output_dir(OUT) as out:
+        with output_dir(knowledge_round.saliency) as out:
             for fold in progress(data.folds, "saliency", "fold"):
                 maps, valid, seconds = write_fold_maps(
-                    data, fold, BASELINE / f"fold{fold}.pt", params, precision, device, out, bar=f"fold {fold}"
+                    data,
+                    fold,
+                    knowledge_round.teacher / f"fold{fold}.pt",
+                    params,
+                    precision,
+                    device,
+                    out,
+                    bar=f"fold {fold}",
                 )
                 invalid = data.index["id"][~valid].tolist()
                 report["invalid_maps"][f"fold{fold}"] = invalid
@@ -73,10 +83,10 @@ def main() -> None:
         metrics: dict[str, Any] = {"per_fold": localization}
         means = mean_over_folds(localization, keys=("mass_inside", "pointing_game"))
         metrics.update(means)
-        write_json(layout.metrics_file("saliency"), metrics)
+        write_json(knowledge_round.metrics("saliency"), metrics)
         run.log_metrics({**means, "images_per_second": speed})
         print(f"  {speed:.1f} images/s; localization on test images: {means}")
 
 
 if __name__ == "__main__":
-    run_stage("saliency", main)
+    run_stage(layout.round_stage("saliency", round_argument()), main)

@@ -20,9 +20,10 @@ from pipeline.config import DERIVED_SEEDS, ConfigError, load_section
 from pipeline.core.layout import project_root
 from pipeline.core.tracking import tracking_uri
 from pipeline.experiments.sweep import experiment_states
+from support.dvc_stages import expanded, templates
 from support.helpers import ROOT, dvc, kgi, make_shrunk_project, project_env
 
-STAGES = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # every stage logs one run
+STAGES = set(expanded())  # every stage logs one run
 
 
 # --- one seed for a whole run -------------------------------------------------------------------
@@ -62,7 +63,7 @@ def test_a_bad_top_level_seed_is_refused_naming_the_key(tmp_path: Path, value: s
 
 
 def test_every_stage_using_a_derived_seed_declares_the_seed_param() -> None:
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stages = templates()
     declaring = {name for name, stage in stages.items() if "seed" in stage["params"]}
     # A stage reading a section whose seed derives from the run's (release trains both models).
     seeded = {

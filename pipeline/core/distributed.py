@@ -98,6 +98,7 @@ def launch(module: str, processes: int, batch_size: int, key: str, device: torch
         f"--nproc_per_node={processes}",
         "-m",
         module,
+        *sys.argv[1:],  # a round stage's round
     ]
     code = subprocess.run(command, check=False).returncode
     if code != 0:

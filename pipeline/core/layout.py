@@ -7,6 +7,7 @@ chooses a path of its own.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 DATA = Path("data")
@@ -43,6 +44,66 @@ def plot_file(name: str) -> Path:
 
 def checkpoints(stage: str) -> Path:
     return CHECKPOINTS / stage
+
+
+@dataclass(frozen=True)
+class KnowledgeRound:
+    """One round of knowledge transfer: a model's saliency maps, their pseudo-masks and the guided
+    model trained on them (docs/method.md: "Knowledge rounds").
+
+    The first round is the pipeline's own saliency, pseudo_labels and train_guided stages, learning
+    from the baseline; round ``k`` > 1 (params ``rounds``) learns from round ``k - 1``'s model and
+    keeps its files beside the first round's, each name prefixed ``round<k>_``.
+    """
+
+    name: str  # the model folder's name: "guided" for the first round, else "round<k>"
+    learns_from: str  # the model folder whose saliency it learns from: "baseline", "guided", "round<k-1>"
+
+    @property
+    def first(self) -> bool:
+        return self.name == FIRST_ROUND.name
+
+    def _named(self, name: str) -> str:
+        return name if self.first else f"{self.name}_{name}"
+
+    def stage(self, name: str) -> str:
+        return round_stage(name, self.name)
+
+    @property
+    def teacher(self) -> Path:
+        """The folder of the model whose saliency this round learns from (fold<k>.pt)."""
+        return DATA / self.learns_from
+
+    @property
+    def saliency(self) -> Path:
+        return DATA / self._named("saliency")
+
+    @property
+    def pseudo_masks(self) -> Path:
+        return DATA / self._named("pseudo_masks")
+
+    @property
+    def model(self) -> Path:
+        return DATA / self.name
+
+    def metrics(self, stage: str) -> Path:
+        return metrics_file(self._named(stage))
+
+    def plot(self, stage: str) -> Path:
+        return plot_file(self._named(stage))
+
+    def checkpoints(self, stage: str) -> Path:
+        return checkpoints(self._named(stage))
+
+
+FIRST_ROUND = KnowledgeRound(GUIDED.name, BASELINE.name)
+
+
+def round_stage(stage: str, round_name: str | None) -> str:
+    """The DVC stage that runs ``stage`` (saliency, pseudo_labels, train_guided) for a round: the
+    stage itself for the first round (``round_name`` None or "guided"), else dvc.yaml's foreach
+    stage ``round_<stage>@<round>``."""
+    return stage if round_name in (None, FIRST_ROUND.name) else f"round_{stage}@{round_name}"
 
 
 def project_root() -> Path:

@@ -42,6 +42,12 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         print(f"[{name}] done in {time.perf_counter() - started:.1f}s", flush=True)
 
 
+def round_argument() -> str | None:
+    """The knowledge round a round stage runs for: its one argument, the round's name (dvc.yaml's
+    foreach key); None for the pipeline's own stages, the first round."""
+    return sys.argv[1] if len(sys.argv) > 1 else None
+
+
 def _print_restore_commands(stage: str) -> None:
     """Say how to bring back the stage's outputs that dvc.lock records and the workspace lacks."""
     root = Path.cwd().resolve()

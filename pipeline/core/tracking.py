@@ -217,8 +217,10 @@ class StageRun:
             lineage = Path(folder) / LINEAGE_FILE
             if lineage.is_file():
                 record = read_json(lineage)
-                links[f"upstream.{record['stage']}"] = record["mlflow_run_id"]
-                links[f"upstream.{record['stage']}.pipeline_run"] = record["pipeline_run_id"]
+                # A knowledge round's stage is round_<stage>@round<k>, and MLflow refuses '@' in a tag's name.
+                stage = record["stage"].replace("@", ":")
+                links[f"upstream.{stage}"] = record["mlflow_run_id"]
+                links[f"upstream.{stage}.pipeline_run"] = record["pipeline_run_id"]
         mlflow.set_tags(links)
         return links
 

@@ -26,6 +26,7 @@ from pipeline.config import (
     SECTIONS,
     ConfigError,
     check_top_level,
+    knowledge_rounds,
     load_yaml,
     parse_section,
     run_seed,
@@ -71,8 +72,9 @@ def validate(params: dict, overrides: dict, source: str) -> None:
     """Raise ConfigError unless every section the preset touches is valid once it is applied."""
     merged = _merged(params, overrides)
     run_seed(merged, source)
+    knowledge_rounds(merged, source)
     # A new top-level seed reaches every section whose seed derives from it.
-    touched = SECTIONS if RUN_SEED in overrides else [name for name in overrides if name != RUN_SEED]
+    touched = SECTIONS if RUN_SEED in overrides else [name for name in overrides if name in SECTIONS]
     for section in touched:
         parse_section(section, section_values(section, merged, source), source=source)
 

@@ -17,11 +17,13 @@ import torch
 
 from pipeline.core.artifacts import write_map
 from pipeline.core.devices import Precision
+from pipeline.core.errors import InputError
 from pipeline.data.prepared import PreparedData
 from pipeline.knowledge.saliency import create_saliency, saliency_maps
 from pipeline.metrics.figures import heatmap_overlay, mask_outline
 from pipeline.metrics.localization import localization_metrics
 from pipeline.models.files import load_model
+from pipeline.models.variants import VARIANTS, variant_of
 
 
 class SaliencySettings(Protocol):
@@ -48,13 +50,21 @@ def write_fold_maps(
     folder: Path,
     bar: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Explain every image of ``data`` with ``fold``'s baseline (``model_file``) at ``precision``
-    and write each map to ``folder/fold<fold>/<id>.png``.
+    """Explain every image of ``data`` with ``fold``'s baseline (``model_file``; in a later knowledge
+    round, the guided model of the round before) at ``precision`` and write each map to
+    ``folder/fold<fold>/<id>.png``.
 
     Returns the maps (N, H, W) as computed, their validity (N,) and the seconds they took
     (``saliency.saliency_maps``); with a ``bar`` name a terminal shows the batches' progress.
     """
     model, config = load_model(model_file, device)
+    variant = variant_of(config)
+    if variant is not None and not variant.deploys_baseline_graph:
+        usable = " or ".join(v.name for v in VARIANTS.values() if v.deploys_baseline_graph)
+        raise InputError(
+            f"{model_file}: a {variant.name} model reads a prior besides the image, so its saliency alone cannot guide "
+            f"the next knowledge round: knowledge rounds (params rounds) need train_guided.variant {usable}"
+        )
     method = create_saliency(settings.method, precision.model(model), settings.layers, precision)
     maps, valid, seconds = saliency_maps(method, config, data.images, settings.batch_size, bar=bar)
     for image_id, saliency in zip(data.index["id"], maps, strict=False):

@@ -40,14 +40,19 @@ ObjectiveFor = Callable[[PreparedData, int], Objective]
 class TrainingStage:
     """A training stage's name, the kind of model it trains and its files (``pipeline.core.layout``)."""
 
-    name: str  # train_<kind>
-    kind: str  # "baseline" | "guided": registered as <dataset>-<kind>
+    name: str  # the DVC stage: train_<kind>, or a knowledge round's round_train_guided@round<k>
+    kind: str  # "baseline" | "guided" | "round<k>": registered as <dataset>-<kind>
     prepared: Path
     upstream: tuple[Path, ...]  # the stage folders it reads (lineage, and the checkpoint fingerprint)
     out: Path  # fold<k>.pt and run.json
     metrics: Path
     plot: Path
     checkpoints: Path
+    section: str = ""  # the params section and the script (stages.<section>); default: the name
+
+    @property
+    def params_section(self) -> str:
+        return self.section or self.name
 
 
 def run_training_stage(
@@ -56,13 +61,14 @@ def run_training_stage(
     """Train, save, track and register one model per fold; under ``model.nproc_per_node`` > 1,
     as one of the torchrun processes this launches (rank 0 alone tracks and writes)."""
     device = pick_device(model_params.device)
+    section = stage.params_section
     if distributed.launch(
-        f"stages.{stage.name}", model_params.nproc_per_node, params.batch_size, f"{stage.name}.batch_size", device
+        f"stages.{section}", model_params.nproc_per_node, params.batch_size, f"{section}.batch_size", device
     ):
         return
     data = PreparedData.load(stage.prepared)
     dataset = read_json(stage.prepared / "report.json")["dataset"]
-    sections = {"model": model_params, stage.name: params}
+    sections = {"model": model_params, section: params}
     fingerprint = fingerprint_of(sections, *(folder / LINEAGE_FILE for folder in stage.upstream))
     with distributed.process_group(device) as ranks:
         if not ranks.main:
