@@ -188,6 +188,26 @@ class GuidedParams(TrainParams):
     prior_dropout: float = Field(
         0.5, ge=0, le=1, description="variant none: share of training images whose prior is zeroed"
     )
+    head_strides: list[Literal[4, 8, 16]] = Field(
+        [16],
+        min_length=1,
+        description="strides of the features a segmentation head reads, one head each (no_injection: "
+        "4, 8 and/or 16; the other variants: 16)",
+    )
+
+    @model_validator(mode="after")
+    def _heads_where_the_variant_has_them(self) -> GuidedParams:
+        variant = VARIANTS[self.variant]
+        if self.head_strides != [16] and (variant.injects_prior or not variant.has_head):
+            raise ValueError(
+                f"head_strides {self.head_strides}: variant {self.variant!r} has no heads on finer strides "
+                "(only no_injection has); set head_strides: [16]"
+            )
+        if sorted(set(self.head_strides)) != self.head_strides or 16 not in self.head_strides:
+            raise ValueError(
+                f"head_strides {self.head_strides}: distinct strides, ascending, ending at 16, e.g. [4, 8, 16]"
+            )
+        return self
 
     @model_validator(mode="after")
     def _none_needs_dropout(self) -> GuidedParams:

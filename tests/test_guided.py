@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pipeline.config import ConfigError, GuidedParams, ModelParams, parse_section
 from pipeline.models.files import inference_priors, load_model, save_model
 from pipeline.models.inference import predict, segment
-from pipeline.models.losses import consistency_loss
+from pipeline.models.losses import consistency_loss, pseudo_mask_loss, single_process_share
 from pipeline.models.networks import (
     Classifier,
     GuidedClassifier,
@@ -200,3 +200,63 @@ def test_missing_pretrained_weights_say_where_to_put_the_file(tmp_path: Path) ->
             ModelParams(pretrained_weights=str(missing), in_channels=3, device="cpu"),
             GuidedParams(epochs=1),
         )
+
+
+# --- multi-scale guidance: heads on finer strides (train_guided.head_strides) ---------------------
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_heads_on_finer_strides_read_the_features_at_those_strides(backbone: str) -> None:
+    images = torch.rand(2, 1, 64, 96)
+    torch.manual_seed(0)
+    model = GuidedClassifier(backbone, variant="no_injection", head_strides=[4, 8, 16]).eval()
+    logit, maps = model(images)
+    assert isinstance(maps, list) and [m.shape[-2:] for m in maps] == [(16, 24), (8, 12), (4, 6)]
+    # The stride-16 head and the logit are the single-head model's, weight for weight.
+    torch.manual_seed(0)
+    single = GuidedClassifier(backbone, variant="no_injection").eval()
+    single.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fine_heads.")})
+    single_logit, single_map = single(images)
+    assert torch.equal(logit, single_logit) and torch.equal(maps[-1], single_map)
+    # Training-only: the deployed network is the baseline's graph.
+    assert type(model.deployable()) is Classifier
+
+
+def test_the_multi_scale_loss_is_the_mean_of_each_heads_loss_and_its_model_saves_as_the_baseline_graph(
+    tmp_path: Path,
+) -> None:
+    data = tiny_data()
+    size = data.images.shape[1:]
+    masks = (torch.rand(8, *size) > 0.8).float()
+    params = GuidedParams(epochs=1, batch_size=8, variant="no_injection", head_strides=[4, 8, 16])
+    objective = guided(params, torch.rand(8, *size), masks)
+    labels = torch.tensor([1.0, 0.0])
+    maps = [torch.randn(2, 1, 16, 16), torch.randn(2, 1, 8, 8), torch.randn(2, 1, 4, 4)]
+    fetched = {"target": masks[:2].unsqueeze(1)}
+    share = single_process_share(labels)
+    expected = np.mean([pseudo_mask_loss(m, fetched["target"], labels, share).item() for m in maps])
+    assert objective.auxiliary_loss(maps, fetched, labels, share).item() == pytest.approx(expected, rel=1e-6)
+
+    model, config, history = train(data, 0, ModelParams(device="cpu"), params, objective)
+    assert config["head_strides"] == [4, 8, 16] and np.isfinite(history[0]["seg_loss"])
+    save_model(tmp_path / "model.pt", model, config)
+    deployed, _ = load_model(tmp_path / "model.pt")
+    assert type(deployed) is Classifier
+    # The default writes no head_strides: its saved config is what it was before the param.
+    default = guided(GuidedParams(variant="no_injection"), torch.rand(8, *size), masks)
+    assert "head_strides" not in default.config()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"variant": "consistency", "head_strides": [8, 16]}, "variant 'consistency' has no heads on finer strides"),
+        ({"variant": "teacher", "head_strides": [4, 16]}, "variant 'teacher' has no heads on finer strides"),
+        ({"variant": "no_injection", "head_strides": [16, 4]}, "ascending, ending at 16"),
+        ({"variant": "no_injection", "head_strides": [4, 8]}, "ascending, ending at 16"),
+        ({"variant": "no_injection", "head_strides": [2, 16]}, "train_guided.head_strides"),
+    ],
+)
+def test_head_strides_are_validated_naming_the_key(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_section("train_guided", values)

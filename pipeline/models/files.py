@@ -33,7 +33,12 @@ def build_model(config: dict, deployed: bool = True) -> nn.Module:
     """The network a saved config describes: as deployed (what inference needs) or as trained."""
     if config["kind"] != "guided":
         return Classifier(config["backbone"], config["in_channels"])
-    model = GuidedClassifier(config["backbone"], config["in_channels"], config.get("variant", LEGACY_VARIANT))
+    model = GuidedClassifier(
+        config["backbone"],
+        config["in_channels"],
+        config.get("variant", LEGACY_VARIANT),
+        head_strides=config.get("head_strides", (16,)),
+    )
     return model.deployable() if deployed else model
 
 

@@ -9,7 +9,7 @@ global average pooling and a linear layer giving one defect logit per image.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -48,13 +48,19 @@ def _vgg16_features(in_channels: int) -> tuple[nn.Sequential, int]:
     return nn.Sequential(*layers), 512
 
 
+# What a guided network returns beside its logit: segmentation logits S or its own Grad-CAM, one
+# map per head where it has heads on several strides; None for the baseline.
+AuxiliaryMaps = torch.Tensor | list[torch.Tensor] | None
+
+
 @dataclass(frozen=True)
 class Backbone:
     name: str
     build: Callable[[int], tuple[nn.Sequential, int]]  # in_channels -> (features, output channels)
-    # Index in ``features`` where the stride-16 part ends: the guided model's segmentation head
-    # reads the stride-16 features, because stride 32 is too coarse for thin scratches.
-    stride16_split: int
+    # Index in ``features`` where the stride-4, -8 and -16 parts end: the guided model's
+    # segmentation head reads the stride-16 features (stride 32 is too coarse for thin scratches),
+    # extra heads the finer ones (``train_guided.head_strides``).
+    splits: dict[int, int]
     # Default saliency layers per method (``saliency.layers: null``), named as in ``features``;
     # FullGrad needs none: it uses every layer with a bias.
     saliency_layers: dict[str, list[str]]
@@ -62,14 +68,18 @@ class Backbone:
     # level (``layer1.0.conv1.weight``, with fc beside them), vgg16's under ``features.``.
     torchvision_prefix: str = ""
 
+    @property
+    def stride16_split(self) -> int:
+        return self.splits[16]
+
 
 # fmt: off
 BACKBONES: dict[str, Backbone] = {b.name: b for b in (
-    Backbone("resnet18", _resnet18_features, stride16_split=7,
+    Backbone("resnet18", _resnet18_features, splits={4: 5, 8: 6, 16: 7},
              saliency_layers={"gradcam": ["features.layer4"], "fullgrad": [],
                               "layercam": ["features.layer2", "features.layer3", "features.layer4"]}),
     # The paper's network: convolutional part only, LeakyReLU; LayerCAM on conv3_3, conv4_3, conv5_3.
-    Backbone("vgg16", _vgg16_features, stride16_split=24,
+    Backbone("vgg16", _vgg16_features, splits={4: 10, 8: 17, 16: 24},
              saliency_layers={"gradcam": ["features.29"], "fullgrad": [],
                               "layercam": ["features.15", "features.22", "features.29"]},
              torchvision_prefix="features."),
@@ -113,7 +123,12 @@ class GuidedClassifier(nn.Module):
     """
 
     def __init__(
-        self, backbone: str = "resnet18", in_channels: int = 1, variant: str = LEGACY_VARIANT, seg_channels: int = 64
+        self,
+        backbone: str = "resnet18",
+        in_channels: int = 1,
+        variant: str = LEGACY_VARIANT,
+        seg_channels: int = 64,
+        head_strides: Sequence[int] = (16,),
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -123,11 +138,23 @@ class GuidedClassifier(nn.Module):
         self.variant: Variant = VARIANTS[variant]
         self.injects_prior = self.variant.injects_prior
         self.features, self.feature_dim = build_features(backbone, in_channels)
-        self.split = BACKBONES[backbone].stride16_split
+        splits = BACKBONES[backbone].splits
+        self.split = splits[16]
         stem_channels = _output_channels(self.features[: self.split])
         self.seg_head: nn.Module | None = None
         if self.variant.has_head:
             self.seg_head = _segmentation_head(stem_channels + self.injects_prior, seg_channels)
+        # Multi-scale guidance: a head on each finer stride too, trained on the same pseudo-masks.
+        finer = sorted(stride for stride in head_strides if stride != 16)
+        if finer and (self.injects_prior or not self.variant.has_head):
+            raise InputError(
+                f"head_strides {list(head_strides)}: only a variant with a head and no injected prior "
+                f"(no_injection) has heads on finer strides; {self.variant.name} reads stride 16 alone"
+            )
+        self.fine_splits = [splits[stride] for stride in finer]
+        self.fine_heads = nn.ModuleList(
+            _segmentation_head(_output_channels(self.features[:split]), seg_channels) for split in self.fine_splits
+        )
         # Injecting variants: max and mean of S (2) and of each channel of F' (2 per channel).
         extra = 2 + 2 * (stem_channels + 1) if self.injects_prior else 0
         # Normalised before the linear layer: the pooled F' is 500+ values, its maxima ~5x the
@@ -136,31 +163,42 @@ class GuidedClassifier(nn.Module):
         self.guidance_norm = nn.BatchNorm1d(extra) if extra else None
         self.fc = nn.Linear(self.feature_dim + extra, 1)
 
-    def forward(
-        self, images: torch.Tensor, prior: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (defect logit (B,), auxiliary map (B, 1, h, w)): segmentation logits S, or for
-        consistency the Grad-CAM before its ReLU. ``prior`` (B, 1, H, W) in [0, 1]: required by teacher, zeros
-        when None for none, ignored by the others."""
-        stem = self.features[: self.split](images)
+    def forward(self, images: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, AuxiliaryMaps]:
+        """Return (defect logit (B,), auxiliary map (B, 1, h, w)): segmentation logits S (with heads
+        on finer strides, a list of them, finest first), or for consistency the Grad-CAM before its
+        ReLU. ``prior`` (B, 1, H, W) in [0, 1]: required by teacher, zeros when None for none,
+        ignored by the others."""
+        stem, fine = self._stem(images)
         deep_map = self.features[self.split :](stem)
         deep = deep_map.mean(dim=(2, 3))
         if not self.injects_prior:
             logit = self.fc(deep).squeeze(1)
             if self.seg_head is None:  # the auxiliary map is its own Grad-CAM
                 return logit, class_activation_map(deep_map, self.fc)
+            if fine:  # one map per stride, finest first
+                return logit, [*(head(f) for head, f in zip(self.fine_heads, fine)), self.seg_head(stem)]
             return logit, self.seg_head(stem)
         if prior is None:
             if self.variant.prior_at_inference:
                 raise InputError("the teacher variant needs the baseline's saliency map as prior at inference")
             prior = stem.new_zeros(stem.shape[0], 1, *stem.shape[-2:])
-        joined = torch.cat([stem, F.adaptive_avg_pool2d(prior, stem.shape[-2:])], dim=1)  # F'
+        # F'; the ignore: torch's stubs take no Size (a tuple[int, ...]) for output_size.
+        joined = torch.cat([stem, F.adaptive_avg_pool2d(prior, stem.shape[-2:])], dim=1)  # type: ignore[arg-type]
         assert self.seg_head is not None  # every variant that injects the prior has a head
         seg_logits = self.seg_head(joined)
         guidance = torch.cat(
             [_max_and_mean(torch.sigmoid(seg_logits).detach()), joined.amax(dim=(2, 3)), joined.mean(dim=(2, 3))], dim=1
         )
         return self.fc(torch.cat([deep, self._normalise(guidance)], dim=1)).squeeze(1), seg_logits
+
+    def _stem(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stride-16 features, and those at each finer head's stride on the way."""
+        fine, start, x = [], 0, images
+        for split in self.fine_splits:
+            x = self.features[start:split](x)
+            fine.append(x)
+            start = split
+        return self.features[start : self.split](x), fine
 
     def _normalise(self, guidance: torch.Tensor) -> torch.Tensor:
         norm = self.guidance_norm
@@ -178,7 +216,7 @@ class GuidedClassifier(nn.Module):
             return self
         with torch.device("meta"):  # no allocation: the tensors are assigned just below
             deployed = Classifier(self.backbone_name, self.in_channels)
-        state = {k: v for k, v in self.state_dict().items() if not k.startswith("seg_head.")}
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith(("seg_head.", "fine_heads."))}
         deployed.load_state_dict(state, assign=True)
         return deployed.train(self.training)
 

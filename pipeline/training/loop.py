@@ -283,8 +283,7 @@ def batch_losses(
     prior = run.objective.network_prior(fetched, generator, len(batch), mine)
     with run.precision.autocast(run.device):
         logits, aux = run.objective.forward(run.net, run.precision.input(fetched["x"]), prior)
-    # The losses in fp32 whatever the forward's precision.
-    logits, aux = logits.float(), aux.float() if aux is not None else None
+    logits = logits.float()  # the losses in fp32 whatever the forward's precision (the auxiliary one: its own)
     share = BatchShare(
         distributed.real_samples(len(batch), run.ranks).to(run.device),
         len(batch),

@@ -20,6 +20,7 @@ from pipeline.core.artifacts import read_json
 from pipeline.core.layout import TRUE_MASKS
 from pipeline.data.prepared import PreparedData
 from pipeline.models.losses import AUXILIARY_LOSSES, BatchShare
+from pipeline.models.networks import AuxiliaryMaps
 from pipeline.models.variants import SALIENCY_MAPS, VARIANTS, Variant
 
 
@@ -99,11 +100,11 @@ class Objective:
 
     def forward(
         self, net: nn.Module, x: torch.Tensor, prior: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, AuxiliaryMaps]:
         return net(x), None
 
     def auxiliary_loss(
-        self, aux: torch.Tensor | None, fetched: dict[str, torch.Tensor], labels: torch.Tensor, share: BatchShare
+        self, aux: AuxiliaryMaps, fetched: dict[str, torch.Tensor], labels: torch.Tensor, share: BatchShare
     ) -> torch.Tensor:
         return torch.zeros((), device=labels.device)
 
@@ -122,7 +123,9 @@ class GuidedObjective(Objective):
         self.variant = VARIANTS[params.variant]
 
     def config(self) -> dict:
-        return {"variant": self.variant.name}
+        # Only where set: models saved before head_strides existed, and the default's, read alike.
+        strides = {"head_strides": self.params.head_strides} if self.params.head_strides != [16] else {}
+        return {"variant": self.variant.name, **strides}
 
     def step_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"target": self.guidance.loss_target}
@@ -146,14 +149,17 @@ class GuidedObjective(Objective):
 
     def forward(
         self, net: nn.Module, x: torch.Tensor, prior: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, AuxiliaryMaps]:
         return net(x, prior)
 
     def auxiliary_loss(
-        self, aux: torch.Tensor | None, fetched: dict[str, torch.Tensor], labels: torch.Tensor, share: BatchShare
+        self, aux: AuxiliaryMaps, fetched: dict[str, torch.Tensor], labels: torch.Tensor, share: BatchShare
     ) -> torch.Tensor:
         assert aux is not None  # the guided network always returns its auxiliary map
-        return AUXILIARY_LOSSES[self.variant.target](aux, fetched["target"], labels, share)
+        loss = AUXILIARY_LOSSES[self.variant.target]
+        if isinstance(aux, list):  # heads on several strides (head_strides): each learns the same target
+            return torch.stack([loss(m.float(), fetched["target"], labels, share) for m in aux]).mean()
+        return loss(aux.float(), fetched["target"], labels, share)
 
     def inference_priors(self, rows: np.ndarray) -> torch.Tensor | None:
         if not self.variant.prior_at_inference:
