@@ -36,6 +36,9 @@ def test_sharper_prior_params_are_validated_with_a_message_naming_them() -> None
         ("saliency", {"reference_layer": ""}, "saliency.reference_layer: is empty; use null"),
         ("saliency", {"reference_layer": 2}, "saliency.reference_layer"),
         ("saliency", {"reference_bank": 0}, "saliency.reference_bank"),
+        ("pseudo_labels", {"refine": "bilateral"}, "pseudo_labels.refine.*'none' or 'guided_filter'"),
+        ("pseudo_labels", {"refine_radius": 0}, "pseudo_labels.refine_radius"),
+        ("pseudo_labels", {"refine_eps": 0}, "pseudo_labels.refine_eps"),
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_section(section, values)
