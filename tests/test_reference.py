@@ -3,13 +3,18 @@ memory bank of the baseline's own features, and their fusion with the CAM map.""
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from pipeline.core.devices import FP32
 from pipeline.core.errors import InputError
 from pipeline.data.prepared import PreparedData
+from pipeline.knowledge.fold_maps import write_fold_maps
 from pipeline.knowledge.reference import (
     distance_maps,
     fold_distance_maps,
@@ -18,6 +23,7 @@ from pipeline.knowledge.reference import (
     nearest_distances,
     reference_layer,
 )
+from pipeline.models.files import save_model
 from pipeline.models.networks import Classifier
 
 CONFIG = {"in_channels": 1, "mean": 0.5, "std": 0.25}
@@ -113,3 +119,25 @@ def test_the_layer_defaults_per_backbone_and_an_unknown_one_is_refused_naming_th
     assert reference_layer(Classifier("vgg16", 1), None) == "features.22"
     with pytest.raises(InputError, match=r"saliency.reference_layer 'features.layer9'.*features.layer4"):
         reference_layer(model, "features.layer9")
+
+
+def test_write_fold_maps_stores_the_fused_prior_the_stage_and_the_release_read(
+    model: Classifier, tmp_path: Path
+) -> None:
+    images = torch.stack([_texture(seed, 32) for seed in range(4)])
+    index = pd.DataFrame({"id": list("abcd"), "fold": [1, 1, 1, 0], "label": [0, 0, 1, 1]})
+    data = PreparedData(tmp_path, index, images)
+    file, cpu = tmp_path / "fold0.pt", torch.device("cpu")
+    save_model(file, model, {"kind": "baseline", "backbone": "resnet18", "height": 32, "width": 32, **CONFIG})
+    settings = SimpleNamespace(
+        method="layercam", layers=None, batch_size=2, reference_weight=0.0, reference_layer=None, reference_bank=1000
+    )
+    cam, _, _ = write_fold_maps(data, 0, file, settings, FP32, cpu, tmp_path / "off")
+    settings.reference_weight = 0.5
+    maps, valid, _ = write_fold_maps(data, 0, file, settings, FP32, cpu, tmp_path / "on")
+    expected = fuse(cam, fold_distance_maps(model, CONFIG, data, 0, None, 1000, 2), 0.5)
+    assert expected.any() and not np.allclose(expected, cam)
+    assert np.allclose(maps, expected, atol=1e-6)
+    assert np.array_equal(valid, expected.reshape(4, -1).max(axis=1) > 0)
+    stored = data.load_maps(tmp_path / "on" / "fold0", np.arange(4)).numpy()
+    assert np.allclose(stored, maps, atol=1 / 65535)
