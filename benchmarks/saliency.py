@@ -14,7 +14,7 @@ optional ``grad-cam`` package (pytorch-grad-cam) is importable, its time for the
 layers is measured in the same rounds, with the goal of at least 2x its speed for Grad-CAM and
 LayerCAM and 5x for FullGrad. It is a development extra, never a dependency of the project;
 install the pinned version without its dependencies (ours already cover them: torch,
-torchvision, opencv-python-headless for cv2, matplotlib, scikit-learn, scipy, tqdm):
+torchvision, opencv-contrib-python-headless for cv2, matplotlib, scikit-learn, scipy, tqdm):
 
     pip install --no-deps -r requirements-bench.txt
 

@@ -224,6 +224,25 @@ class SaliencyParams(Section):
     layers: list[str] | None = Field(None, description="layer names; null = the backbone's defaults")
     batch_size: int = Field(16, ge=1, le=1024)
     overlays: int = Field(6, ge=0, le=100)
+    reference_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="weight w of the defect-free reference in the prior cam^(1-w) * distance^w; 0 = off",
+    )
+    reference_layer: str | None = Field(
+        None, description="layer whose features the reference compares; null = the backbone's default"
+    )
+    reference_bank: int = Field(
+        20_000, ge=1, le=10_000_000, description="location vectors of defect-free training images kept per fold"
+    )
+
+    @field_validator("reference_layer")
+    @classmethod
+    def _named_layer(cls, layer: str | None) -> str | None:
+        if layer == "":
+            raise ValueError("is empty; use null for the backbone's default layer")
+        return layer
 
 
 class EvaluateParams(Section):

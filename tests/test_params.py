@@ -29,6 +29,21 @@ def test_variance_params_are_validated_with_a_message_naming_them() -> None:
             parse_section(section, values)
 
 
+def test_sharper_prior_params_are_validated_with_a_message_naming_them() -> None:
+    for section, values, message in [
+        ("saliency", {"reference_weight": 1.5}, "saliency.reference_weight"),
+        ("saliency", {"reference_weight": "half"}, "saliency.reference_weight"),
+        ("saliency", {"reference_layer": ""}, "saliency.reference_layer: is empty; use null"),
+        ("saliency", {"reference_layer": 2}, "saliency.reference_layer"),
+        ("saliency", {"reference_bank": 0}, "saliency.reference_bank"),
+        ("pseudo_labels", {"refine": "bilateral"}, "pseudo_labels.refine.*'none' or 'guided_filter'"),
+        ("pseudo_labels", {"refine_radius": 0}, "pseudo_labels.refine_radius"),
+        ("pseudo_labels", {"refine_eps": 0}, "pseudo_labels.refine_eps"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_section(section, values)
+
+
 # --- params -------------------------------------------------------------------------------------
 
 

@@ -73,7 +73,7 @@ REQUIREMENTS = (
     "mlflow",
     "numpy",
     "pandas",
-    "opencv-python-headless",
+    "opencv-contrib-python-headless",
     "pillow",
     "simplejpeg",
     "pydantic",

@@ -9,6 +9,7 @@ localization against the true masks and the rows it adds to the saliency stage's
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +20,7 @@ from pipeline.core.artifacts import write_map
 from pipeline.core.devices import Precision
 from pipeline.core.errors import InputError
 from pipeline.data.prepared import PreparedData
+from pipeline.knowledge.reference import fold_distance_maps, fuse
 from pipeline.knowledge.saliency import create_saliency, saliency_maps
 from pipeline.metrics.figures import heatmap_overlay, mask_outline
 from pipeline.metrics.localization import localization_metrics
@@ -39,6 +41,15 @@ class SaliencySettings(Protocol):
     @property
     def batch_size(self) -> int: ...
 
+    @property
+    def reference_weight(self) -> float: ...
+
+    @property
+    def reference_layer(self) -> str | None: ...
+
+    @property
+    def reference_bank(self) -> int: ...
+
 
 def write_fold_maps(
     data: PreparedData,
@@ -52,10 +63,12 @@ def write_fold_maps(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Explain every image of ``data`` with ``fold``'s baseline (``model_file``; in a later knowledge
     round, the guided model of the round before) at ``precision`` and write each map to
-    ``folder/fold<fold>/<id>.png``.
+    ``folder/fold<fold>/<id>.png``. With ``settings.reference_weight`` > 0 each map is fused with
+    its distance to the fold's defect-free reference (``reference.fuse``).
 
     Returns the maps (N, H, W) as computed, their validity (N,) and the seconds they took
-    (``saliency.saliency_maps``); with a ``bar`` name a terminal shows the batches' progress.
+    (``saliency.saliency_maps``, and the reference's); with a ``bar`` name a terminal shows the
+    batches' progress.
     """
     model, config = load_model(model_file, device)
     variant = variant_of(config)
@@ -67,6 +80,14 @@ def write_fold_maps(
         )
     method = create_saliency(settings.method, precision.model(model), settings.layers, precision)
     maps, valid, seconds = saliency_maps(method, config, data.images, settings.batch_size, bar=bar)
+    if settings.reference_weight > 0:
+        started = time.perf_counter()
+        distances = fold_distance_maps(
+            model, config, data, fold, settings.reference_layer, settings.reference_bank, settings.batch_size
+        )
+        maps = fuse(maps, distances, settings.reference_weight)
+        valid &= maps.reshape(len(maps), -1).max(axis=1, initial=0.0) > 0  # a zero product locates nothing
+        seconds += time.perf_counter() - started
     for image_id, saliency in zip(data.index["id"], maps, strict=False):
         write_map(folder / f"fold{fold}" / f"{image_id}.png", saliency)
     return maps, valid, seconds

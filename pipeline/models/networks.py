@@ -64,6 +64,10 @@ class Backbone:
     # Default saliency layers per method (``saliency.layers: null``), named as in ``features``;
     # FullGrad needs none: it uses every layer with a bias.
     saliency_layers: dict[str, list[str]]
+    # The layer whose features the defect-free reference compares (``saliency.reference_layer:
+    # null``): stride 8, mid-level as PatchCore's, local enough for small defects and less
+    # sensitive to pixel noise than the first stages.
+    reference_layer: str
     # Where torchvision's weights file keeps the layers of ``features``: resnet18's at the top
     # level (``layer1.0.conv1.weight``, with fc beside them), vgg16's under ``features.``.
     torchvision_prefix: str = ""
@@ -77,12 +81,13 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("resnet18", _resnet18_features, splits={4: 5, 8: 6, 16: 7},
              saliency_layers={"gradcam": ["features.layer4"], "fullgrad": [],
-                              "layercam": ["features.layer2", "features.layer3", "features.layer4"]}),
+                              "layercam": ["features.layer2", "features.layer3", "features.layer4"]},
+             reference_layer="features.layer2"),
     # The paper's network: convolutional part only, LeakyReLU; LayerCAM on conv3_3, conv4_3, conv5_3.
     Backbone("vgg16", _vgg16_features, splits={4: 10, 8: 17, 16: 24},
              saliency_layers={"gradcam": ["features.29"], "fullgrad": [],
                               "layercam": ["features.15", "features.22", "features.29"]},
-             torchvision_prefix="features."),
+             reference_layer="features.22", torchvision_prefix="features."),
 )}
 # fmt: on
 
