@@ -33,7 +33,8 @@ PARAMS = TrainParams(epochs=3, batch_size=4, seed=0)
 @pytest.fixture(scope="module")
 def prepared_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A shrunk project (3 baseline epochs) where `dvc repro prepare` has run; tests use copies."""
-    overrides = merge(copy.deepcopy(SHRUNK), {"train_baseline": {"epochs": 3}})
+    # Every epoch scored: the resumed run must log the test AP of each, as the uninterrupted one.
+    overrides = merge(copy.deepcopy(SHRUNK), {"train_baseline": {"epochs": 3, "monitor_every": 1}})
     project = make_shrunk_project(tmp_path_factory.mktemp("prepared"), overrides)
     dvc(project, "repro", "prepare", **ONE_THREAD)
     return project
