@@ -237,6 +237,16 @@ class SaliencyParams(Section):
         20_000, ge=1, le=10_000_000, description="location vectors of defect-free training images kept per fold"
     )
 
+    @model_validator(mode="after")
+    def _layers_the_method_explains(self) -> SaliencyParams:
+        count = METHODS[self.method].layer_count
+        if count is not None and self.layers is not None and len(self.layers) != count:
+            raise ValueError(
+                f"saliency.method {self.method!r} explains {count} layer, saliency.layers names {len(self.layers)}: "
+                f"name one (e.g. layers: [{self.layers[-1]}]) or set layers: null for the backbone's default"
+            )
+        return self
+
     @field_validator("reference_layer")
     @classmethod
     def _named_layer(cls, layer: str | None) -> str | None:

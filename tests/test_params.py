@@ -144,3 +144,10 @@ def test_stage_with_bad_params_exits_before_any_work(tmp_path: Path) -> None:
     assert message.count("\n") == 0, message  # one line, no traceback
     assert "unknown key 'train_baseline.eopchs' (allowed here: epochs, batch_size" in message
     assert not (project / "data").exists() and not (project / "mlflow.db").exists()
+
+
+def test_a_method_that_explains_one_layer_is_refused_two_naming_the_key() -> None:
+    one = parse_section("saliency", {"method": "gradcam", "layers": ["features.maxpool"]})
+    assert one.layers == ["features.maxpool"]
+    with pytest.raises(ConfigError, match=r"saliency.method 'gradcam' explains 1 layer, saliency.layers names 2"):
+        parse_section("saliency", {"method": "gradcam", "layers": ["features.relu", "features.maxpool"]})

@@ -122,6 +122,8 @@ class SaliencyMethod:
     _combine: Callable[..., torch.Tensor]
 
     needs_input_grad = False
+    # How many layers it explains at once (saliency.layers); None: any number.
+    layer_count: int | None = None
     # Whether the maps stay within tests/test_precision.py's tolerance of fp32 when the forward runs
     # in bf16; a method for which they do not runs in fp32 on every path.
     bf16_forward = True
@@ -202,10 +204,12 @@ class _CAM(SaliencyMethod):
 class GradCAM(_CAM):
     """Grad-CAM on one layer: ReLU of the channel sum of activations weighted by mean gradients."""
 
+    layer_count = 1
+
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, precision: Precision = FP32) -> None:
         super().__init__(model, layers, precision)
-        if len(self.layers) != 1:
-            raise InputError(f"Grad-CAM takes exactly one layer, got {self.layers}")
+        if len(self.layers) != self.layer_count:
+            raise InputError(f"Grad-CAM takes exactly one layer (saliency.layers), got {self.layers}")
 
     def _combine(self, x, captured, grads, input_grad) -> torch.Tensor:
         ((act, grad),) = self._pairs(captured, grads)
