@@ -29,19 +29,21 @@ COLUMNS = (
 )
 
 
-def _figure(path: Path, key: str) -> float:
-    return float(read_json(path).get(key, math.nan)) if path.is_file() else math.nan
+def _metrics(path: Path) -> dict:
+    """A stage's metrics file; empty where the stage has not run."""
+    return read_json(path) if path.is_file() else {}
 
 
 def rounds_table(root: Path = Path(".")) -> pd.DataFrame:
     """One row per round of ``root``'s params (round 0: the baseline, AP only)."""
     rounds = [layout.FIRST_ROUND, *knowledge_rounds(read_params(root / PARAMS_FILE)).values()]
-    baseline_ap = _figure(root / layout.metrics_file("train_baseline"), "test_ap_mean")
-    rows = [{"round": 0, "model": layout.BASELINE.name, "learns_from": "", "ap": baseline_ap}]
+    baseline_ap = _metrics(root / layout.metrics_file("train_baseline")).get("test_ap_mean", math.nan)
+    rows = [{"round": 0, "model": layout.BASELINE.name, "learns_from": "", "ap": float(baseline_ap)}]
     for number, knowledge_round in enumerate(rounds, start=1):
         row: dict = {"round": number, "model": knowledge_round.name, "learns_from": knowledge_round.learns_from}
+        files = {stage: _metrics(root / knowledge_round.metrics(stage)) for _, stage, _ in COLUMNS}  # each read once
         for column, stage, key in COLUMNS:
-            row[column] = _figure(root / knowledge_round.metrics(stage), key)
+            row[column] = float(files[stage].get(key, math.nan))
         rows.append(row)
     return pd.DataFrame(rows, columns=["round", "model", "learns_from", *(c for c, _, _ in COLUMNS)])
 
