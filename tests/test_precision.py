@@ -144,6 +144,8 @@ def test_the_speed_benchmark_prints_each_paths_rate_and_the_ratios() -> None:
         "2",
         "--threads",
         "1",
+        "--monitor-images",
+        "4",
         "--device",
         "cpu",
     ]
@@ -153,3 +155,5 @@ def test_the_speed_benchmark_prints_each_paths_rate_and_the_ratios() -> None:
     assert row["auto_picks"] == resolve_precision("auto", CPU).name and row["size"] == "32x32"
     assert all(row[f"images_per_second_{path}"] > 0 for path in ("fp32", "channels_last", "fast"))
     assert row["fast_over_fp32"] > 0 and row["channels_last_over_fp32"] > 0
+    assert "compiled_over_fast" not in row and row["monitor_images"] == 4  # compiling (a minute) only on --compile
+    assert row["monitor_seconds_fp32"] > 0 and row["monitor_seconds_fast"] > 0 and row["monitor_fast_over_fp32"] > 0

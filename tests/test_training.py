@@ -10,12 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import average_precision_score
 from torch import nn
 
 from pipeline.config import GuidedParams, ModelParams, TrainParams
 from pipeline.core.artifacts import load_torch, output_dir, save_torch
+from pipeline.core.devices import FP32, Precision, resolve_precision
 from pipeline.data.prepared import PreparedData
 from pipeline.models.files import save_model
+from pipeline.models.inference import predict
 from pipeline.training import loop as training
 from pipeline.training.loop import TrainingDiverged, _resumable_state, learning_rate, train
 from pipeline.training.objectives import Objective
@@ -155,6 +158,28 @@ def test_monitoring_every_other_epoch_scores_the_test_fold_then_and_at_the_end_a
     assert same_weights(model.state_dict(), reference[0].state_dict())
     assert "test AP" not in training.format_epoch(history[0]) and "test AP" in training.format_epoch(history[1])
     assert summarize(history)["test_ap_mean"] == pytest.approx(aps[-1])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_monitoring_scores_on_the_training_path_but_the_last_epoch_in_fp32_as_evaluation_does(
+    data: PreparedData, precision: str
+) -> None:
+    used: list[Precision] = []
+    original = training.predict
+
+    def recording_predict(*args, **kwargs):
+        used.append(args[5])
+        return original(*args, **kwargs)
+
+    model_params = MODEL.model_copy(update={"precision": precision})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "predict", recording_predict)
+        model, config, history = train(data, 0, model_params, PARAMS)
+    path = resolve_precision(precision, torch.device("cpu"))
+    assert used == [path, path, FP32]
+    _, test = data.split(0)
+    scores = predict(model, config, data.images[test], batch_size=PARAMS.batch_size * 2)  # evaluate's fp32 scores
+    assert history[-1]["test_ap"] == average_precision_score(data.labels[test].numpy(), scores)
 
 
 def test_weight_average_is_the_saved_model_and_is_an_exponential_average_per_step(

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.core.devices import FP32, Precision
 from pipeline.data.training_data import batches, to_input
 from pipeline.models.networks import GuidedClassifier
 
@@ -39,17 +40,26 @@ def defect_probability(model: nn.Module, config: dict, x: torch.Tensor, prior: t
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, config: dict, images: torch.Tensor, priors: torch.Tensor | None = None, batch_size: int = 32
+    model: nn.Module,
+    config: dict,
+    images: torch.Tensor,
+    priors: torch.Tensor | None = None,
+    batch_size: int = 32,
+    precision: Precision = FP32,
 ) -> np.ndarray:
     """Defect probabilities for uint8 images (N, H, W); a model whose variant reads a prior at
-    inference also needs priors (see ``model_files.inference_priors``)."""
+    inference also needs priors (see ``model_files.inference_priors``).
+
+    fp32 unless ``precision`` says otherwise: the evaluation, the release and the line score in
+    fp32; the fast path (the model must already be in its memory format) serves monitoring."""
     device = next(model.parameters()).device
     model.eval()
     scores = []
     for batch in batches(np.arange(len(images)), batch_size):
-        x = to_input(images[batch], config["in_channels"], config["mean"], config["std"]).to(device)
+        x = precision.input(to_input(images[batch], config["in_channels"], config["mean"], config["std"]).to(device))
         prior = priors[batch].unsqueeze(1).to(device) if priors is not None else None
-        scores.append(defect_probability(model, config, x, prior).cpu())
+        with precision.autocast(device):
+            scores.append(defect_probability(model, config, x, prior).cpu())
     return torch.cat(scores).numpy()
 
 

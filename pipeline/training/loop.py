@@ -328,9 +328,13 @@ def end_epoch(
     # A model trained on every image (the release) has no test fold, and epochs between two
     # scorings are not monitored: their test AP stays NaN, which MLflow logging and the epoch line skip.
     if run.ranks.main and len(run.test_rows) and monitored(epoch, run.params):
-        # Monitoring only: the test fold never selects a model or stops training.
+        # Monitoring only: the test fold never selects a model or stops training. On the training's
+        # fast path (at 256x704 a fp32 pass over a fold costs as much as a few epochs), but the last
+        # epoch's in fp32: its AP is the evaluation's, the figure a run is compared on.
         priors = run.objective.inference_priors(run.test_rows)
-        scores = predict(run.result, run.config, data.images[run.test_rows], priors, run.params.batch_size * 2)
+        precision = FP32 if epoch + 1 == run.params.epochs else run.precision
+        images = data.images[run.test_rows]
+        scores = predict(run.result, run.config, images, priors, run.params.batch_size * 2, precision)
         record["test_ap"] = _average_precision(run.labels[run.test_rows].numpy(), scores)
     record["seconds"] = seconds
     run.history.append(record)
