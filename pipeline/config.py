@@ -14,7 +14,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, overload
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from pipeline.core.errors import InputError
@@ -28,7 +28,7 @@ from pipeline.knowledge.saliency import METHODS
 from pipeline.metrics.classification import MetricsError
 from pipeline.metrics.operating_points import OPERATING_POINTS, OperatingPoint, parse_condition
 from pipeline.models.files import KINDS
-from pipeline.models.networks import BACKBONES
+from pipeline.models.networks import BACKBONES, CAM_STRIDES, DEEP_STRIDE, SPLIT_STRIDES
 from pipeline.models.variants import VARIANTS
 
 PARAMS_FILE = Path("params.yaml")
@@ -188,12 +188,39 @@ class GuidedParams(TrainParams):
     prior_dropout: float = Field(
         0.5, ge=0, le=1, description="variant none: share of training images whose prior is zeroed"
     )
-    head_strides: list[Literal[4, 8, 16]] = Field(
+    head_strides: list[Literal[SPLIT_STRIDES]] = Field(  # type: ignore[valid-type]
         [16],
         min_length=1,
         description="strides of the features a segmentation head reads, one head each (no_injection: "
         "4, 8 and/or 16; the other variants: 16)",
     )
+    cam_strides: list[Literal[CAM_STRIDES]] = Field(  # type: ignore[valid-type]
+        [DEEP_STRIDE],
+        min_length=1,
+        description="strides of the features whose Grad-CAM the consistency variant pulls towards the "
+        "prior, one term each (4, 8, 16 and/or 32, the last layer; the other variants: 32)",
+    )
+
+    @field_validator("head_strides", "cam_strides")
+    @classmethod
+    def _finest_first(cls, strides: list[int], info: ValidationInfo) -> list[int]:
+        # Finest first, as the network returns its maps; a model with heads always has the stride-16 one.
+        heads = info.field_name == "head_strides"
+        if sorted(set(strides)) != strides or (heads and strides[-1] != 16):
+            rule = ", ending at 16, e.g. [4, 8, 16]" if heads else ", e.g. [8, 16, 32]"
+            raise ValueError(f"distinct strides, ascending{rule}")
+        return strides
+
+    @field_validator("cam_strides")
+    @classmethod
+    def _own_grad_cams_for_consistency(cls, strides: list[int], info: ValidationInfo) -> list[int]:
+        variant = info.data.get("variant")  # absent where the variant itself was refused
+        if strides != [DEEP_STRIDE] and variant is not None and VARIANTS[variant].has_head:
+            raise ValueError(
+                f"variant {variant!r} learns from its head's pseudo-masks, not from its own Grad-CAM "
+                f"(only consistency does); set cam_strides: [{DEEP_STRIDE}]"
+            )
+        return strides
 
     @model_validator(mode="after")
     def _heads_where_the_variant_has_them(self) -> GuidedParams:
@@ -202,10 +229,6 @@ class GuidedParams(TrainParams):
             raise ValueError(
                 f"head_strides {self.head_strides}: variant {self.variant!r} has no heads on finer strides "
                 "(only no_injection has); set head_strides: [16]"
-            )
-        if sorted(set(self.head_strides)) != self.head_strides or 16 not in self.head_strides:
-            raise ValueError(
-                f"head_strides {self.head_strides}: distinct strides, ascending, ending at 16, e.g. [4, 8, 16]"
             )
         return self
 

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError, GuidedParams, ModelParams, parse_section
-from pipeline.models.files import inference_priors, load_model, save_model
+from pipeline.models.files import CONFIG_KEYS, inference_priors, load_model, save_model
 from pipeline.models.inference import predict, segment
 from pipeline.models.losses import consistency_loss, pseudo_mask_loss, single_process_share
+from pipeline.models.networks import BACKBONES as NETWORKS
 from pipeline.models.networks import (
     Classifier,
     GuidedClassifier,
@@ -260,3 +261,128 @@ def test_the_multi_scale_loss_is_the_mean_of_each_heads_loss_and_its_model_saves
 def test_head_strides_are_validated_naming_the_key(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_section("train_guided", values)
+
+
+# --- multi-depth consistency: its own Grad-CAM at finer strides (train_guided.cam_strides) -------
+
+
+def test_the_default_cam_strides_give_todays_output_and_loss_bit_for_bit() -> None:
+    images, prior, labels = _batch()
+    torch.manual_seed(0)
+    model = GuidedClassifier("resnet18", variant="consistency")
+    logit, cam = model(images)
+    # Today's forward: the stem to stride 16, the rest, the closed-form map of the last layer.
+    stem = model.features[: model.split](images)
+    deep_map = model.features[model.split :](stem)
+    assert torch.equal(logit, model.fc(deep_map.mean(dim=(2, 3))).squeeze(1))
+    assert torch.equal(cam, class_activation_map(deep_map, model.fc))
+    objective = guided(GuidedParams(), prior[:, 0], prior[:, 0])
+    fetched, share = {"target": prior}, single_process_share(labels)
+    expected = consistency_loss(class_activation_map(deep_map, model.fc), prior, labels, share)
+    assert torch.equal(objective.auxiliary_loss(cam, fetched, labels, share), expected)
+    assert objective.training_config() == {"cam_strides": [32]} and "cam_strides" not in objective.config()
+
+
+def _reference_grad_cam(model: GuidedClassifier, images: torch.Tensor, split: int) -> torch.Tensor:
+    """Grad-CAM of the features where ``features[:split]`` ends, from a hook and a plain backward."""
+    captured = []
+    hook = model.features[split - 1].register_forward_hook(lambda module, inputs, output: captured.append(output))
+    deep = model.features(images)
+    hook.remove()
+    (features,) = captured
+    features.retain_grad()
+    model.fc(deep.mean(dim=(2, 3))).sum().backward()
+    weights = features.grad.mean(dim=(2, 3), keepdim=True)
+    return (weights * features).sum(dim=1, keepdim=True).detach()
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_a_finer_strides_map_is_grad_cam_of_the_features_at_that_stride(backbone: str) -> None:
+    images, _, _ = _batch(size=(64, 96))
+    torch.manual_seed(0)
+    model = GuidedClassifier(backbone, variant="consistency", cam_strides=[8, 16, 32])  # training mode, as trained
+    logit, maps = model(images)
+    assert isinstance(maps, list) and [m.shape[-2:] for m in maps] == [(8, 12), (4, 6), (2, 3)]
+    splits = NETWORKS[backbone].splits
+    for stride, cam in zip((8, 16), maps):
+        torch.testing.assert_close(cam.detach(), _reference_grad_cam(model, images, splits[stride]))
+    # The stride-32 map and the logit are the default model's.
+    default = GuidedClassifier(backbone, variant="consistency")
+    default.load_state_dict(model.state_dict())
+    default_logit, deep_cam = default(images)
+    assert torch.equal(logit, default_logit) and torch.equal(maps[-1], deep_cam)
+    # Without autograd (monitoring the test fold) the same maps, detached.
+    with torch.no_grad():
+        quiet_logit, quiet_maps = model(images)
+    assert not quiet_logit.requires_grad and torch.equal(quiet_logit, logit)
+    for quiet, cam in zip(quiet_maps, maps):
+        assert not quiet.requires_grad
+        torch.testing.assert_close(quiet, cam.detach())
+
+
+def test_the_multi_depth_loss_is_the_mean_of_each_maps_consistency_loss() -> None:
+    images, prior, labels = _batch()
+    params = GuidedParams(cam_strides=[16, 32])
+    objective = guided(params, prior[:, 0], prior[:, 0])
+    torch.manual_seed(0)
+    model = GuidedClassifier("resnet18", variant="consistency", cam_strides=params.cam_strides)
+    _, maps = model(images)
+    fetched, share = {"target": prior}, single_process_share(labels)
+    expected = torch.stack([consistency_loss(m, prior, labels, share) for m in maps]).mean()
+    torch.testing.assert_close(objective.auxiliary_loss(maps, fetched, labels, share), expected)
+
+
+def test_the_stride_16_term_trains_the_layers_below_and_above_its_features() -> None:
+    images, prior, labels = _batch()
+    torch.manual_seed(0)
+    model = GuidedClassifier("resnet18", variant="consistency", cam_strides=[16, 32])
+    _, (cam16, _) = model(images)
+    consistency_loss(cam16, prior, labels).backward()
+    for name in ("features.conv1.weight", "features.layer1.0.conv1.weight", "features.layer3.1.conv2.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name  # below the split: through the features
+    # Above it: through the gradient that weighs the channels (create_graph).
+    assert model.features.layer4[1].conv2.weight.grad.abs().sum() > 0 and model.fc.weight.grad.abs().sum() > 0
+
+
+def test_multi_depth_consistency_trains_and_saves_the_baselines_graph_without_its_strides(tmp_path: Path) -> None:
+    baseline = Classifier("resnet18")
+    deployed = GuidedClassifier("resnet18", variant="consistency", cam_strides=[8, 16, 32]).deployable()
+    assert type(deployed) is Classifier and deployed.state_dict().keys() == baseline.state_dict().keys()
+
+    data = tiny_data()
+    size = data.images.shape[1:]
+    params = GuidedParams(epochs=1, batch_size=8, cam_strides=[8, 16, 32])
+    objective = guided(params, torch.rand(8, *size), (torch.rand(8, *size) > 0.8).float())
+    model, config, history = train(data, 0, ModelParams(device="cpu"), params, objective)
+    assert model.cam_splits == [6, 7] and np.isfinite(history[0]["seg_loss"]) and np.isfinite(history[0]["test_ap"])
+    # Training-only: the file is the default model's, config and layout alike.
+    assert config.keys() == {*CONFIG_KEYS, "variant"}
+    save_model(tmp_path / "model.pt", model, config)
+    loaded, _ = load_model(tmp_path / "model.pt")
+    assert type(loaded) is Classifier and loaded.state_dict().keys() == baseline.state_dict().keys()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"variant": "no_injection", "cam_strides": [8, 32]}, "train_guided.cam_strides: variant 'no_injection'"),
+        ({"variant": "teacher", "cam_strides": [16]}, "train_guided.cam_strides: variant 'teacher'"),
+        ({"cam_strides": [32, 8]}, r"train_guided.cam_strides: distinct strides, ascending, e.g. \[8, 16, 32\]"),
+        ({"cam_strides": [8, 8, 32]}, "train_guided.cam_strides: distinct strides"),
+        ({"cam_strides": [2, 32]}, r"train_guided.cam_strides.0: Input should be 4, 8, 16 or 32"),
+        ({"cam_strides": []}, "train_guided.cam_strides: List should have at least 1 item"),
+        ({"variant": "consistency", "head_strides": [8, 16]}, "variant 'consistency' has no heads on finer strides"),
+    ],
+)
+def test_cam_strides_are_validated_naming_the_key(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_section("train_guided", values)
+
+
+def test_only_consistency_takes_cam_strides_and_any_ascending_subset_of_them() -> None:
+    for strides in ([4, 8, 16, 32], [16], [8, 16]):
+        assert parse_section("train_guided", {"cam_strides": strides}).cam_strides == strides
+    with pytest.raises(ValueError, match=r"cam_strides \[8, 32\]: only a variant without a head"):
+        GuidedClassifier("resnet18", variant="no_injection", cam_strides=[8, 32])
+    _, cam16 = GuidedClassifier("resnet18", variant="consistency", cam_strides=[16])(torch.rand(2, 1, 64, 96))
+    assert isinstance(cam16, torch.Tensor) and cam16.shape == (2, 1, 4, 6)  # one stride: one map, not a list

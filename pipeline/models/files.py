@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.core.artifacts import load_torch, save_torch
 from pipeline.core.errors import InputError
-from pipeline.models.networks import BACKBONES, Classifier, GuidedClassifier
+from pipeline.models.networks import BACKBONES, DEEP_STRIDE, Classifier, GuidedClassifier
 from pipeline.models.variants import LEGACY_VARIANT, variant_of
 
 KINDS = ("baseline", "guided")  # the config's ``kind``: the stage that trained the model is train_<kind>
@@ -30,7 +30,8 @@ class ModelError(InputError):
 
 
 def build_model(config: dict, deployed: bool = True) -> nn.Module:
-    """The network a saved config describes: as deployed (what inference needs) or as trained."""
+    """The network a saved config describes: as deployed (what inference needs) or as trained
+    (the training loop adds its objective's ``training_config``, which no file records)."""
     if config["kind"] != "guided":
         return Classifier(config["backbone"], config["in_channels"])
     model = GuidedClassifier(
@@ -38,6 +39,7 @@ def build_model(config: dict, deployed: bool = True) -> nn.Module:
         config["in_channels"],
         config.get("variant", LEGACY_VARIANT),
         head_strides=config.get("head_strides", (16,)),
+        cam_strides=config.get("cam_strides", (DEEP_STRIDE,)),
     )
     return model.deployable() if deployed else model
 

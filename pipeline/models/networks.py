@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -49,8 +50,14 @@ def _vgg16_features(in_channels: int) -> tuple[nn.Sequential, int]:
 
 
 # What a guided network returns beside its logit: segmentation logits S or its own Grad-CAM, one
-# map per head where it has heads on several strides; None for the baseline.
+# map per head or per Grad-CAM stride where it has several; None for the baseline.
 AuxiliaryMaps = torch.Tensor | list[torch.Tensor] | None
+
+# The strides guidance reads: those where a backbone's ``splits`` end its finer parts, and the
+# deep features' (the last layer, which the classifier pools).
+SPLIT_STRIDES = (4, 8, 16)
+DEEP_STRIDE = 32
+CAM_STRIDES = (*SPLIT_STRIDES, DEEP_STRIDE)
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,8 @@ class Backbone:
     build: Callable[[int], tuple[nn.Sequential, int]]  # in_channels -> (features, output channels)
     # Index in ``features`` where the stride-4, -8 and -16 parts end: the guided model's
     # segmentation head reads the stride-16 features (stride 32 is too coarse for thin scratches),
-    # extra heads the finer ones (``train_guided.head_strides``).
+    # extra heads the finer ones (``train_guided.head_strides``); consistency's Grad-CAMs below
+    # the last layer read them too (``train_guided.cam_strides``). Keys: ``SPLIT_STRIDES``.
     splits: dict[int, int]
     # Default saliency layers per method (``saliency.layers: null``), named as in ``features``;
     # FullGrad needs none: it uses every layer with a bias.
@@ -124,7 +132,8 @@ class GuidedClassifier(nn.Module):
     and through it the shared backbone learns where defects are.
     no_injection: the head reads F alone; the classifier is the baseline's (pooled deep
     features, one linear layer). consistency: no head; the second output is the model's own
-    Grad-CAM of its last layer, differentiable (see ``class_activation_map``).
+    Grad-CAM of its last layer, differentiable (see ``class_activation_map``), or with
+    ``cam_strides`` its Grad-CAM of the features at each of those strides (``gradient_cams``).
     """
 
     def __init__(
@@ -134,6 +143,7 @@ class GuidedClassifier(nn.Module):
         variant: str = LEGACY_VARIANT,
         seg_channels: int = 64,
         head_strides: Sequence[int] = (16,),
+        cam_strides: Sequence[int] = (DEEP_STRIDE,),
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -160,6 +170,14 @@ class GuidedClassifier(nn.Module):
         self.fine_heads = nn.ModuleList(
             _segmentation_head(_output_channels(self.features[:split]), seg_channels) for split in self.fine_splits
         )
+        # Multi-depth consistency: its own Grad-CAM at finer strides too, each pulled towards the prior.
+        if list(cam_strides) != [DEEP_STRIDE] and self.variant.has_head:
+            raise InputError(
+                f"cam_strides {list(cam_strides)}: only a variant without a head (consistency) learns from "
+                f"its own Grad-CAM; {self.variant.name} learns from its head's pseudo-masks"
+            )
+        self.cam_splits = [splits[stride] for stride in sorted(cam_strides) if stride != DEEP_STRIDE]
+        self.deep_cam = DEEP_STRIDE in cam_strides
         # Injecting variants: max and mean of S (2) and of each channel of F' (2 per channel).
         extra = 2 + 2 * (stem_channels + 1) if self.injects_prior else 0
         # Normalised before the linear layer: the pooled F' is 500+ values, its maxima ~5x the
@@ -173,13 +191,12 @@ class GuidedClassifier(nn.Module):
         on finer strides, a list of them, finest first), or for consistency the Grad-CAM before its
         ReLU. ``prior`` (B, 1, H, W) in [0, 1]: required by teacher, zeros when None for none,
         ignored by the others."""
-        stem, fine = self._stem(images)
-        deep_map = self.features[self.split :](stem)
+        if self.seg_head is None:  # the auxiliary maps are its own Grad-CAM
+            return self._with_grad_cams(images)
+        *fine, stem, deep_map = self._through(images, [*self.fine_splits, self.split])
         deep = deep_map.mean(dim=(2, 3))
         if not self.injects_prior:
             logit = self.fc(deep).squeeze(1)
-            if self.seg_head is None:  # the auxiliary map is its own Grad-CAM
-                return logit, class_activation_map(deep_map, self.fc)
             if fine:  # one map per stride, finest first
                 return logit, [*(head(f) for head, f in zip(self.fine_heads, fine)), self.seg_head(stem)]
             return logit, self.seg_head(stem)
@@ -196,14 +213,29 @@ class GuidedClassifier(nn.Module):
         )
         return self.fc(torch.cat([deep, self._normalise(guidance)], dim=1)).squeeze(1), seg_logits
 
-    def _stem(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The stride-16 features, and those at each finer head's stride on the way."""
-        fine, start, x = [], 0, images
-        for split in self.fine_splits:
+    def _through(self, images: torch.Tensor, splits: Sequence[int]) -> list[torch.Tensor]:
+        """The features where each of ``splits`` (ascending indices of ``features``) ends, then the deep ones."""
+        outputs, start, x = [], 0, images
+        for split in [*splits, len(self.features)]:
             x = self.features[start:split](x)
-            fine.append(x)
+            outputs.append(x)
             start = split
-        return self.features[start : self.split](x), fine
+        return outputs
+
+    def _with_grad_cams(self, images: torch.Tensor) -> tuple[torch.Tensor, AuxiliaryMaps]:
+        """The logit and the model's own Grad-CAM at each of its ``cam_strides``, finest first."""
+        # The finer maps need autograd, also where inference has turned it off (the test fold's
+        # monitoring, which reads only the logit, and would otherwise fail).
+        graph = torch.is_grad_enabled()
+        with torch.enable_grad() if self.cam_splits else nullcontext():
+            *tapped, deep_map = self._through(images, self.cam_splits)
+            logit = self.fc(deep_map.mean(dim=(2, 3))).squeeze(1)
+            maps = gradient_cams(logit, tapped, create_graph=graph) if tapped else []
+        if self.deep_cam:
+            maps.append(class_activation_map(deep_map, self.fc))
+        if not graph:
+            logit, maps = logit.detach(), [m.detach() for m in maps]
+        return logit, maps if len(maps) > 1 else maps[0]
 
     def _normalise(self, guidance: torch.Tensor) -> torch.Tensor:
         norm = self.guidance_norm
@@ -250,6 +282,22 @@ def class_activation_map(features: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
     """
     height, width = features.shape[-2:]
     return torch.einsum("c,bchw->bhw", fc.weight[0], features).unsqueeze(1) / (height * width)
+
+
+def gradient_cams(
+    logit: torch.Tensor, features: Sequence[torch.Tensor], create_graph: bool = True
+) -> list[torch.Tensor]:
+    """Grad-CAM of ``logit`` (B,) on each of ``features`` (B, C, h, w) before its ReLU (as
+    ``class_activation_map``), (B, 1, h, w) each: channel weights w_c = the spatial mean of
+    d(logit)/dA_c, map = sum_c w_c A_c.
+
+    With ``create_graph`` the maps are differentiable in the weights through the gradient as
+    well, so a loss on them trains the backbone below and above the features. The gradient is
+    that of the batch's summed logit: in training mode, batch normalisation lets an image's
+    features move the other images' logits too, and those terms count.
+    """
+    grads = torch.autograd.grad(logit.sum(), list(features), create_graph=create_graph)
+    return [(grad.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True) for grad, a in zip(grads, features)]
 
 
 def _max_and_mean(maps: torch.Tensor) -> torch.Tensor:

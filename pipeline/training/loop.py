@@ -170,7 +170,7 @@ def set_up(
         **({"test_time_flips": True} if model_params.test_time_flips else {}),
     }
     torch.manual_seed(params.seed)
-    model = build_model(config, deployed=False)
+    model = build_model({**config, **objective.training_config()}, deployed=False)
     if model_params.pretrained_weights:
         load_pretrained_features(model, model_params.pretrained_weights)
     precision = resolve_precision(model_params.precision, device)

@@ -84,6 +84,11 @@ class Objective:
         """What else the saved model's config records about the objective."""
         return {}
 
+    def training_config(self) -> dict:
+        """What the network as trained reads beside ``config``: settings of training alone, which
+        the deployed network does not need, so that its file does not record them."""
+        return {}
+
     def step_tensors(self) -> dict[str, torch.Tensor]:
         """Per-row tensors (N, H, W) each step fetches beside the images, flipped with them."""
         return {}
@@ -127,6 +132,10 @@ class GuidedObjective(Objective):
         strides = {"head_strides": self.params.head_strides} if self.params.head_strides != [16] else {}
         return {"variant": self.variant.name, **strides}
 
+    def training_config(self) -> dict:
+        # Consistency deploys the baseline's graph whatever the strides of its Grad-CAMs.
+        return {"cam_strides": self.params.cam_strides}
+
     def step_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"target": self.guidance.loss_target}
         if self.guidance.model_prior is not None:
@@ -157,7 +166,8 @@ class GuidedObjective(Objective):
     ) -> torch.Tensor:
         assert aux is not None  # the guided network always returns its auxiliary map
         loss = AUXILIARY_LOSSES[self.variant.target]
-        if isinstance(aux, list):  # heads on several strides (head_strides): each learns the same target
+        # Heads on several strides (head_strides) or Grad-CAMs at several (cam_strides): each learns the same target.
+        if isinstance(aux, list):
             return torch.stack([loss(m.float(), fetched["target"], labels, share) for m in aux]).mean()
         return loss(aux.float(), fetched["target"], labels, share)
 
