@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -223,18 +222,15 @@ class GuidedClassifier(nn.Module):
         return outputs
 
     def _with_grad_cams(self, images: torch.Tensor) -> tuple[torch.Tensor, AuxiliaryMaps]:
-        """The logit and the model's own Grad-CAM at each of its ``cam_strides``, finest first."""
-        # The finer maps need autograd, also where inference has turned it off (the test fold's
-        # monitoring, which reads only the logit, and would otherwise fail).
-        graph = torch.is_grad_enabled()
-        with torch.enable_grad() if self.cam_splits else nullcontext():
-            *tapped, deep_map = self._through(images, self.cam_splits)
-            logit = self.fc(deep_map.mean(dim=(2, 3))).squeeze(1)
-            maps = gradient_cams(logit, tapped, create_graph=graph) if tapped else []
-        if self.deep_cam:
+        """The logit and the model's own Grad-CAM at each of its ``cam_strides``, finest first;
+        without autograd (inference: the test fold's monitoring reads the logit alone), the last
+        layer's only, which needs none."""
+        splits = self.cam_splits if torch.is_grad_enabled() else []
+        *tapped, deep_map = self._through(images, splits)
+        logit = self.fc(deep_map.mean(dim=(2, 3))).squeeze(1)
+        maps = gradient_cams(logit, tapped) if tapped else []
+        if self.deep_cam or not maps:
             maps.append(class_activation_map(deep_map, self.fc))
-        if not graph:
-            logit, maps = logit.detach(), [m.detach() for m in maps]
         return logit, maps if len(maps) > 1 else maps[0]
 
     def _normalise(self, guidance: torch.Tensor) -> torch.Tensor:
@@ -284,19 +280,17 @@ def class_activation_map(features: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
     return torch.einsum("c,bchw->bhw", fc.weight[0], features).unsqueeze(1) / (height * width)
 
 
-def gradient_cams(
-    logit: torch.Tensor, features: Sequence[torch.Tensor], create_graph: bool = True
-) -> list[torch.Tensor]:
+def gradient_cams(logit: torch.Tensor, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Grad-CAM of ``logit`` (B,) on each of ``features`` (B, C, h, w) before its ReLU (as
     ``class_activation_map``), (B, 1, h, w) each: channel weights w_c = the spatial mean of
     d(logit)/dA_c, map = sum_c w_c A_c.
 
-    With ``create_graph`` the maps are differentiable in the weights through the gradient as
-    well, so a loss on them trains the backbone below and above the features. The gradient is
+    The maps are differentiable in the weights through the gradient as well (``create_graph``),
+    so a loss on them trains the backbone below and above the features. The gradient is
     that of the batch's summed logit: in training mode, batch normalisation lets an image's
     features move the other images' logits too, and those terms count.
     """
-    grads = torch.autograd.grad(logit.sum(), list(features), create_graph=create_graph)
+    grads = torch.autograd.grad(logit.sum(), list(features), create_graph=True)
     return [(grad.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True) for grad, a in zip(grads, features)]
 
 
