@@ -152,6 +152,12 @@ class TrainParams(Section):
         description="time constant, in epochs, of an exponential moving average of the weights, which "
         "becomes the saved model; 0 = none (the last weights are saved)",
     )
+    recalibrate_bn: bool = Field(
+        False,
+        description="after the last epoch, batch normalisation's running statistics of the saved network "
+        "are re-estimated as plain averages over the fold's training images (weights unchanged); "
+        "with few optimiser steps they still lag behind the weights",
+    )
     monitor_every: int = Field(
         1,
         ge=1,

@@ -17,6 +17,7 @@ from pipeline.config import GuidedParams, ModelParams, TrainParams
 from pipeline.core.artifacts import load_torch, output_dir, save_torch
 from pipeline.core.devices import FP32, Precision, resolve_precision
 from pipeline.data.prepared import PreparedData
+from pipeline.data.training_data import batches, to_input
 from pipeline.models.files import save_model
 from pipeline.models.inference import predict
 from pipeline.training import loop as training
@@ -180,6 +181,46 @@ def test_monitoring_scores_on_the_training_path_but_the_last_epoch_in_fp32_as_ev
     _, test = data.split(0)
     scores = predict(model, config, data.images[test], batch_size=PARAMS.batch_size * 2)  # evaluate's fp32 scores
     assert history[-1]["test_ap"] == average_precision_score(data.labels[test].numpy(), scores)
+
+
+@pytest.mark.parametrize("ema_epochs", [0.0, 0.5])
+def test_recalibrated_batch_norm_holds_the_training_images_plain_statistics_and_the_same_weights(
+    data: PreparedData, reference, ema_epochs: float
+) -> None:
+    params = PARAMS.model_copy(update={"recalibrate_bn": True, "ema_epochs": ema_epochs})
+    model, config, history = train(data, 0, MODEL, params)
+    train_rows, test = data.split(0)
+    # The first BatchNorm reads conv1's output: its statistics over every training image, by hand.
+    x = to_input(data.images[train_rows], 1, config["mean"], config["std"])
+    with torch.no_grad():
+        first = model.features.conv1(x).transpose(0, 1).flatten(1)
+    norm = model.features.bn1
+    torch.testing.assert_close(norm.running_mean, first.mean(dim=1), rtol=1e-4, atol=1e-5)
+    # torch's update_bn: each batch's (unbiased) variance, averaged over the batches with equal weights.
+    per_batch = first.view(first.shape[0], -1, x.shape[-2] // 2 * x.shape[-1] // 2)
+    batch_vars = [per_batch[:, part].flatten(1).var(dim=1) for part in batches(np.arange(len(x)), 8)]
+    torch.testing.assert_close(norm.running_var, torch.stack(batch_vars).mean(dim=0), rtol=1e-4, atol=1e-5)
+    assert norm.momentum == 0.1  # restored for anyone who trains the network further
+    # Only the statistics change: the weights are those of the same run without it.
+    plain, _, plain_history = train(data, 0, MODEL, params.model_copy(update={"recalibrate_bn": False}))
+    assert same_weights(dict(model.named_parameters()), dict(plain.named_parameters()))
+    assert not torch.equal(norm.running_mean, plain.features.bn1.running_mean)
+    assert [r["loss"] for r in history] == [r["loss"] for r in plain_history]
+    # The last epoch's monitoring scores the saved network, as the evaluation will.
+    scores = predict(model, config, data.images[test], batch_size=PARAMS.batch_size * 2)
+    assert history[-1]["test_ap"] == average_precision_score(data.labels[test].numpy(), scores)
+
+
+def test_recalibrating_a_guided_model_that_reads_its_prior_feeds_it_the_prior(data: PreparedData) -> None:
+    prior = torch.rand(len(data.images), 32, 32)
+    params = GuidedParams(epochs=2, batch_size=4, seed=0, variant="teacher", recalibrate_bn=True)
+    model, config, _ = train(data, 0, MODEL, params, guided(params, prior, (prior > 0.5).float()))
+    assert config["variant"] == "teacher"
+    # The guidance's last input is the mean of the prior channel: over the training images, the
+    # mean of their priors (zeros, had the prior not been fed).
+    train_rows, _ = data.split(0)
+    expected = prior[train_rows].mean()
+    torch.testing.assert_close(model.guidance_norm.running_mean[-1], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_weight_average_is_the_saved_model_and_is_an_exponential_average_per_step(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from pipeline.config import ModelParams, TrainParams
 from pipeline.core import distributed
@@ -42,11 +42,12 @@ from pipeline.data.training_data import (
     flip_flags,
     loader,
     pixel_stats,
+    to_input,
 )
 from pipeline.models.files import build_model
 from pipeline.models.inference import predict
 from pipeline.models.losses import BatchShare, classification_loss
-from pipeline.models.networks import load_pretrained_features
+from pipeline.models.networks import GuidedClassifier, PriorAsChannel, load_pretrained_features
 from pipeline.training.objectives import Objective
 
 LOSSES = ("loss", "cls_loss", "seg_loss")
@@ -324,6 +325,9 @@ def end_epoch(
         "seg_weight": run.objective.seg_weight(epoch),
         **{name: total / seen for name, total in zip(LOSSES, totals)},
     }
+    if epoch + 1 == run.params.epochs and run.params.recalibrate_bn:
+        # Before the last monitoring and the checkpoint: both see the network that is saved.
+        recalibrate_batch_norm(run, data)
     record["test_ap"] = math.nan
     # A model trained on every image (the release) has no test fold, and epochs between two
     # scorings are not monitored: their test AP stays NaN, which MLflow logging and the epoch line skip.
@@ -353,6 +357,29 @@ def end_epoch(
                     "fingerprint": fingerprint,
                 },
             )
+
+
+def recalibrate_batch_norm(run: FoldTraining, data: PreparedData) -> None:
+    """Re-estimate every BatchNorm layer's running statistics of the trained network as plain
+    averages over the fold's training images, in fp32 and without flips; weights unchanged.
+
+    The running statistics are a momentum-0.1 average along training, so after 10 to 20 steps
+    (a few-defect regime's whole run) they still carry the first steps' features; on BSData with
+    10 pitted images that left models scoring every image alike (results/bsdata/few_defects)."""
+    rows = run.train_rows
+    priors = run.objective.inference_priors(rows)
+    config, images = run.config, data.images
+    # PriorAsChannel: update_bn feeds one tensor per batch; it carries the prior where the variant reads one.
+    network = PriorAsChannel(run.result, priors is not None) if isinstance(run.result, GuidedClassifier) else run.result
+    inputs = (
+        _with_prior(to_input(images[rows[part]], config["in_channels"], config["mean"], config["std"]), priors, part)
+        for part in batches(np.arange(len(rows)), run.params.batch_size * 2)
+    )
+    update_bn(inputs, network, device=run.device)
+
+
+def _with_prior(x: torch.Tensor, priors: torch.Tensor | None, part: np.ndarray) -> torch.Tensor:
+    return x if priors is None else torch.cat([x, priors[part].unsqueeze(1)], dim=1)
 
 
 def monitored(epoch: int, params: TrainParams) -> bool:
