@@ -155,8 +155,8 @@ class TrainParams(Section):
     recalibrate_bn: bool = Field(
         False,
         description="after the last epoch, batch normalisation's running statistics of the saved network "
-        "are re-estimated as plain averages over the fold's training images (weights unchanged); "
-        "with few optimiser steps they still lag behind the weights",
+        "are re-estimated as plain averages over the last epoch's images, the classes balanced as in "
+        "training (weights unchanged); with few optimiser steps they still lag behind the weights",
     )
     monitor_every: int = Field(
         1,

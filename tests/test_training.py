@@ -17,7 +17,7 @@ from pipeline.config import GuidedParams, ModelParams, TrainParams
 from pipeline.core.artifacts import load_torch, output_dir, save_torch
 from pipeline.core.devices import FP32, Precision, resolve_precision
 from pipeline.data.prepared import PreparedData
-from pipeline.data.training_data import batches, to_input
+from pipeline.data.training_data import BalancedEpochs, batches, to_input
 from pipeline.models.files import save_model
 from pipeline.models.inference import predict
 from pipeline.training import loop as training
@@ -190,8 +190,12 @@ def test_recalibrated_batch_norm_holds_the_training_images_plain_statistics_and_
     params = PARAMS.model_copy(update={"recalibrate_bn": True, "ema_epochs": ema_epochs})
     model, config, history = train(data, 0, MODEL, params)
     train_rows, test = data.split(0)
-    # The first BatchNorm reads conv1's output: its statistics over every training image, by hand.
-    x = to_input(data.images[train_rows], 1, config["mean"], config["std"])
+    # The first BatchNorm reads conv1's output: its statistics over the last epoch's images (the
+    # defective ones repeated to balance the classes, as every training batch has them), by hand.
+    sampler = BalancedEpochs(data.labels[train_rows].numpy(), params.seed, oversample=True)
+    last_epoch = train_rows[sampler.epoch(params.epochs - 1)]
+    assert data.labels[last_epoch].float().mean() == 0.5
+    x = to_input(data.images[last_epoch], 1, config["mean"], config["std"])
     with torch.no_grad():
         first = model.features.conv1(x).transpose(0, 1).flatten(1)
     norm = model.features.bn1
@@ -216,10 +220,11 @@ def test_recalibrating_a_guided_model_that_reads_its_prior_feeds_it_the_prior(da
     params = GuidedParams(epochs=2, batch_size=4, seed=0, variant="teacher", recalibrate_bn=True)
     model, config, _ = train(data, 0, MODEL, params, guided(params, prior, (prior > 0.5).float()))
     assert config["variant"] == "teacher"
-    # The guidance's last input is the mean of the prior channel: over the training images, the
-    # mean of their priors (zeros, had the prior not been fed).
+    # The guidance's last input is the mean of the prior channel: over the last epoch's images,
+    # the mean of their priors (zeros, had the prior not been fed).
     train_rows, _ = data.split(0)
-    expected = prior[train_rows].mean()
+    sampler = BalancedEpochs(data.labels[train_rows].numpy(), params.seed, oversample=True)
+    expected = prior[train_rows[sampler.epoch(params.epochs - 1)]].mean()
     torch.testing.assert_close(model.guidance_norm.running_mean[-1], expected, rtol=1e-4, atol=1e-5)
 
 

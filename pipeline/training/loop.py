@@ -361,12 +361,15 @@ def end_epoch(
 
 def recalibrate_batch_norm(run: FoldTraining, data: PreparedData) -> None:
     """Re-estimate every BatchNorm layer's running statistics of the trained network as plain
-    averages over the fold's training images, in fp32 and without flips; weights unchanged.
+    averages over the last epoch's images, in the sampler's order (the classes balanced as in
+    every training batch), in fp32 and without flips; weights unchanged.
 
     The running statistics are a momentum-0.1 average along training, so after 10 to 20 steps
-    (a few-defect regime's whole run) they still carry the first steps' features; on BSData with
-    10 pitted images that left models scoring every image alike (results/bsdata/few_defects)."""
-    rows = run.train_rows
+    (a few-defect regime's whole run) they still carry the first steps' features. Balanced,
+    because a guided model's features can depend on the class so much that statistics over the
+    fold's mostly defect-free images leave it scoring every image alike
+    (results/bsdata/few_defects)."""
+    rows = run.train_rows[run.sampler.epoch(run.params.epochs - 1)]
     priors = run.objective.inference_priors(rows)
     config, images = run.config, data.images
     # PriorAsChannel: update_bn feeds one tensor per batch; it carries the prior where the variant reads one.
