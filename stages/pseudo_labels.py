@@ -28,8 +28,9 @@ from pipeline.metrics.localization import mask_iou
 PREPARED = layout.PREPARED
 
 
-def main() -> None:
-    knowledge_round = load_round(round_argument())
+def main(round_name: str | None = None) -> None:
+    """The stage for the knowledge round ``round_name``; None: the first (the pipeline's own stage)."""
+    knowledge_round = load_round(round_name)
     params = load_section("pseudo_labels")
     data = PreparedData.load(PREPARED)
     dataset = read_json(PREPARED / "report.json")["dataset"]
@@ -71,4 +72,7 @@ def _score(data: PreparedData, fold: int, masks: list[np.ndarray], defective: np
 
 
 if __name__ == "__main__":
-    run_stage(layout.round_stage("pseudo_labels", round_argument()), main)
+    # The round from the command line here only: a caller of main() in-process (a test under
+    # pytest) has its own argv.
+    name = round_argument()
+    run_stage(layout.round_stage("pseudo_labels", name), lambda: main(name))

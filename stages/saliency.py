@@ -30,8 +30,9 @@ from pipeline.metrics.figures import overlay_grid, save_png
 PREPARED = layout.PREPARED
 
 
-def main() -> None:
-    knowledge_round = load_round(round_argument())
+def main(round_name: str | None = None) -> None:
+    """The stage for the knowledge round ``round_name``; None: the first (the pipeline's own stage)."""
+    knowledge_round = load_round(round_name)
     model_params = load_section("model")
     params = load_section("saliency")
     device = pick_device(model_params.device)
@@ -89,4 +90,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(layout.round_stage("saliency", round_argument()), main)
+    # The round from the command line here only: a caller of main() in-process (a test under
+    # pytest) has its own argv.
+    name = round_argument()
+    run_stage(layout.round_stage("saliency", name), lambda: main(name))

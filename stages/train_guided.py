@@ -38,8 +38,9 @@ def training_stage(knowledge_round: KnowledgeRound) -> TrainingStage:
     )
 
 
-def main() -> None:
-    knowledge_round = load_round(round_argument())
+def main(round_name: str | None = None) -> None:
+    """The stage for the knowledge round ``round_name``; None: the first (the pipeline's own stage)."""
+    knowledge_round = load_round(round_name)
     params = load_section("train_guided")
 
     def objective_for(data: PreparedData, fold: int) -> GuidedObjective:
@@ -51,4 +52,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(layout.round_stage("train_guided", round_argument()), main)
+    # The round from the command line here only: a caller of main() in-process (a test under
+    # pytest) has its own argv.
+    name = round_argument()
+    run_stage(layout.round_stage("train_guided", name), lambda: main(name))

@@ -1,5 +1,6 @@
 """Data efficiency (N defective training images) and mixed supervision (Na true masks)."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,11 @@ def prepare_with_maps(folder: Path, size: int = 32, **prepare_params) -> Prepare
 def run_pseudo_labels(folder: Path, **pseudo_params) -> None:
     params = yaml.safe_load((folder / "params.yaml").read_text())
     (folder / "params.yaml").write_text(yaml.safe_dump({**params, "pseudo_labels": pseudo_params}))
-    pseudo_labels.main()
+    # As under `pytest -q`: a stage's main() run in-process must not take its caller's arguments
+    # for a knowledge round's name.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["pytest", "-q", "-p", "no:cacheprovider"])
+        pseudo_labels.main()
 
 
 def targets(data: PreparedData, fold: int) -> dict[int, np.ndarray]:
