@@ -221,7 +221,7 @@ class GuidedParams(TrainParams):
     @classmethod
     def _own_grad_cams_for_consistency(cls, strides: list[int], info: ValidationInfo) -> list[int]:
         variant = info.data.get("variant")  # absent where the variant itself was refused
-        if strides != [DEEP_STRIDE] and variant is not None and VARIANTS[variant].has_head:
+        if strides != [DEEP_STRIDE] and variant is not None and not VARIANTS[variant].learns_own_grad_cam:
             raise ValueError(
                 f"variant {variant!r} learns from its head's pseudo-masks, not from its own Grad-CAM "
                 f"(only consistency does); set cam_strides: [{DEEP_STRIDE}]"
@@ -231,7 +231,7 @@ class GuidedParams(TrainParams):
     @model_validator(mode="after")
     def _heads_where_the_variant_has_them(self) -> GuidedParams:
         variant = VARIANTS[self.variant]
-        if self.head_strides != [16] and (variant.injects_prior or not variant.has_head):
+        if self.head_strides != [16] and not variant.has_finer_heads:
             raise ValueError(
                 f"head_strides {self.head_strides}: variant {self.variant!r} has no heads on finer strides "
                 "(only no_injection has); set head_strides: [16]"

@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.config import load_round, load_section
 from pipeline.core import layout
 from pipeline.core.artifacts import output_dir, read_json, write_json
-from pipeline.core.runner import round_argument, run_stage
+from pipeline.core.runner import run_round_stage
 from pipeline.core.tracking import stage_run
 from pipeline.data.prepared import PreparedData
 from pipeline.knowledge.pseudo_labels import write_fold_targets
@@ -72,7 +72,4 @@ def _score(data: PreparedData, fold: int, masks: list[np.ndarray], defective: np
 
 
 if __name__ == "__main__":
-    # The round from the command line here only: a caller of main() in-process (a test under
-    # pytest) has its own argv.
-    name = round_argument()
-    run_stage(layout.round_stage("pseudo_labels", name), lambda: main(name))
+    run_round_stage("pseudo_labels", main)

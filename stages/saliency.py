@@ -20,7 +20,7 @@ from pipeline.core import layout
 from pipeline.core.artifacts import output_dir, read_json, write_json
 from pipeline.core.devices import pick_device, resolve_precision
 from pipeline.core.progress import log_line, progress
-from pipeline.core.runner import round_argument, run_stage
+from pipeline.core.runner import run_round_stage
 from pipeline.core.tracking import stage_run
 from pipeline.data.prepared import PreparedData
 from pipeline.knowledge.fold_maps import fold_localization, overlay_rows, write_fold_maps
@@ -90,7 +90,4 @@ def main(round_name: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # The round from the command line here only: a caller of main() in-process (a test under
-    # pytest) has its own argv.
-    name = round_argument()
-    run_stage(layout.round_stage("saliency", name), lambda: main(name))
+    run_round_stage("saliency", main)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pipeline.config import load_round, load_section
 from pipeline.core import layout
 from pipeline.core.layout import KnowledgeRound
-from pipeline.core.runner import round_argument, run_stage
+from pipeline.core.runner import run_round_stage
 from pipeline.data.prepared import PreparedData
 from pipeline.models.variants import VARIANTS
 from pipeline.training.objectives import GuidedObjective, load_guidance
@@ -52,7 +52,4 @@ def main(round_name: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # The round from the command line here only: a caller of main() in-process (a test under
-    # pytest) has its own argv.
-    name = round_argument()
-    run_stage(layout.round_stage("train_guided", name), lambda: main(name))
+    run_round_stage("train_guided", main)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.layout import project_root
+from pipeline.core.layout import project_root, round_stage
 from pipeline.core.restore import restore_commands
 
 
@@ -42,10 +42,13 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         print(f"[{name}] done in {time.perf_counter() - started:.1f}s", flush=True)
 
 
-def round_argument() -> str | None:
-    """The knowledge round a round stage runs for: its one argument, the round's name (dvc.yaml's
-    foreach key); None for the pipeline's own stages, the first round."""
-    return sys.argv[1] if len(sys.argv) > 1 else None
+def run_round_stage(stage: str, main: Callable[[str | None], None]) -> None:
+    """``run_stage`` for a stage that knowledge rounds repeat: its one command-line argument is the
+    round's name (dvc.yaml's foreach key), none for the pipeline's own stage, the first round.
+    Read here, in the script's entry point only: ``main`` run in-process (a test under pytest)
+    must not take its caller's arguments for a round."""
+    name = sys.argv[1] if len(sys.argv) > 1 else None
+    run_stage(round_stage(stage, name), lambda: main(name))
 
 
 def _print_restore_commands(stage: str) -> None:

@@ -160,7 +160,7 @@ class GuidedClassifier(nn.Module):
             self.seg_head = _segmentation_head(stem_channels + self.injects_prior, seg_channels)
         # Multi-scale guidance: a head on each finer stride too, trained on the same pseudo-masks.
         finer = sorted(stride for stride in head_strides if stride != 16)
-        if finer and (self.injects_prior or not self.variant.has_head):
+        if finer and not self.variant.has_finer_heads:
             raise InputError(
                 f"head_strides {list(head_strides)}: only a variant with a head and no injected prior "
                 f"(no_injection) has heads on finer strides; {self.variant.name} reads stride 16 alone"
@@ -170,7 +170,7 @@ class GuidedClassifier(nn.Module):
             _segmentation_head(_output_channels(self.features[:split]), seg_channels) for split in self.fine_splits
         )
         # Multi-depth consistency: its own Grad-CAM at finer strides too, each pulled towards the prior.
-        if list(cam_strides) != [DEEP_STRIDE] and self.variant.has_head:
+        if list(cam_strides) != [DEEP_STRIDE] and not self.variant.learns_own_grad_cam:
             raise InputError(
                 f"cam_strides {list(cam_strides)}: only a variant without a head (consistency) learns from "
                 f"its own Grad-CAM; {self.variant.name} learns from its head's pseudo-masks"

@@ -31,6 +31,17 @@ class Variant:
     summary: str
 
     @property
+    def has_finer_heads(self) -> bool:
+        """Whether it may have heads on strides finer than 16 too (``train_guided.head_strides``):
+        a head, and features that are the backbone's own (no prior joined at stride 16)."""
+        return self.has_head and not self.injects_prior
+
+    @property
+    def learns_own_grad_cam(self) -> bool:
+        """Whether its auxiliary loss is on its own Grad-CAM, at the strides ``train_guided.cam_strides``."""
+        return self.target == SALIENCY_MAPS
+
+    @property
     def deploys_baseline_graph(self) -> bool:
         """Whether the deployed model is a plain ``Classifier`` (the head is training-only)."""
         return not self.injects_prior

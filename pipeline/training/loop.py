@@ -47,7 +47,7 @@ from pipeline.data.training_data import (
 from pipeline.models.files import build_model
 from pipeline.models.inference import predict
 from pipeline.models.losses import BatchShare, classification_loss
-from pipeline.models.networks import GuidedClassifier, PriorAsChannel, load_pretrained_features
+from pipeline.models.networks import PriorAsChannel, load_pretrained_features
 from pipeline.training.objectives import Objective
 
 LOSSES = ("loss", "cls_loss", "seg_loss")
@@ -372,8 +372,8 @@ def recalibrate_batch_norm(run: FoldTraining, data: PreparedData) -> None:
     rows = run.train_rows[run.sampler.epoch(run.params.epochs - 1)]
     priors = run.objective.inference_priors(rows)
     config, images = run.config, data.images
-    # PriorAsChannel: update_bn feeds one tensor per batch; it carries the prior where the variant reads one.
-    network = PriorAsChannel(run.result, priors is not None) if isinstance(run.result, GuidedClassifier) else run.result
+    # update_bn feeds the network one tensor per batch: where the variant reads a prior, it rides as a channel.
+    network = run.result if priors is None else PriorAsChannel(run.result)
     inputs = (
         _with_prior(to_input(images[rows[part]], config["in_channels"], config["mean"], config["std"]), priors, part)
         for part in batches(np.arange(len(rows)), run.params.batch_size * 2)
