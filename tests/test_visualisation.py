@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
 
 from pipeline.metrics.classification import pr_curve
 from pipeline.metrics.figures import (
@@ -23,6 +24,7 @@ from pipeline.metrics.figures import (
     plot_training_curves,
     results_table_markdown,
     save_png,
+    set_count_ticks,
 )
 
 DPI = 100
@@ -169,6 +171,15 @@ def test_plot_metric_vs_count(tmp_path):
     assert _read_png(path).shape == (*_pixels(METRIC_VS_COUNT_FIGSIZE), 3)
     with pytest.raises(ValueError, match="ap_std"):
         plot_metric_vs_count(frame.drop(columns="ap_std"), "n_defective", path, "t")
+
+
+@pytest.mark.parametrize(("ticks", "scale"), [([5, 10, 20], "linear"), ([10, 20, 262], "log")])
+def test_count_axis_turns_logarithmic_only_past_a_factor_of_ten(ticks, scale):
+    axes = Figure().add_subplot()
+    set_count_ticks(axes, ticks)
+    assert axes.get_xscale() == scale
+    assert list(axes.get_xticks()) == ticks
+    assert [label.get_text() for label in axes.get_xticklabels()] == [str(tick) for tick in ticks]
 
 
 def test_results_table_markdown():

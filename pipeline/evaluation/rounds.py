@@ -18,6 +18,7 @@ import pandas as pd
 from pipeline.config import PARAMS_FILE, knowledge_rounds, read_params
 from pipeline.core import layout
 from pipeline.core.artifacts import read_json
+from pipeline.metrics.figures import results_table_markdown
 
 # (column, metrics file of the round's stage, key in it)
 COLUMNS = (
@@ -50,13 +51,11 @@ def rounds_table(root: Path = Path(".")) -> pd.DataFrame:
 
 def rounds_markdown(table: pd.DataFrame) -> str:
     """The table in percent, one decimal; a round not run yet shows empty cells."""
-    shown = table.copy()
-    for column, _, _ in COLUMNS:
-        shown[column] = [f"{100 * value:.1f}" if not math.isnan(value) else "" for value in table[column]]
-    header = "| " + " | ".join(shown.columns) + " |"
-    lines = [header, "|" + "---|" * len(shown.columns)]
-    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in shown.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    rows = table.to_dict("records")
+    for row in rows:
+        for column, _, _ in COLUMNS:
+            row[column] = "" if math.isnan(row[column]) else f"{100 * row[column]:.1f}"
+    return results_table_markdown(rows, list(table.columns))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

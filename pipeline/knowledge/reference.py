@@ -144,6 +144,9 @@ def fold_distance_maps(
     train, _ = data.split(fold)
     defect_free = train[data.index["label"].to_numpy()[train] == 0]
     layer = reference_layer(model, layer)
+    # The bank's images pass through the layer twice, for the bank and for their own maps: a
+    # fraction of the saliency's cost, where keeping every image's features would hold the whole
+    # data set's feature maps (about 1 GB for KolektorSDD's layer1 at 256x704) at once.
     bank = memory_bank(model, layer, data.images[defect_free], config, bank_size, fold, batch_size)
     return distance_maps(model, layer, data.images, bank, config, batch_size)
 

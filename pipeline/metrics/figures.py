@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from pipeline.core.artifacts import write_bytes
@@ -282,6 +283,16 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path, title: str) ->
     _save_figure(figure, path)
 
 
+def set_count_ticks(axes: Axes, ticks: Sequence[float]) -> None:
+    """Ticks at the sweep's values (5, 10, 20, ...), the only meaningful x positions, on a log axis
+    where they span more than a factor of 10 (5 to 262 defective images): the few-defect points
+    stay apart."""
+    if ticks[0] > 0 and ticks[-1] > 10 * ticks[0]:
+        axes.set_xscale("log")
+        axes.minorticks_off()
+    axes.set_xticks(ticks, [f"{tick:.3g}" for tick in ticks])
+
+
 def plot_metric_vs_count(frame: pd.DataFrame, x: str, path: str | Path, title: str) -> None:
     """AP (``ap_mean`` ± ``ap_std``) against ``x`` (e.g. number of training images), per model."""
     missing = {x, "model", "ap_mean", "ap_std"} - set(frame.columns)
@@ -291,9 +302,7 @@ def plot_metric_vs_count(frame: pd.DataFrame, x: str, path: str | Path, title: s
     axes = figure.add_subplot()
     for model, rows in frame.sort_values(x).groupby("model", sort=True):
         axes.errorbar(rows[x], rows["ap_mean"], yerr=rows["ap_std"], marker="o", capsize=3, label=str(model))
-    # Sweep values (5, 10, 20, ...) are the only meaningful x positions.
-    ticks = sorted(frame[x].unique())
-    axes.set_xticks(ticks, [f"{tick:.3g}" for tick in ticks])
+    set_count_ticks(axes, sorted(frame[x].unique()))
     axes.set(xlabel=x.replace("_", " "), ylabel="AP")
     axes.set_title(title, fontsize="medium", wrap=True)
     axes.grid(alpha=0.3)

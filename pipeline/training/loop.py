@@ -368,7 +368,9 @@ def recalibrate_batch_norm(run: FoldTraining, data: PreparedData) -> None:
     (a few-defect regime's whole run) they still carry the first steps' features. Balanced,
     because a guided model's features can depend on the class so much that statistics over the
     fold's mostly defect-free images leave it scoring every image alike
-    (results/bsdata/few_defects)."""
+    (results/bsdata/few_defects). With N training processes each re-estimates over every image
+    of the epoch: the same statistics in each (synchronised BatchNorm averages equal shares),
+    for a pass that costs a fraction of one epoch."""
     rows = run.train_rows[run.sampler.epoch(run.params.epochs - 1)]
     priors = run.objective.inference_priors(rows)
     config, images = run.config, data.images
