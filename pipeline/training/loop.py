@@ -369,8 +369,9 @@ def recalibrate_batch_norm(run: FoldTraining, data: PreparedData) -> None:
     because a guided model's features can depend on the class so much that statistics over the
     fold's mostly defect-free images leave it scoring every image alike
     (results/bsdata/few_defects). With N training processes each re-estimates over every image
-    of the epoch: the same statistics in each (synchronised BatchNorm averages equal shares),
-    for a pass that costs a fraction of one epoch."""
+    of the epoch, for a pass that costs a fraction of one epoch: synchronised BatchNorm then sees
+    each batch N times, the same means, variances off from one process's by their unbiased
+    estimate's factor (less than 1/B for a batch of B)."""
     rows = run.train_rows[run.sampler.epoch(run.params.epochs - 1)]
     priors = run.objective.inference_priors(rows)
     config, images = run.config, data.images
