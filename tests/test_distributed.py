@@ -23,7 +23,7 @@ from pipeline.core.distributed import Ranks, shard
 from pipeline.core.errors import InputError, SetupError
 from pipeline.models.files import build_model
 from pipeline.training.loop import train
-from support.distributed_cases import CASES, MODEL, PARAMS, train_cases
+from support.distributed_cases import BASELINE_CASES, CASES, MODEL, PARAMS, train_cases
 from support.helpers import SHRUNK, dvc, make_shrunk_project, merge, noise_data, project_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_two_processes_train_the_model_of_one_with_the_same_global_batch(
         torch.testing.assert_close(ddp["state"][key], value, **TOLERANCE, msg=key)
     np.testing.assert_allclose(ddp["scores"], one["scores"], atol=1e-5)
     torch.manual_seed(PARAMS.seed)
-    baseline = name in ("baseline", "hard_negatives")
+    baseline = name in BASELINE_CASES
     config = {
         "kind": "baseline" if baseline else "guided",
         "backbone": "resnet18",
@@ -102,6 +102,18 @@ def test_two_processes_resume_from_a_checkpoint_to_the_uninterrupted_result(two_
 def test_two_processes_gather_the_per_sample_values_of_a_global_batch(two_processes: Path) -> None:
     gathered = torch.load(two_processes / "results.pt", weights_only=False)["whole_batch"]
     assert gathered.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.slow
+def test_a_process_without_samples_leaves_the_global_batch_statistics_to_the_others(two_processes: Path) -> None:
+    """Rank 0 holds all three samples of a global batch, rank 1 none (recalibrating a last batch
+    smaller than the number of processes): the statistics are plain BatchNorm's over the three."""
+    synced = torch.load(two_processes / "results.pt", weights_only=False)["empty_share"]
+    plain = torch.nn.BatchNorm2d(2, momentum=None)
+    output = plain(torch.arange(24.0).view(3, 2, 2, 2))
+    torch.testing.assert_close(synced["running_mean"], plain.running_mean)
+    torch.testing.assert_close(synced["running_var"], plain.running_var)
+    torch.testing.assert_close(synced["output"], output)
 
 
 @pytest.mark.slow

@@ -150,7 +150,8 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
     differentiable all-gather and combined with Chan's parallel formula, which is numerically
     as stable as one process's two-pass variance. Outside a process group, or in eval mode, it
     is plain BatchNorm. A global batch of one sample uses the running statistics, as
-    ``GuidedClassifier`` does for a batch of one in a single process.
+    ``GuidedClassifier`` does for a batch of one in a single process; a process may hold none of
+    a global batch's samples.
     """
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -164,7 +165,9 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1, *([1] * (x.dim() - 2))]
         count = x.numel() // x.shape[1]
-        mean = x.mean(dims)
+        # A process with no sample of a global batch (fewer samples than processes) still joins the
+        # gather, with a count of 0 and zeros that weigh nothing (its own mean would be NaN).
+        mean = x.mean(dims) if count else x.new_zeros(x.shape[1])
         squares = (x - mean.view(shape)).pow(2).sum(dims)
         stats = torch.cat([mean.new_full((1,), float(count)), mean, squares])
         gathered = torch.stack(all_gather(stats))  # (processes, 1 + 2C)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -368,20 +368,26 @@ def recalibrate_batch_norm(run: FoldTraining, data: PreparedData) -> None:
     (a few-defect regime's whole run) they still carry the first steps' features. Balanced,
     because a guided model's features can depend on the class so much that statistics over the
     fold's mostly defect-free images leave it scoring every image alike
-    (results/bsdata/few_defects). With N training processes each re-estimates over every image
-    of the epoch, for a pass that costs a fraction of one epoch: synchronised BatchNorm then sees
-    each batch N times, the same means, variances off from one process's by their unbiased
-    estimate's factor (less than 1/B for a batch of B)."""
+    (results/bsdata/few_defects). With N training processes each passes every N-th image of each
+    batch (no padding: a repeated image would weigh twice) and synchronised BatchNorm combines
+    their statistics into the whole batch's, so the result is one process's at 1/N of the pass."""
     rows = run.train_rows[run.sampler.epoch(run.params.epochs - 1)]
     priors = run.objective.inference_priors(rows)
     config, images = run.config, data.images
     # update_bn feeds the network one tensor per batch: where the variant reads a prior, it rides as a channel.
     network = run.result if priors is None else PriorAsChannel(run.result)
     inputs = (
-        _with_prior(to_input(images[rows[part]], config["in_channels"], config["mean"], config["std"]), priors, part)
-        for part in batches(np.arange(len(rows)), run.params.batch_size * 2)
+        _with_prior(to_input(images[rows[mine]], config["in_channels"], config["mean"], config["std"]), priors, mine)
+        for mine in _own_shares(len(rows), run.params.batch_size * 2, run.ranks)
     )
     update_bn(inputs, network, device=run.device)
+
+
+def _own_shares(size: int, batch_size: int, ranks: distributed.Ranks) -> Iterator[np.ndarray]:
+    """This process's positions in each batch of ``size`` positions: every N-th from its rank on,
+    empty where a batch has fewer images than processes (every process must take part in it)."""
+    for part in batches(np.arange(size), batch_size):
+        yield part[ranks.rank :: ranks.world]
 
 
 def _with_prior(x: torch.Tensor, priors: torch.Tensor | None, part: np.ndarray) -> torch.Tensor:

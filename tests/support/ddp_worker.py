@@ -26,6 +26,11 @@ def main(out: Path) -> None:
         # Per-sample values of a global batch of 5 (one padded sample): each process holds its share.
         mine, real = distributed.shard(5, ranks), distributed.real_samples(5, ranks)
         results["whole_batch"] = distributed.whole_batch(torch.tensor(mine, dtype=torch.float32) * real, 5, ranks)
+        # A global batch of 3 samples all on rank 0: rank 1 joins the statistics with none.
+        norm = distributed.SyncedBatchNorm(2, momentum=None)
+        batch = torch.arange(24.0).view(3, 2, 2, 2)
+        output = norm(batch if ranks.main else batch[:0])
+        results["empty_share"] = {"running_mean": norm.running_mean, "running_var": norm.running_var, "output": output}
         # Resuming: the first epoch's checkpoint, then a second run that resumes and trains epoch 2.
         params, _ = case("baseline", data)
         checkpoint = out / "fold0.pt"

@@ -25,8 +25,10 @@ MODEL = ModelParams(device="cpu", precision="fp32")
 # sampling (measured at 12 steps: up to 2-30% on batch-norm biases, undersampled or oversampled).
 PARAMS = TrainParams(epochs=2, batch_size=4, lr=1e-4, seed=0, sampling="undersample")
 # hard_negatives: the second epoch's defect-free images are chosen by the logits of the first,
-# which every process gathers from the others' shares.
-CASES = ("baseline", "consistency", "teacher", "hard_negatives")
+# which every process gathers from the others' shares. recalibrate_bn: each process passes its
+# share of the last epoch's batches, and the statistics are the whole batches'.
+CASES = ("baseline", "consistency", "teacher", "hard_negatives", "recalibrate_bn")
+BASELINE_CASES = ("baseline", "hard_negatives", "recalibrate_bn")
 
 
 def case(name: str, data: PreparedData) -> tuple[TrainParams, Objective]:
@@ -34,6 +36,8 @@ def case(name: str, data: PreparedData) -> tuple[TrainParams, Objective]:
         return PARAMS, Objective()
     if name == "hard_negatives":
         return PARAMS.model_copy(update={"hard_negatives": 0.5}), Objective()
+    if name == "recalibrate_bn":
+        return PARAMS.model_copy(update={"recalibrate_bn": True}), Objective()
     priors = torch.from_numpy(np.random.default_rng(1).random(data.images.shape, dtype=np.float32))
     params = GuidedParams(**PARAMS.model_dump(), variant=name)
     return params, guided(params, priors, (priors > 0.8).float())
