@@ -23,7 +23,7 @@ from pipeline.core.distributed import Ranks, shard
 from pipeline.core.errors import InputError, SetupError
 from pipeline.models.files import build_model
 from pipeline.training.loop import train
-from support.distributed_cases import BASELINE_CASES, CASES, MODEL, PARAMS, train_cases
+from support.distributed_cases import CASES, MODEL, PARAMS, train_cases
 from support.helpers import SHRUNK, dvc, make_shrunk_project, merge, noise_data, project_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,14 +73,7 @@ def test_two_processes_train_the_model_of_one_with_the_same_global_batch(
         torch.testing.assert_close(ddp["state"][key], value, **TOLERANCE, msg=key)
     np.testing.assert_allclose(ddp["scores"], one["scores"], atol=1e-5)
     torch.manual_seed(PARAMS.seed)
-    baseline = name in BASELINE_CASES
-    config = {
-        "kind": "baseline" if baseline else "guided",
-        "backbone": "resnet18",
-        "in_channels": 1,
-        **({} if baseline else {"variant": name}),
-    }
-    initial = build_model(config, deployed=False).state_dict()
+    initial = build_model(one["config"], deployed=False).state_dict()
     moved = max((one["state"][k] - initial[k]).abs().max().item() for k in initial if k.endswith("weight"))
     assert moved > 100 * TOLERANCE["atol"]
     for got, expected in zip(ddp["history"], one["history"], strict=True):

@@ -28,7 +28,6 @@ PARAMS = TrainParams(epochs=2, batch_size=4, lr=1e-4, seed=0, sampling="undersam
 # which every process gathers from the others' shares. recalibrate_bn: each process passes its
 # share of the last epoch's batches, and the statistics are the whole batches'.
 CASES = ("baseline", "consistency", "teacher", "hard_negatives", "recalibrate_bn")
-BASELINE_CASES = ("baseline", "hard_negatives", "recalibrate_bn")
 
 
 def case(name: str, data: PreparedData) -> tuple[TrainParams, Objective]:
@@ -44,7 +43,7 @@ def case(name: str, data: PreparedData) -> tuple[TrainParams, Objective]:
 
 
 def train_cases(data: PreparedData) -> dict[str, dict]:
-    """Each case trained on fold 0 of ``data``: its weights, history and test-fold scores (in a
+    """Each case trained on fold 0 of ``data``: its weights, config, history and test-fold scores (in a
     process group, each process trains its share and every process gets the same model)."""
     _, test_rows = data.split(0)
     results = {}
@@ -54,6 +53,7 @@ def train_cases(data: PreparedData) -> dict[str, dict]:
         priors = objective.inference_priors(test_rows)
         results[name] = {
             "state": model.state_dict(),
+            "config": config,
             "history": history,
             "scores": predict(model, config, data.images[test_rows], priors),
         }
